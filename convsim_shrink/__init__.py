@@ -1,0 +1,22 @@
+"""convsim-shrink: compress CNNs by Convolutional Similarity minimisation and similarity-ranked pruning."""
+
+__version__ = "0.1.0"
+
+from .errors import ConvSimError
+from .similarity import (
+    conv_similarity,
+    conv_similarity_reference,
+    layer_similarities,
+    model_conv_similarity,
+    pairwise_similarity,
+)
+
+__all__ = [
+    "__version__",
+    "ConvSimError",
+    "conv_similarity",
+    "conv_similarity_reference",
+    "layer_similarities",
+    "model_conv_similarity",
+    "pairwise_similarity",
+]
