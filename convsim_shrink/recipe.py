@@ -1,0 +1,267 @@
+"""Recipes: every setting of a run, validated, with one-way precedence.
+
+    built-in defaults  <  recipe file (YAML)  <  command-line options / ``--set key.path=value``
+
+A recipe has the sections ``model``, ``data``, ``premin``, ``train``, ``prune``, ``finetune`` and
+``export``.  Unknown keys are errors that name their dotted path and the closest valid key.  The
+resolved recipe is saved into every run directory (``recipe.yaml``), so a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, unknown
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = "resnet18"
+    width: float = Field(1.0, gt=0, le=16, description="multiplies every layer's channels")
+    small_input: bool = Field(True, description="3x3 stride-1 stem, no max-pool: for 28-64 px images")
+
+
+class DataConfig(_Section):
+    name: str = "fashion-mnist"
+    dir: str | None = Field(None, description="folder holding the data set (else the usual places)")
+    download: bool = Field(False, description="allow downloading with torchvision when not found")
+    subset: int | None = Field(None, ge=10, description="class-balanced subset of the training set")
+    val_split: int = Field(0, ge=0, description="images held out of training for validation")
+    test_subset: int | None = Field(None, ge=10, description="evaluate on a class-balanced test slice")
+    augment: bool = True
+    workers: int | None = Field(None, ge=0, description="loader workers (image folders); None = auto")
+
+
+class PreminConfig(_Section):
+    steps: int = Field(200, ge=0, description="CS pre-minimisation steps (0 = off)")
+    lr: float = Field(0.01, gt=0)
+    channels: Literal["same", "cross"] = "same"
+    pairs: Literal["all", "adjacent"] = "all"
+    patience: int = Field(50, ge=1, description="stop after this many steps without 0.1% improvement")
+
+
+class OptimConfig(_Section):
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="fractions of the run")
+    gamma: float = Field(0.1, gt=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    cs_beta: float = Field(0.0, ge=0, description="weight of the CS regulariser (0 = off)")
+    cs_normalized: bool = Field(True, description="regularise the scale-free (normalized) CS")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool | None = Field(None, description="None = on where it is faster")
+    compile: bool = False
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class TrainConfig(OptimConfig):
+    pass
+
+
+class FinetuneConfig(OptimConfig):
+    epochs: int = Field(3, ge=0)
+    lr: float = Field(0.02, gt=0)
+    distill: float = Field(0.0, ge=0, le=1, description="weight of distillation from the dense model (0 = off)")
+    temperature: float = Field(4.0, gt=0)
+
+
+class PruneConfig(_Section):
+    target_params: float | None = Field(0.5, gt=0, lt=1, description="keep at most this fraction of parameters")
+    target_macs: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of MACs")
+    criterion: str = "convsim"
+    global_pruning: bool = False
+    round_to: int | None = Field(None, ge=1)
+    iterative_steps: int = Field(1, ge=1, description="prune in this many steps, fine-tuning between them")
+    steps_epochs: int = Field(0, ge=0, description="fine-tuning epochs between iterative steps")
+    max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="never remove more than this fraction of a layer")
+    tolerance: float = Field(0.01, gt=0, lt=0.5, description="relative tolerance below the target")
+    calibration_batches: int = Field(4, ge=1, description="batches for data-driven criteria (taylor)")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "PruneConfig":
+        if self.target_params is not None and self.target_macs is not None:
+            raise ValueError("set only one of target_params and target_macs")
+        return self
+
+
+class ExportConfig(_Section):
+    formats: list[Literal["convsim", "onnx", "torchscript"]] = Field(default_factory=lambda: ["convsim", "onnx"])
+    opset: int = Field(17, ge=11)
+
+
+class RunConfig(_Section):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    out: str | None = None
+    quiet: bool = False
+
+
+class Recipe(_Section):
+    description: str = ""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    premin: PreminConfig = Field(default_factory=PreminConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @field_validator("description", mode="before")
+    @classmethod
+    def _strip(cls, v: Any) -> Any:
+        return v.strip() if isinstance(v, str) else v
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def _known_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    paths = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        paths.append(path)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            paths.extend(_known_paths(ann, path + "."))
+    return paths
+
+
+def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(path, _known_paths(Recipe), n=1, cutoff=0.6)
+        did = f"; did you mean '{hint[0]}'?" if hint else ""
+        return ConfigError(f"{source}: unknown key '{path}'{did} (see `convsim-shrink recipes --keys`)")
+    value = first.get("input")
+    return ConfigError(f"{source}: {path} = {value!r} is invalid: {first['msg']}")
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file: an existing path, or the name of a shipped recipe (``recipes/NAME.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    if path.suffix in (".yaml", ".yml") or "/" in str(name_or_path):
+        raise ConfigError(f"recipe file '{name_or_path}' does not exist; give a path to a YAML file or a shipped recipe name")
+    raise unknown("recipe", str(name_or_path), list_recipes())
+
+
+def read_recipe_file(name_or_path: str | Path) -> dict[str, Any]:
+    path = recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections (model, data, train, ...)")
+    return data
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """``"train.lr=0.05"`` -> (["train", "lr"], 0.05); values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}' must look like key.path=value, e.g. --set train.lr=0.05")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set '{item}' has no key; use key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _nest(path: list[str], value: Any) -> dict:
+    out: Any = value
+    for key in reversed(path):
+        out = {key: out}
+    return out
+
+
+def resolve(
+    recipe: str | Path | dict | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+    base: dict | None = None,
+) -> Recipe:
+    """Build the resolved :class:`Recipe`: defaults < ``base`` < recipe < ``overrides`` < ``sets``.
+
+    ``overrides`` maps dotted keys to values; ``None`` values are dropped, so an option left unset on the
+    command line never overrides the recipe.  ``sets`` are ``key.path=value`` strings.
+    """
+    data: dict[str, Any] = dict(base or {})
+    source = "recipe"
+    if isinstance(recipe, dict):
+        data = _deep_merge(data, recipe)
+    elif recipe is not None:
+        source = str(recipe_path(recipe))
+        data = _deep_merge(data, read_recipe_file(recipe))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data = _deep_merge(data, _nest(key.split("."), value))
+    for item in sets or []:
+        path, value = parse_set(item)
+        data = _deep_merge(data, _nest(path, value))
+        source = f"{source} / --set"
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise _format_validation_error(err, source) from None
+
+
+def default_recipe_for(model_name: str) -> str | None:
+    """The shipped recipe named after a model (``recipes/<model>.yaml``), if any."""
+    return model_name if (RECIPES_DIR / f"{model_name}.yaml").is_file() else None
+
+
+def known_keys() -> list[str]:
+    return _known_paths(Recipe)

@@ -1,0 +1,180 @@
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from convsim_shrink.data import INFO, TensorLoader, balanced_subset, build_data, load_arrays, read_idx
+from convsim_shrink.errors import DataNotFoundError, UnknownNameError
+from convsim_shrink.recipe import DataConfig
+
+
+def test_real_fashion_mnist_is_found_and_correct(fashion_dir):
+    x, y = load_arrays("fashion-mnist", split="test")
+    assert x.shape == (10000, 1, 28, 28) and x.dtype == torch.uint8
+    assert sorted(torch.bincount(y).tolist()) == [1000] * 10
+
+
+def test_bundle_with_subset_and_validation_split(fashion_dir):
+    b = build_data(DataConfig(subset=500, val_split=200), batch_size=64)
+    assert b.train.num_samples == 500 and b.val.num_samples == 200 and b.test.num_samples == 10000
+    assert torch.bincount(b.train.labels).tolist() == [50] * 10
+    # validation images are never training images
+    tr = {bytes(v.numpy()) for v in b.train.images.flatten(1)}
+    assert not any(bytes(v.numpy()) in tr for v in b.val.images.flatten(1))
+    x, y = next(iter(b.train))
+    assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32
+    assert -1.5 < float(x.mean()) < 1.5
+
+
+def test_balanced_subset_is_deterministic_and_balanced():
+    labels = torch.arange(1000) % 10
+    a, b = balanced_subset(labels, 103, seed=3), balanced_subset(labels, 103, seed=3)
+    assert torch.equal(a, b)
+    counts = torch.bincount(labels[a])
+    assert counts.max() - counts.min() <= 1 and counts.sum() == 103
+    assert not torch.equal(a, balanced_subset(labels, 103, seed=4))
+
+
+def test_loader_order_depends_on_seed_and_epoch_only():
+    images = torch.randint(0, 255, (50, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(50) % 10
+    info = INFO["fashion-mnist"]
+    mk = lambda: TensorLoader(images, labels, info, batch_size=16, train=True, seed=1)  # noqa: E731
+    a, b = mk(), mk()
+    a.set_epoch(3), b.set_epoch(3)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert len(a) == 3  # drop_last when training
+    b.set_epoch(4)
+    assert not torch.equal(next(iter(a))[1], next(iter(b))[1])
+
+
+def test_augmentation_is_a_shift_or_flip_of_the_image():
+    img = torch.arange(64, dtype=torch.uint8).view(1, 1, 8, 8) + 1
+    info = INFO["fashion-mnist"]
+    loader = TensorLoader(img.repeat(32, 1, 1, 1), torch.zeros(32, dtype=torch.long), info, batch_size=32, train=True)
+    x, _ = next(iter(loader))
+    raw = (x * info.std[0] + info.mean[0]) * 255
+    raw = raw.round()
+    pad = torch.nn.functional.pad(img.float(), (2, 2, 2, 2))[0, 0]
+    for sample in raw[:, 0]:
+        candidates = [pad[dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)]
+        candidates += [c.flip(-1) for c in candidates]
+        assert any(torch.equal(sample, c) for c in candidates)
+
+
+def _write_idx(path, array):
+    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_fashion_mnist_from_a_data_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 30), ("t10k", 20)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    x, y = load_arrays("fashion-mnist", tmp_path, "train")
+    assert x.shape == (30, 1, 28, 28) and y.tolist()[:3] == [0, 1, 2]
+
+
+def test_truncated_idx_is_a_clear_error(tmp_path):
+    p = tmp_path / "train-images-idx3-ubyte"
+    p.write_bytes(struct.pack(">HBBIII", 0, 8, 3, 10, 28, 28) + b"\x00" * 100)
+    with pytest.raises(DataNotFoundError, match="not a readable IDX"):
+        read_idx(p)
+
+
+def _cifar_python(root, n_per_batch=8, classes=10):
+    folder = root / ("cifar-10-batches-py" if classes == 10 else "cifar-100-python")
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    if classes == 10:
+        names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        key = b"labels"
+    else:
+        names, key = ["train", "test"], b"fine_labels"
+    for name in names:
+        d = {b"data": rng.integers(0, 255, (n_per_batch, 3072)).astype(np.uint8), key: list(rng.integers(0, classes, n_per_batch))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f)
+    return folder
+
+
+def test_cifar10_python_format(tmp_path):
+    _cifar_python(tmp_path)
+    x, y = load_arrays("cifar10", tmp_path, "train")
+    assert x.shape == (40, 3, 32, 32) and y.max() < 10
+    xt, _ = load_arrays("cifar10", tmp_path, "test")
+    assert xt.shape == (8, 3, 32, 32)
+
+
+def test_cifar100_python_format_uses_fine_labels(tmp_path):
+    _cifar_python(tmp_path, classes=100)
+    x, y = load_arrays("cifar100", tmp_path, "train")
+    assert x.shape == (8, 3, 32, 32) and y.dtype == torch.int64
+
+
+def test_cifar10_binary_format(tmp_path):
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    expected = None
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        labels = rng.integers(0, 10, 4).astype(np.uint8)
+        pixels = rng.integers(0, 255, (4, 3072)).astype(np.uint8)
+        (folder / name).write_bytes(np.concatenate([labels[:, None], pixels], 1).tobytes())
+        if name == "test_batch.bin":
+            expected = (labels, pixels)
+    x, y = load_arrays("cifar10", tmp_path, "test")
+    assert y.tolist() == expected[0].tolist()
+    assert torch.equal(x[1], torch.from_numpy(expected[1][1].reshape(3, 32, 32)))
+
+
+def test_cifar_pickle_with_code_is_refused(tmp_path):
+    folder = _cifar_python(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": Evil(), b"labels": [0]}, f)
+    with pytest.raises(DataNotFoundError, match="refusing to load builtins.print"):
+        load_arrays("cifar10", tmp_path, "test")
+
+
+def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
+    import convsim_shrink.data as data
+
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    with pytest.raises(DataNotFoundError) as err:
+        load_arrays("fashion-mnist", tmp_path / "mine")
+    msg = str(err.value)
+    assert "nowhere" in msg and "apt-get install dataset-fashion-mnist" in msg and "--data-dir" in msg
+    with pytest.raises(DataNotFoundError, match="cifar-10-batches-py"):
+        load_arrays("cifar10", tmp_path)
+
+
+def test_unknown_data_set():
+    with pytest.raises(UnknownNameError, match="cifar10"):
+        build_data(DataConfig(name="cifar11"), batch_size=8)
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    b = build_data(DataConfig(name="imagefolder", dir=str(tmp_path), workers=0), batch_size=2)
+    assert b.info.num_classes == 2 and b.info.classes == ("cat", "dog")
+    x, y = next(iter(b.test))
+    assert x.shape == (2, 3, 224, 224)

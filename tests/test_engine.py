@@ -1,0 +1,165 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from convsim_shrink.data import build_data
+from convsim_shrink.engine import (
+    Schedule,
+    cs_regularizer,
+    distillation,
+    evaluate,
+    fit,
+    load_training_state,
+    resolve_precision,
+)
+from convsim_shrink.errors import CheckpointError, ConfigError, TrainingDivergedError
+from convsim_shrink.models import create_model
+from convsim_shrink.recipe import DataConfig, TrainConfig
+from convsim_shrink.similarity import model_conv_similarity
+
+
+@pytest.fixture(scope="module")
+def tiny(fashion_dir):
+    return build_data(DataConfig(subset=1024, test_subset=500), batch_size=64)
+
+
+def _model(seed=0, width=0.25):
+    torch.manual_seed(seed)
+    return create_model("simple_cnn", num_classes=10, in_channels=1, width=width)
+
+
+def _cfg(**kw):
+    base = dict(epochs=2, lr=0.05, warmup_epochs=0.5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_fit_learns_real_data(tiny):
+    model = _model(width=0.5)
+    before = evaluate(model, tiny.test)["acc"]
+    result = fit(model, tiny.train, _cfg(epochs=4), eval_loader=tiny.test, quiet=True)
+    assert len(result.history) == 4
+    assert result.final["val_acc"] > 55 and result.final["val_acc"] > before + 20
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.final["images_per_s"] > 0
+
+
+def test_seeded_runs_are_reproducible(tiny):
+    a, b = _model(1), _model(1)
+    fit(a, tiny.train, _cfg(), quiet=True)
+    fit(b, tiny.train, _cfg(), quiet=True)
+    for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(pa, pb)
+
+
+def test_resume_continues_exactly(tiny, tmp_path):
+    straight = _model(2)
+    fit(straight, tiny.train, _cfg(epochs=3), quiet=True)
+    ckpt = tmp_path / "train.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(2), tiny.train, _cfg(epochs=3), quiet=True, checkpoint=ckpt, on_epoch=_stop_after(2))
+    resumed = _model(2)  # a fresh process would rebuild the model from scratch
+    result = fit(resumed, tiny.train, _cfg(epochs=3), quiet=True, checkpoint=ckpt, resume=True)
+    assert result.resumed_from_epoch == 2 and len(result.history) == 3
+    for pa, pb in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.allclose(pa.float(), pb.float(), atol=1e-6)
+
+
+def _stop_after(n):
+    """An epoch callback that simulates Ctrl-C after epoch ``n``."""
+
+    def cb(epoch, metrics):
+        if epoch == n:
+            raise KeyboardInterrupt
+
+    return cb
+
+
+def test_fit_interrupted_leaves_resumable_checkpoint(tiny, tmp_path):
+    ckpt = tmp_path / "t.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(), tiny.train, _cfg(epochs=3), quiet=True, checkpoint=ckpt, on_epoch=_stop_after(1))
+    state = load_training_state(ckpt)
+    assert state["epoch"] == 1 and state["stage"] == "train"
+    assert not list(tmp_path.glob(".*tmp"))  # no half-written file left behind
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
+    calls = {"n": 0}
+    per_epoch = len(tiny.train)
+
+    def poison(model, x, y, logits):
+        calls["n"] += 1
+        return torch.tensor(float("nan")) if calls["n"] > per_epoch + 2 else logits.sum() * 0
+
+    ckpt = tmp_path / "t.pt"
+    with pytest.raises(TrainingDivergedError, match="lower the learning rate"):
+        fit(_model(), tiny.train, _cfg(epochs=3), quiet=True, checkpoint=ckpt, extra=(poison,))
+    state = load_training_state(ckpt)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_training_state(bad)
+
+
+def test_checkpoint_holding_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    p = tmp_path / "evil.pt"
+    torch.save({"stage": "train", "x": Evil()}, p)
+    with pytest.raises(CheckpointError):
+        load_training_state(p)
+
+
+def test_schedule_warmup_cosine_multistep():
+    s = Schedule(0.1, total_steps=110, warmup_steps=10)
+    assert s(0) == pytest.approx(0.01) and s(9) == pytest.approx(0.1)
+    assert s(10) == pytest.approx(0.1) and s(60) == pytest.approx(0.05) and s(110) == pytest.approx(0.0, abs=1e-12)
+    m = Schedule(1.0, total_steps=100, kind="multistep", milestones=(0.5, 0.75), gamma=0.1)
+    assert [m(10), m(50), m(80)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+def test_cs_regulariser_lowers_cs(tiny):
+    plain, reg = _model(3), _model(3)
+    fit(plain, tiny.train, _cfg(epochs=1), quiet=True)
+    fit(reg, tiny.train, _cfg(epochs=1, cs_beta=0.5), quiet=True)
+    assert cs_regularizer(0.5)(reg, None, None, None) > 0
+    with torch.no_grad():
+        assert model_conv_similarity(reg, normalized=True) < 0.8 * model_conv_similarity(plain, normalized=True)
+
+
+def test_distillation_is_zero_against_itself_and_positive_otherwise():
+    torch.manual_seed(0)
+    teacher = nn.Linear(4, 3)
+    x = torch.randn(8, 4)
+    term = distillation(teacher, weight=1.0, temperature=2.0)
+    assert term(teacher, x, None, teacher(x)).item() == pytest.approx(0.0, abs=1e-6)
+    assert term(teacher, x, None, torch.zeros(8, 3)).item() > 0
+
+
+def test_evaluate_matches_manual_count(tiny):
+    model = _model().eval()
+    got = evaluate(model, tiny.test)
+    with torch.no_grad():
+        logits = model(torch.cat([x for x, _ in tiny.test]))
+    labels = torch.cat([y for _, y in tiny.test])
+    assert got["acc"] == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())
+    assert math.isfinite(got["loss"])
+
+
+def test_precision_choices():
+    cpu = torch.device("cpu")
+    assert resolve_precision(cpu, "fp32").dtype is None
+    assert resolve_precision(cpu, "bf16").dtype == torch.bfloat16
+    assert resolve_precision(cpu, "auto", channels_last=False).channels_last is False
+    with pytest.raises(ConfigError, match="fp16"):
+        resolve_precision(cpu, "fp16")
