@@ -20,3 +20,8 @@ __all__ = [
     "model_conv_similarity",
     "pairwise_similarity",
 ]
+
+from .checkpoint import load, save  # noqa: E402
+from .models import create_model, list_models  # noqa: E402
+
+__all__ += ["load", "save", "create_model", "list_models"]

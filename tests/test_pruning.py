@@ -1,0 +1,85 @@
+import pytest
+import torch
+from torch import nn
+
+from convsim_shrink.errors import ConfigError, TargetUnreachableError
+from convsim_shrink.models import classifier_of, create_model
+from convsim_shrink.pruning import channel_counts, iterative_prune, measure, prune_to_target
+from convsim_shrink.ranking import make_importance
+
+X = torch.randn(1, 1, 28, 28)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg16_bn", "mobilenet_v2"])
+def test_params_target_holds_within_one_percent(name):
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=1, width=0.25)
+    result = prune_to_target(model, X, make_importance("convsim"), target_params=0.5)
+    assert 0.49 <= result.params_ratio <= 0.50
+    pruned = result.model
+    # measured independently of the result object
+    assert sum(p.numel() for p in pruned.parameters()) / sum(p.numel() for p in model.parameters()) == pytest.approx(result.params_ratio, abs=1e-9)
+    # still trains: forward and backward
+    pruned.train()
+    pruned(torch.randn(4, 1, 28, 28)).logsumexp(1).mean().backward()
+    assert classifier_of(pruned).out_features == 10  # classifier outputs never pruned
+    assert all(c >= 1 for c in channel_counts(pruned).values())
+    # the original is untouched
+    assert measure(model, X).params == result.base.params
+
+
+def test_macs_target_holds():
+    model = create_model("resnet18", in_channels=1, width=0.25)
+    result = prune_to_target(model, X, make_importance("l1"), target_macs=0.3)
+    assert 0.29 <= result.macs_ratio <= 0.30
+
+
+def test_round_to_gives_multiples():
+    model = create_model("vgg11_bn", in_channels=1, width=0.5)
+    result = prune_to_target(model, X, make_importance("l2"), target_params=0.5, round_to=8, tolerance=0.03)
+    for name, c in channel_counts(result.model).items():
+        if name != "classifier":
+            assert c % 8 == 0, (name, c)
+    assert result.params_ratio <= 0.5
+
+
+def test_unreachable_target_names_smallest_size():
+    model = create_model("simple_cnn", in_channels=1, width=0.25)
+    with pytest.raises(TargetUnreachableError, match=r"smallest reachable is 0\.2\d\d of the params"):
+        prune_to_target(model, X, make_importance("l1"), target_params=0.001, max_layer_ratio=0.5)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, 1.5, -0.2])
+def test_out_of_range_target(bad):
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        prune_to_target(create_model("simple_cnn"), torch.randn(1, 3, 32, 32), make_importance("l1"), target_params=bad)
+
+
+def test_iterative_pruning_reaches_target_and_calls_between():
+    model = create_model("resnet18", in_channels=1, width=0.25)
+    seen = []
+    result = iterative_prune(
+        model, X, lambda: make_importance("convsim"), steps=3, target_params=0.4,
+        between=lambda m, step: seen.append((step, measure(m, X).params)),
+    )
+    base = measure(model, X).params
+    assert [s for s, _ in seen] == [1, 2]
+    assert seen[0][1] / base == pytest.approx(0.8, abs=0.011) and seen[1][1] / base == pytest.approx(0.6, abs=0.011)
+    assert 0.39 <= result.params_ratio <= 0.40
+
+
+def test_every_criterion_prunes_to_target():
+    for name in ["convsim", "l1", "l2", "taylor", "fpgm", "lamp", "bn-scale", "random"]:
+        torch.manual_seed(4)
+        model = create_model("simple_cnn", in_channels=1, width=0.5)
+        if name == "taylor":
+            model(torch.randn(8, 1, 28, 28)).logsumexp(1).mean().backward()
+        result = prune_to_target(model, X, make_importance(name), target_params=0.5, tolerance=0.02)
+        assert 0.48 <= result.params_ratio <= 0.5, name
+
+
+def test_custom_module_through_the_python_api():
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    result = prune_to_target(model, X, make_importance("convsim"), target_params=0.5, tolerance=0.03)
+    assert result.params_ratio <= 0.5 and result.model[-1].out_features == 10
