@@ -156,7 +156,7 @@ def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
     if first["type"] == "extra_forbidden":
         hint = difflib.get_close_matches(path, _known_paths(Recipe), n=1, cutoff=0.6)
         did = f"; did you mean '{hint[0]}'?" if hint else ""
-        return ConfigError(f"{source}: unknown key '{path}'{did} (see `convsim-shrink recipes --keys`)")
+        return ConfigError(f"{source}: unknown key '{path}'{did} (see `convsim-shrink list keys`)")
     value = first.get("input")
     return ConfigError(f"{source}: {path} = {value!r} is invalid: {first['msg']}")
 
@@ -245,9 +245,13 @@ def resolve(
     elif recipe is not None:
         source = str(recipe_path(recipe))
         data = _deep_merge(data, read_recipe_file(recipe))
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            data = _deep_merge(data, _nest(key.split("."), value))
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    # a target given on the command line replaces the recipe's target of the other kind
+    for given, other in (("prune.target_params", "target_macs"), ("prune.target_macs", "target_params")):
+        if given in overrides and f"prune.{other}" not in overrides:
+            data = _deep_merge(data, {"prune": {other: None}})
+    for key, value in overrides.items():
+        data = _deep_merge(data, _nest(key.split("."), value))
     for item in sets or []:
         path, value = parse_set(item)
         data = _deep_merge(data, _nest(path, value))

@@ -1,0 +1,166 @@
+"""The run report: report.json (machine-readable), report.md (for people), plots, and a rich table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .engine import atomic_write_bytes
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def build_report(recipe, state: dict, data) -> dict[str, Any]:
+    m = state.get("metrics", {})
+    dense_size = m.get("dense_size", {})
+    shrunk_size = m.get("shrunk_size", {})
+    return {
+        "model": recipe.model.name,
+        "width": recipe.model.width,
+        "dataset": getattr(getattr(data, "info", None), "name", recipe.data.name),
+        "test_images": getattr(getattr(data, "test", None), "num_samples", None),
+        "criterion": recipe.prune.criterion,
+        "target": {"params": recipe.prune.target_params, "macs": recipe.prune.target_macs},
+        "dense": {"params": dense_size.get("params"), "macs": dense_size.get("macs"), "accuracy": m.get("dense_accuracy")},
+        "shrunk": {
+            "params": shrunk_size.get("params"),
+            "macs": shrunk_size.get("macs"),
+            "accuracy": m.get("shrunk_accuracy"),
+            "accuracy_before_finetune": m.get("pruned_accuracy"),
+        },
+        "params_ratio": _ratio(shrunk_size.get("params"), dense_size.get("params")),
+        "macs_ratio": _ratio(shrunk_size.get("macs"), dense_size.get("macs")),
+        "accuracy_delta": (m["shrunk_accuracy"] - m["dense_accuracy"]) if "shrunk_accuracy" in m and "dense_accuracy" in m else None,
+        "cs": {
+            "init": m.get("cs_init"),
+            "after_premin": m.get("cs_after_premin"),
+            "after_train": m.get("cs_after_train"),
+            "shrunk": m.get("cs_shrunk"),
+            "definition": "normalized Convolutional Similarity summed over conv layers (pairs=all, channels=same)",
+        },
+        "stages": state.get("seconds", {}),
+        "total_seconds": round(sum(state.get("seconds", {}).values()), 1),
+        "exports": state.get("exports", {}),
+        "onnx_max_abs_diff": m.get("onnx_max_abs_diff"),
+    }
+
+
+def _fmt(v, spec=",", none="–"):
+    return none if v is None else format(v, spec)
+
+
+def write_report(report: dict, state: dict, run_dir: Path) -> None:
+    run_dir = Path(run_dir)
+    plots = _plots(state, run_dir)
+    report = dict(report, plots=plots)
+    atomic_write_bytes(run_dir / "report.json", json.dumps(report, indent=1).encode())
+    d, s = report["dense"], report["shrunk"]
+    lines = [
+        f"# convsim-shrink report: {report['model']} (width {report['width']}) on {report['dataset']}",
+        "",
+        f"Criterion `{report['criterion']}`, target {report['target']}. Accuracy is top-1 on "
+        f"{report['test_images'] or 'the'} test images.",
+        "",
+        "| | params | MACs | accuracy % |",
+        "|---|---|---|---|",
+        f"| dense | {_fmt(d['params'])} | {_fmt(d['macs'])} | {_fmt(d['accuracy'], '.2f')} |",
+        f"| pruned, before fine-tuning | {_fmt(s['params'])} | {_fmt(s['macs'])} | {_fmt(s['accuracy_before_finetune'], '.2f')} |",
+        f"| **shrunk** | {_fmt(s['params'])} | {_fmt(s['macs'])} | **{_fmt(s['accuracy'], '.2f')}** |",
+        f"| ratio / change | {_fmt(report['params_ratio'], '.4f')} | {_fmt(report['macs_ratio'], '.4f')} | {_fmt(report['accuracy_delta'], '+.2f')} |",
+        "",
+        "Convolutional Similarity (normalized, summed over conv layers): "
+        + ", ".join(f"{k.replace('_', ' ')} {_fmt(v, '.4g')}" for k, v in report["cs"].items() if k != "definition"),
+        "",
+        "Seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in report["stages"].items()) + f" (total {report['total_seconds']})",
+        "",
+        "Exports: " + ", ".join(f"[{k}]({Path(v).name})" for k, v in report["exports"].items()),
+        "",
+    ]
+    lines += [f"![{name}]({Path(p).name})" for name, p in plots.items()]
+    atomic_write_bytes(run_dir / "report.md", ("\n".join(lines) + "\n").encode())
+
+
+def _plots(state: dict, run_dir: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: dict[str, str] = {}
+    layers = state.get("layers", {})
+
+    def save(fig, name):
+        path = run_dir / name
+        tmp = run_dir / f".{name}.tmp.png"
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        tmp.replace(path)
+        out[name.removesuffix(".png")] = str(path)
+
+    hist = [("train", h) for h in state.get("history_train", [])] + [("finetune", h) for h in state.get("history_finetune", [])]
+    if hist:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        xs = list(range(1, len(hist) + 1))
+        a1.plot(xs, [h["train_loss"] for _, h in hist], marker="o")
+        a1.set_xlabel("epoch (train, then fine-tune)")
+        a1.set_ylabel("training loss")
+        a2.plot(xs, [h["train_acc"] for _, h in hist], marker="o", label="train (augmented)")
+        if any("val_acc" in h for _, h in hist):
+            a2.plot([x for x, (_, h) in zip(xs, hist) if "val_acc" in h], [h["val_acc"] for _, h in hist if "val_acc" in h], marker="s", label="validation")
+        n_train = len(state.get("history_train", []))
+        for ax in (a1, a2):
+            ax.axvline(n_train + 0.5, color="grey", ls="--", lw=1)
+        a2.set_ylabel("top-1 %")
+        a2.legend()
+        save(fig, "training_curves.png")
+    before, after = layers.get("channels_dense", {}), layers.get("channels_shrunk", {})
+    if before and after:
+        names = [n for n in before if n in after]
+        fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names)), 3.8))
+        idx = range(len(names))
+        ax.bar([i - 0.2 for i in idx], [before[n] for n in names], 0.4, label="dense")
+        ax.bar([i + 0.2 for i in idx], [after[n] for n in names], 0.4, label="shrunk")
+        ax.set_xticks(list(idx), names, rotation=90, fontsize=7)
+        ax.set_ylabel("output channels")
+        ax.legend()
+        save(fig, "channels_per_layer.png")
+    series = [(k, layers[k]) for k in ("cs_init", "cs_after_premin", "cs_after_train", "cs_shrunk") if layers.get(k)]
+    if series:
+        names = list(series[0][1])
+        fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names)), 3.8))
+        for label, values in series:
+            ax.plot(range(len(names)), [max(values.get(n, float("nan")), 1e-12) for n in names], marker="o", ms=3, label=label.removeprefix("cs_").replace("_", " "))
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set_ylabel("normalized CS")
+        ax.legend()
+        save(fig, "cs_per_layer.png")
+    return out
+
+
+def print_summary(report: dict) -> None:
+    from rich.table import Table
+
+    from .console import console
+
+    d, s = report["dense"], report["shrunk"]
+    table = Table(title=f"{report['model']} on {report['dataset']} ({report['criterion']})")
+    for col in ("", "params", "MACs", "top-1 %"):
+        table.add_column(col, justify="right" if col else "left")
+    table.add_row("dense", _fmt(d["params"]), _fmt(d["macs"]), _fmt(d["accuracy"], ".2f"))
+    table.add_row("pruned (before fine-tune)", _fmt(s["params"]), _fmt(s["macs"]), _fmt(s["accuracy_before_finetune"], ".2f"))
+    table.add_row("[bold]shrunk", _fmt(s["params"]), _fmt(s["macs"]), f"[bold]{_fmt(s['accuracy'], '.2f')}")
+    table.add_row("ratio / change", _fmt(report["params_ratio"], ".4f"), _fmt(report["macs_ratio"], ".4f"), _fmt(report["accuracy_delta"], "+.2f"))
+    console.print(table)
+    cs = report["cs"]
+    console.print(
+        "CS (normalized): "
+        + ", ".join(f"{k.replace('_', ' ')} {_fmt(v, '.4g')}" for k, v in cs.items() if k != "definition")
+        + f"  |  {report['total_seconds']} s in all"
+    )
+    for name, path in report.get("exports", {}).items():
+        console.print(f"  {name}: {path}")
