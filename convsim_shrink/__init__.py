@@ -23,5 +23,7 @@ __all__ = [
 
 from .checkpoint import load, save  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
+from .pipeline import Pipeline, ShrinkResult, shrink  # noqa: E402
+from . import recipe  # noqa: E402
 
-__all__ += ["load", "save", "create_model", "list_models"]
+__all__ += ["load", "save", "create_model", "list_models", "Pipeline", "ShrinkResult", "shrink", "recipe"]

@@ -24,7 +24,16 @@ from torch import nn
 from . import checkpoint as ckpt
 from .console import console
 from .data import DataBundle, build_data, sample_batch
-from .engine import atomic_write_bytes, distillation, evaluate, fit, resolve_device, resolve_precision, seed_everything
+from .engine import (
+    atomic_write_bytes,
+    distillation,
+    evaluate,
+    fit,
+    recalibrate_bn,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from .errors import CheckpointError, ConfigError
 from .models import SPEC_ATTR, create_model, list_models
 from .premin import preminimize
@@ -247,6 +256,8 @@ class Pipeline:
         self.model = result.model.to(self.device)
         self.model.zero_grad(set_to_none=True)
         prec = resolve_precision(self.device, self.recipe.finetune.precision, self.recipe.finetune.channels_last)
+        if pr.bn_recalibration:
+            recalibrate_bn(self.model, self.data.train, pr.bn_recalibration, prec)
         acc = evaluate(self.model, self.data.test, prec)["acc"]
         self.log(
             f"pruned with '{pr.criterion}' to {result.params_ratio:.3f} of the params, {result.macs_ratio:.3f} of the MACs "

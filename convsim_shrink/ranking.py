@@ -27,30 +27,35 @@ def similarity_matrix(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return (g / d[:, None] / d[None, :]).clamp(0, 1)
 
 
-def greedy_redundancy_order(sim: torch.Tensor, tie_break: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores in (0, 1]: channels removed one at a time, each time the one most similar to a channel that
-    is still kept.  The first removed scores lowest.  Of a pair of duplicates only one goes early: once
-    it is removed, the other has no similar partner left.
+def greedy_redundancy_order(
+    sim: torch.Tensor, tie_break: torch.Tensor | None = None, *, weight: torch.Tensor | None = None, strength: float = 1.0
+) -> torch.Tensor:
+    """Scores in (0, 1], from the order in which channels are removed one at a time.
 
-    ``tie_break`` (e.g. filter norms): among equally redundant channels, the smaller goes first.
+    Each time the channel with the lowest ``weight_i * (1 - strength * s_i)`` goes, where ``s_i`` is its
+    similarity to the most similar channel that is still kept (``weight`` defaults to 1: pure
+    redundancy).  The first removed scores lowest.  Of a pair of duplicates only one goes early: once
+    it is removed, the other has no similar partner left.  ``tie_break`` (e.g. filter norms): among
+    equally scored channels, the smaller goes first.
     """
     m = sim.shape[0]
     s = sim.clone().float()
     s.fill_diagonal_(-1.0)
     alive = torch.ones(m, dtype=torch.bool)
     scores = torch.empty(m)
+    w = torch.ones(m) if weight is None else weight.float().clamp_min(0)
     eps = torch.zeros(m) if tie_break is None else 1e-6 * (tie_break.float() / tie_break.float().max().clamp_min(1e-30))
-    nearest = s.max(dim=1).values  # similarity to the most similar kept channel
+    nearest = s.max(dim=1).values.clamp_min(0)  # similarity to the most similar kept channel
     for k in range(m):
-        cand = torch.where(alive, nearest - eps, torch.tensor(float("-inf")))
-        i = int(cand.argmax())
+        keep_value = w * (1 - strength * nearest) + eps
+        i = int(torch.where(alive, keep_value, torch.tensor(float("inf"))).argmin())
         scores[i] = (k + 1) / m
         alive[i] = False
         s[:, i] = -1.0
-        # only channels whose nearest neighbour was i need recomputing
+        # only channels whose nearest partner was i need recomputing
         stale = alive & (sim[:, i].float() >= nearest - 1e-12)
         if stale.any():
-            nearest[stale] = s[stale].max(dim=1).values
+            nearest[stale] = s[stale].max(dim=1).values.clamp_min(0)
     return scores
 
 
@@ -58,46 +63,48 @@ class ConvSimImportance(tp.importance.Importance):
     """Residual-similarity importance for whole dependency groups.
 
     For every conv whose *output* channels the group prunes (residual-coupled convs across a stage,
-    expansion convs of inverted residuals, ...), channels are ordered by greedy redundancy
-    (:func:`greedy_redundancy_order`), and the scores are averaged over the group's convs.  Depthwise
-    convs are skipped (a single filter per group has no partner); a group without a scoreable conv falls
-    back to the L2 magnitude.  ``magnitude`` > 0 mixes in the (normalised) L2 norm of the filters.
+    expansion convs of inverted residuals, ...), the cosine-like residual similarity of its filters
+    (:func:`similarity_matrix`) is averaged into one matrix for the group.  Channels are then removed
+    greedily (:func:`greedy_redundancy_order`): each step drops the channel whose *group magnitude*
+    (L2 over the group's convs, BN and next-layer inputs, as torch-pruning's magnitude criterion)
+    discounted by its redundancy, ``magnitude * (1 - strength * similarity to its nearest kept
+    partner)``, is lowest.  ``strength=1, magnitude=False`` ranks by redundancy alone.
+
+    Depthwise convs are skipped (a single filter per group has no partner), as are grouped convs; a
+    group without a scoreable conv falls back to the magnitude.
     """
 
-    def __init__(self, magnitude: float = 0.0):
+    def __init__(self, strength: float = 1.0, magnitude: bool = True):
+        self.strength = strength
         self.magnitude = magnitude
-        self._fallback = tp.importance.GroupMagnitudeImportance(p=2)
+        self._magnitude = tp.importance.GroupMagnitudeImportance(p=2, normalizer="mean")
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor | None:
         n = len(group[0].idxs)
-        total = torch.zeros(n)
-        count = torch.zeros(n)
+        sim_sum = torch.zeros(n, n, dtype=torch.float64)
+        counted = 0
         for i, (dep, idxs) in enumerate(group):
             layer, fn = dep.layer, dep.pruning_fn
-            if fn is not tp.prune_conv_out_channels or not isinstance(layer, nn.modules.conv._ConvNd):
+            # bound methods: compare with ==, a fresh method object is made on every attribute access
+            if fn != tp.prune_conv_out_channels or not isinstance(layer, nn.modules.conv._ConvNd):
                 continue
-            if getattr(layer, "transposed", False) or layer.groups == layer.out_channels or layer.weight.shape[0] < 2:
+            if getattr(layer, "transposed", False) or layer.groups > 1 or layer.weight.shape[0] < 2:
                 continue
-            if layer.groups > 1:
-                continue  # grouped (not depthwise): pairs cross the selected indices' groups; leave to others
             root_idxs = group[i].root_idxs
-            if any(r is None for r in root_idxs):
+            if any(r is None for r in root_idxs) or len(root_idxs) != n:
                 continue
-            w = layer.weight.detach()[list(idxs)]
-            norms = w.flatten(1).norm(dim=1).cpu()
-            scores = greedy_redundancy_order(similarity_matrix(w).cpu(), tie_break=norms)
-            if self.magnitude:
-                scores = scores + self.magnitude * norms / norms.max().clamp_min(1e-30)
-            idx = torch.tensor(root_idxs, dtype=torch.long)
-            total.scatter_add_(0, idx, scores.float())
-            count.scatter_add_(0, idx, torch.ones(len(idx)))
-        if count.sum() == 0:
-            return self._fallback(group)
-        mean = total / count.clamp_min(1)
-        if (count == 0).any():  # channels no conv scored: rank them by magnitude below the others' median
-            mean[count == 0] = mean[count > 0].median()
-        return mean
+            order = torch.tensor(root_idxs, dtype=torch.long)
+            sim = similarity_matrix(layer.weight.detach()[list(idxs)]).cpu()
+            placed = torch.zeros(n, n, dtype=torch.float64)
+            placed[order[:, None], order[None, :]] = sim
+            sim_sum += placed
+            counted += 1
+        magnitude = self._magnitude(group)
+        if counted == 0:
+            return magnitude
+        weight = magnitude.cpu() if (self.magnitude and magnitude is not None) else None
+        return greedy_redundancy_order(sim_sum / counted, tie_break=magnitude.cpu() if magnitude is not None else None, weight=weight, strength=self.strength)
 
 
 def _taylor() -> tp.importance.Importance:

@@ -93,6 +93,14 @@ class PruneConfig(_Section):
     max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="never remove more than this fraction of a layer")
     tolerance: float = Field(0.01, gt=0, lt=0.5, description="relative tolerance below the target")
     calibration_batches: int = Field(4, ge=1, description="batches for data-driven criteria (taylor)")
+    bn_recalibration: int = Field(50, ge=0, description="training batches to re-estimate BN statistics after pruning (0 = off)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _macs_replaces_default_params(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("target_macs") is not None and "target_params" not in data:
+            data = {**data, "target_params": None}
+        return data
 
     @model_validator(mode="after")
     def _one_target(self) -> "PruneConfig":

@@ -55,10 +55,15 @@ def test_convsim_ranks_an_exact_duplicate_channel_most_redundant():
     model = create_model("simple_cnn", in_channels=1, width=0.5)
     conv = model.features[3]  # second conv
     with torch.no_grad():
-        conv.weight[7] = conv.weight[2] * 0.5  # channel 7 duplicates channel 2 (smaller norm)
-    scores = ConvSimImportance()(_group_for(model, conv))
+        conv.weight[2] *= 10  # the largest filter: every magnitude criterion keeps it and its copy
+        conv.weight[7] = conv.weight[2]  # channel 7 duplicates channel 2 exactly
+    group = _group_for(model, conv)
+    scores = ConvSimImportance()(group)
     assert scores.shape == (conv.out_channels,)
-    assert scores.argmin().item() == 7
+    assert scores.argmin().item() in (2, 7)
+    assert scores[[2, 7]].max() > scores.median()  # only one of the pair goes early
+    l2 = make_importance("l2")(group)
+    assert l2.argmin().item() not in (2, 7)  # the test can tell similarity from magnitude
 
 
 def test_convsim_scores_residual_groups_and_depthwise_models():
@@ -84,3 +89,12 @@ def test_every_criterion_scores_a_group(name):
     conv = model.features[3]
     scores = make_importance(name)(_group_for(model, conv))
     assert scores.shape == (conv.out_channels,) and torch.isfinite(scores).all()
+
+
+def test_strength_zero_is_the_group_magnitude_order():
+    torch.manual_seed(5)
+    model = create_model("simple_cnn", in_channels=1, width=0.5)
+    group = _group_for(model, model.features[3])
+    ours = ConvSimImportance(strength=0.0)(group)
+    l2 = tp.importance.GroupMagnitudeImportance(p=2)(group)
+    assert torch.equal(ours.argsort(), l2.argsort())

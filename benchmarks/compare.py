@@ -1,0 +1,271 @@
+"""Compression quality against the peers, side by side: criteria x targets x seeds, plus the pipeline
+ablation. One command, resumable (every finished unit is kept in OUT/results.json and skipped on a
+re-run), same data, same dense model per seed, same fine-tuning budget for every criterion.
+
+    python benchmarks/compare.py --preset cpu     # <= 90 min on the 2-core CPU machine
+    python benchmarks/compare.py --preset gpu     # full Fashion-MNIST, full-width ResNet18
+
+Per seed:
+  dense A: CS pre-minimisation + train E epochs (our pipeline's dense model)
+  dense B: plain train E epochs (no pre-minimisation)
+  grid:    prune A with every criterion to every target, fine-tune F epochs
+  (b) B + convsim, (c) B + l1                               (each target, fine-tuned F epochs)
+  (d) narrow model (width solved to match the shrunk size) trained from scratch E+F epochs
+  (e) dense model trained E+F epochs (the real baseline)
+Model selection never looks at the test set: --val-split images are held out of training and the
+validation accuracy is reported next to the test accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import convsim_shrink
+from convsim_shrink.data import build_data
+from convsim_shrink.engine import atomic_write_bytes, evaluate, fit, recalibrate_bn, resolve_device, resolve_precision, seed_everything
+from convsim_shrink.models import create_model
+from convsim_shrink.premin import preminimize
+from convsim_shrink.pruning import measure, prune_to_target
+from convsim_shrink.ranking import NEEDS_GRADIENTS, ConvSimImportance, make_importance
+from convsim_shrink.recipe import DataConfig, FinetuneConfig, PreminConfig, TrainConfig
+
+PRESETS = {
+    "cpu": dict(model="resnet18", width=0.25, subset=6000, val_split=2000, epochs=10, finetune_epochs=4),
+    "gpu": dict(model="resnet18", width=1.0, subset=None, val_split=5000, epochs=30, finetune_epochs=10),
+}
+CRITERIA = ["convsim", "l1", "l2", "taylor", "fpgm", "lamp", "random", "convsim-s0.5", "convsim-pure"]
+TARGETS = [0.5, 0.25, 0.1]
+
+
+def importance(name: str):
+    """A registered criterion, or a variant of ours: convsim-s<strength> or convsim-pure (no magnitude)."""
+    if name == "convsim-pure":
+        return ConvSimImportance(strength=1.0, magnitude=False)
+    if name.startswith("convsim-s"):
+        return ConvSimImportance(strength=float(name.removeprefix("convsim-s")))
+    return make_importance(name)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results_file = self.out / "results.json"
+        self.results = json.loads(self.results_file.read_text()) if self.results_file.is_file() else {}
+        self.device = resolve_device(args.device)
+        self.data = build_data(DataConfig(subset=args.subset, val_split=args.val_split), batch_size=128, seed=0)
+        self.x = torch.randn(1, 1, 28, 28)
+        self.prec = resolve_precision(self.device)
+        self.train_cfg = TrainConfig(epochs=args.epochs, lr=0.1, warmup_epochs=0.5)
+        self.ft_cfg = FinetuneConfig(epochs=args.finetune_epochs, lr=0.02)
+
+    def save(self, key, value):
+        self.results[key] = value
+        atomic_write_bytes(self.results_file, json.dumps(self.results, indent=1).encode())
+        print(f"{key}: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in value.items()})}", flush=True)
+
+    def accuracies(self, model):
+        return {
+            "val": evaluate(model, self.data.val, self.prec)["acc"],
+            "test": evaluate(model, self.data.test, self.prec)["acc"],
+        }
+
+    def model(self, seed, width=None):
+        seed_everything(seed)
+        return create_model(self.args.model, num_classes=10, in_channels=1, width=width or self.args.width)
+
+    def dense(self, seed, premin: bool):
+        name = f"dense-{'A' if premin else 'B'}-{seed}"
+        path = self.out / f"{name}.safetensors"
+        if path.is_file() and name in self.results:
+            return convsim_shrink.load(path).to(self.device)
+        model = self.model(seed)
+        t0 = time.perf_counter()
+        if premin:
+            cfg = PreminConfig()
+            preminimize(model, steps=cfg.steps, lr=cfg.lr)
+        fit(model, self.data.train, self.train_cfg, device=self.device, quiet=True, stage=name)
+        convsim_shrink.save(model.cpu(), path)
+        model.to(self.device)
+        self.save(name, {**self.accuracies(model), "params": measure(model, self.x).params, "seconds": time.perf_counter() - t0})
+        return model
+
+    def prune_finetune(self, key, dense, criterion, target, seed):
+        if key in self.results:
+            return
+        t0 = time.perf_counter()
+        seed_everything(seed)
+        source = dense
+        if criterion in NEEDS_GRADIENTS:
+            import copy
+
+            source = copy.deepcopy(dense)
+            source.train()
+            for i, (x, y) in enumerate(self.data.train):
+                if i >= 4:
+                    break
+                torch.nn.functional.cross_entropy(source(x.to(self.device)), y.to(self.device)).backward()
+        result = prune_to_target(source, self.x, importance(criterion), target_params=target, tolerance=0.01)
+        pruned = result.model.to(self.device)
+        pruned.zero_grad(set_to_none=True)
+        recalibrate_bn(pruned, self.data.train, 50, self.prec)
+        before = self.accuracies(pruned)
+        fit(pruned, self.data.train, self.ft_cfg, device=self.device, quiet=True, stage=key)
+        after = self.accuracies(pruned)
+        self.save(key, {
+            "val_pruned": before["val"], "test_pruned": before["test"], "val": after["val"], "test": after["test"],
+            "params_ratio": result.params_ratio, "macs_ratio": result.macs_ratio, "seconds": time.perf_counter() - t0,
+        })
+
+    def narrow(self, seed, target, base_params):
+        key = f"narrow/{target}/{seed}"
+        if key in self.results:
+            return
+        lo, hi = 0.05, self.args.width
+        for _ in range(30):  # width whose parameter count matches the target (at most it)
+            mid = 0.5 * (lo + hi)
+            if measure(create_model(self.args.model, num_classes=10, in_channels=1, width=mid), self.x).params <= target * base_params:
+                lo = mid
+            else:
+                hi = mid
+        t0 = time.perf_counter()
+        model = self.model(seed, width=lo)
+        cfg = self.train_cfg.model_copy(update={"epochs": self.args.epochs + self.args.finetune_epochs})
+        fit(model, self.data.train, cfg, device=self.device, quiet=True, stage=key)
+        size = measure(model, self.x)
+        self.save(key, {**self.accuracies(model), "width": lo, "params_ratio": size.params / base_params, "seconds": time.perf_counter() - t0})
+
+    def long_dense(self, seed):
+        key = f"dense-long/{seed}"
+        if key in self.results:
+            return
+        t0 = time.perf_counter()
+        model = self.model(seed)
+        cfg = self.train_cfg.model_copy(update={"epochs": self.args.epochs + self.args.finetune_epochs})
+        fit(model, self.data.train, cfg, device=self.device, quiet=True, stage=key)
+        self.save(key, {**self.accuracies(model), "seconds": time.perf_counter() - t0})
+
+    def run(self):
+        a = self.args
+        for seed in a.seeds:
+            dense_a = self.dense(seed, premin=True)
+            base = measure(dense_a, self.x).params
+            for target in a.targets:
+                for crit in a.criteria:
+                    self.prune_finetune(f"A/{crit}/{target}/{seed}", dense_a, crit, target, seed)
+            if a.ablation:
+                dense_b = self.dense(seed, premin=False)
+                for target in a.targets:
+                    self.prune_finetune(f"B/convsim/{target}/{seed}", dense_b, "convsim", target, seed)
+                    self.prune_finetune(f"B/l1/{target}/{seed}", dense_b, "l1", target, seed)
+                    self.narrow(seed, target, base)
+                self.long_dense(seed)
+        self.table()
+
+    def table(self):
+        a, r = self.args, self.results
+
+        def stat(keys, field="test"):
+            vals = [r[k][field] for k in keys if k in r]
+            if not vals:
+                return "–"
+            return f"{statistics.mean(vals):.2f} ± {statistics.pstdev(vals):.2f}" if len(vals) > 1 else f"{vals[0]:.2f}"
+
+        lines = [f"Dense A (pre-min + train {a.epochs} ep): test {stat([f'dense-A-{s}' for s in a.seeds])}, "
+                 f"val {stat([f'dense-A-{s}' for s in a.seeds], 'val')}", ""]
+        lines.append("| criterion | " + " | ".join(f"{t:g}: pruned → fine-tuned (test %)" for t in a.targets) + " | " + " | ".join(f"{t:g} val %" for t in a.targets) + " |")
+        lines.append("|---|" + "---|" * (2 * len(a.targets)))
+        for crit in a.criteria:
+            cells = [f"{stat([f'A/{crit}/{t}/{s}' for s in a.seeds], 'test_pruned')} → **{stat([f'A/{crit}/{t}/{s}' for s in a.seeds])}**" for t in a.targets]
+            vcells = [stat([f"A/{crit}/{t}/{s}" for s in a.seeds], "val") for t in a.targets]
+            lines.append(f"| {crit} | " + " | ".join(cells) + " | " + " | ".join(vcells) + " |")
+        ratios = [r[k]["params_ratio"] for k in r if k.startswith("A/")]
+        macs = {t: [r[k]["macs_ratio"] for k in r if k.startswith("A/") and k.split("/")[2] == str(t)] for t in a.targets}
+        if ratios:
+            lines.append("")
+            lines.append(f"Params ratios achieved: {min(ratios):.4f}–{max(ratios):.4f} of the target's range; MACs ratios: "
+                         + ", ".join(f"{t:g} → {min(v):.3f}–{max(v):.3f}" for t, v in macs.items() if v))
+        if a.ablation:
+            lines += ["", "| pipeline | " + " | ".join(f"{t:g} (test %)" for t in a.targets) + " |", "|---|" + "---|" * len(a.targets)]
+            rows = [
+                ("(a) CS pre-min + train + CS ranking", "A/convsim"),
+                ("(b) plain train + CS ranking", "B/convsim"),
+                ("(c) plain train + l1", "B/l1"),
+                ("(d) narrow model from scratch, same total epochs", "narrow"),
+            ]
+            for label, prefix in rows:
+                lines.append(f"| {label} | " + " | ".join(stat([f"{prefix}/{t}/{s}" for s in a.seeds]) for t in a.targets) + " |")
+            lines.append(f"| (e) dense, same total epochs | {stat([f'dense-long/{s}' for s in a.seeds])} (params ratio 1.0) |" + " |" * (len(a.targets) - 1))
+        text = "\n".join(lines)
+        print("\n" + text)
+        atomic_write_bytes(self.out / "table.md", (text + "\n").encode())
+        self.plot()
+
+    def plot(self):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        a, r = self.args, self.results
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for crit in a.criteria:
+            xs, ys, es = [], [], []
+            for t in a.targets:
+                vals = [r[f"A/{crit}/{t}/{s}"]["test"] for s in a.seeds if f"A/{crit}/{t}/{s}" in r]
+                if vals:
+                    xs.append(t)
+                    ys.append(statistics.mean(vals))
+                    es.append(statistics.pstdev(vals) if len(vals) > 1 else 0)
+            if xs:
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=crit, lw=2.5 if crit == "convsim" else 1)
+        dense = [r[f"dense-A-{s}"]["test"] for s in a.seeds if f"dense-A-{s}" in r]
+        if dense:
+            ax.axhline(statistics.mean(dense), color="k", ls="--", lw=1, label="dense")
+        ax.set_xscale("log")
+        ax.set_xticks(a.targets, [f"{t:g}" for t in a.targets])
+        ax.set_xlabel("parameter ratio kept")
+        ax.set_ylabel("test top-1 % after fine-tuning")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(self.out / "accuracy_vs_params.png", dpi=110)
+        plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--model")
+    p.add_argument("--width", type=float)
+    p.add_argument("--subset", type=int)
+    p.add_argument("--val-split", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--criteria", nargs="+", default=CRITERIA)
+    p.add_argument("--targets", type=float, nargs="+", default=TARGETS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--no-ablation", dest="ablation", action="store_false")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None)
+    p.add_argument("--table-only", action="store_true", help="print the table of what is finished")
+    args = p.parse_args()
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.out = args.out or f"bench-out/compare-{args.preset}"
+    bench = Bench(args)
+    if args.table_only:
+        bench.table()
+    else:
+        bench.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+import pytest
+import yaml
+
+from convsim_shrink.errors import ConfigError, UnknownNameError
+from convsim_shrink.recipe import Recipe, known_keys, list_recipes, parse_set, read_recipe_file, resolve
+
+REQUIRED_KEYS = ["model.name", "model.width", "data.name", "data.subset", "train.epochs", "finetune.epochs",
+                 "premin.steps", "prune.target_params", "prune.criterion"]
+
+
+def test_required_keys_exist():
+    keys = set(known_keys())
+    assert set(REQUIRED_KEYS) <= keys
+    for section in ("model", "data", "premin", "train", "prune", "finetune", "export"):
+        assert section in keys
+
+
+def test_precedence_defaults_recipe_command_line(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("model: {name: vgg16_bn, width: 0.5}\ntrain: {epochs: 7, lr: 0.3}\n")
+    r = resolve(f)
+    assert (r.model.name, r.model.width, r.train.epochs, r.train.lr) == ("vgg16_bn", 0.5, 7, 0.3)
+    assert r.finetune.epochs == Recipe().finetune.epochs  # default kept
+    r = resolve(f, overrides={"train.epochs": 2, "model.width": None}, sets=["train.lr=0.01", "data.subset=500"])
+    assert r.train.epochs == 2 and r.model.width == 0.5  # None never overrides
+    assert r.train.lr == 0.01 and r.data.subset == 500  # --set wins over the recipe
+
+
+def test_set_wins_over_options():
+    r = resolve(None, overrides={"train.epochs": 3}, sets=["train.epochs=9"])
+    assert r.train.epochs == 9
+
+
+def test_command_line_target_replaces_recipe_target_of_other_kind(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("prune: {target_params: 0.3}\n")
+    r = resolve(f, overrides={"prune.target_macs": 0.4})
+    assert r.prune.target_macs == 0.4 and r.prune.target_params is None
+    with pytest.raises(ConfigError, match="only one of target_params and target_macs"):
+        resolve(f, sets=["prune.target_macs=0.4"])
+
+
+def test_unknown_key_names_path_and_closest(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("train: {epochs: 3, learning_rate: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rate'"):
+        resolve(f)
+    with pytest.raises(ConfigError, match=r"unknown key 'prune.critrion'; did you mean 'prune.criterion'"):
+        resolve(None, sets=["prune.critrion=l1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'modle'; did you mean 'model'"):
+        resolve({"modle": {"name": "x"}})
+
+
+@pytest.mark.parametrize("item,msg", [
+    ("train.epochs=lots", "train.epochs = 'lots' is invalid"),
+    ("prune.target_params=1.5", "prune.target_params = 1.5 is invalid"),
+    ("model.width=-1", "model.width = -1 is invalid"),
+])
+def test_wrong_value_types(item, msg):
+    with pytest.raises(ConfigError, match=msg):
+        resolve(None, sets=[item])
+
+
+def test_parse_set():
+    assert parse_set("train.lr=0.05") == (["train", "lr"], 0.05)
+    assert parse_set("export.formats=[onnx, torchscript]") == (["export", "formats"], ["onnx", "torchscript"])
+    assert parse_set("data.dir=") == (["data", "dir"], None)
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_set("train.lr")
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        resolve(f)
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve(tmp_path / "nope.yaml")
+    with pytest.raises(UnknownNameError, match="unknown recipe 'resnet18-cifar11'"):
+        resolve("resnet18-cifar11")
+
+
+def test_every_shipped_recipe_is_valid_and_documented():
+    names = list_recipes()
+    for required in ("resnet18", "resnet18-cifar10"):
+        assert required in names
+    from convsim_shrink.models import list_models
+
+    for model in list_models():
+        assert model in names, f"no default recipe for {model}"
+    for name in names:
+        r = resolve(name)
+        assert r.description, f"{name} says nothing about what it is for"
+        assert r.model.name in list_models()
+
+
+def test_resolved_recipe_round_trips_through_yaml():
+    r = resolve("resnet18", sets=["train.lr=0.07"])
+    again = resolve(yaml.safe_load(r.to_yaml()))
+    assert again == r
+
+
+def test_paper_settings_in_cifar_recipe():
+    r = resolve("resnet18-cifar10")
+    assert (r.train.optimizer, r.train.lr, r.train.momentum, r.train.epochs, r.train.batch_size) == ("sgd", 0.1, 0.9, 200, 128)
+    assert read_recipe_file("resnet18-cifar10")["data"]["name"] == "cifar10"
