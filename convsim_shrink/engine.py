@@ -158,12 +158,20 @@ def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
 # ------------------------------------------------------------------------------------ loss terms
 
 
-def cs_regularizer(beta: float, *, normalized: bool = True, channels: str = "same") -> LossTerm:
+def cs_regularizer(beta: float, *, normalized: bool = True, channels: str = "same", every: int = 1) -> LossTerm:
     """``beta * CS(model)``, the paper's regulariser (on unit-norm filters by default, so that it cannot
-    be lowered by shrinking weights that batch norm rescales anyway)."""
+    be lowered by shrinking weights that batch norm rescales anyway).
+
+    ``every=k`` applies ``k * beta * CS`` on every k-th step only: the same pull on average (the term
+    changes slowly next to the task gradient) at 1/k of its cost.
+    """
+    calls = {"n": 0}
 
     def term(model, x, y, logits):
-        return beta * model_conv_similarity(_unwrap(model), normalized=normalized, channels=channels)
+        calls["n"] += 1
+        if (calls["n"] - 1) % every:
+            return logits.new_zeros(())
+        return (beta * every) * model_conv_similarity(_unwrap(model), normalized=normalized, channels=channels)
 
     term.__name__ = "cs"
     return term
@@ -449,7 +457,7 @@ def fit(
     )
     scaler = torch.amp.GradScaler(device.type) if prec.scaler else None
     if getattr(cfg, "cs_beta", 0.0) > 0:
-        extra = (*extra, cs_regularizer(cfg.cs_beta, normalized=cfg.cs_normalized))
+        extra = (*extra, cs_regularizer(cfg.cs_beta, normalized=cfg.cs_normalized, every=cfg.cs_every))
     result = FitResult()
     start_epoch, step = 0, 0
     ckpt = Path(checkpoint) if checkpoint else None

@@ -120,6 +120,10 @@ class Pipeline:
         self.state["metrics"].update(metrics)
         self._save_state()
 
+    def _eval_precision(self):
+        """Reported accuracies are measured in fp32, as users will run the exported model."""
+        return resolve_precision(self.device, "fp32", self.recipe.train.channels_last)
+
     def _registered(self, model: nn.Module) -> bool:
         return getattr(model, SPEC_ATTR, None) is not None
 
@@ -213,8 +217,7 @@ class Pipeline:
             self.model, self.data.train, r.train, eval_loader=self.data.val, device=self.device,
             checkpoint=self._path("train.pt"), resume=self.resume, stage="train", quiet=self.quiet,
         )
-        prec = resolve_precision(self.device, r.train.precision, r.train.channels_last)
-        acc = evaluate(self.model, self.data.test, prec)["acc"]
+        acc = evaluate(self.model, self.data.test, self._eval_precision())["acc"]
         self.log(f"dense model: {acc:.2f}% top-1 on {self.data.test.num_samples if hasattr(self.data.test, 'num_samples') else 'the'} test images")
         self.state["history_train"] = result.history
         self.state["layers"]["cs_after_train"] = _cs_layers(self.model)
@@ -255,10 +258,10 @@ class Pipeline:
         )
         self.model = result.model.to(self.device)
         self.model.zero_grad(set_to_none=True)
-        prec = resolve_precision(self.device, self.recipe.finetune.precision, self.recipe.finetune.channels_last)
         if pr.bn_recalibration:
+            prec = resolve_precision(self.device, self.recipe.finetune.precision, self.recipe.finetune.channels_last)
             recalibrate_bn(self.model, self.data.train, pr.bn_recalibration, prec)
-        acc = evaluate(self.model, self.data.test, prec)["acc"]
+        acc = evaluate(self.model, self.data.test, self._eval_precision())["acc"]
         self.log(
             f"pruned with '{pr.criterion}' to {result.params_ratio:.3f} of the params, {result.macs_ratio:.3f} of the MACs "
             f"({result.trials} trials): {acc:.2f}% before fine-tuning"
@@ -287,8 +290,7 @@ class Pipeline:
             task_weight=task_weight, checkpoint=self._path("finetune.pt"), resume=self.resume, stage="finetune",
             quiet=self.quiet,
         )
-        prec = resolve_precision(self.device, f.precision, f.channels_last)
-        acc = evaluate(self.model, self.data.test, prec)["acc"]
+        acc = evaluate(self.model, self.data.test, self._eval_precision())["acc"]
         self.state["history_finetune"] = result.history
         self.state["metrics"]["shrunk_accuracy"] = acc
         self.state["layers"]["channels_shrunk"] = channel_counts(self.model)

@@ -43,7 +43,7 @@ class DataConfig(_Section):
 
 
 class PreminConfig(_Section):
-    steps: int = Field(200, ge=0, description="CS pre-minimisation steps (0 = off)")
+    steps: int = Field(100, ge=0, description="CS pre-minimisation steps (0 = off)")
     lr: float = Field(0.01, gt=0)
     channels: Literal["same", "cross"] = "same"
     pairs: Literal["all", "adjacent"] = "all"
@@ -65,6 +65,7 @@ class OptimConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     cs_beta: float = Field(0.0, ge=0, description="weight of the CS regulariser (0 = off)")
     cs_normalized: bool = Field(True, description="regularise the scale-free (normalized) CS")
+    cs_every: int = Field(4, ge=1, description="apply the CS regulariser (scaled by this) every N steps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | None = Field(None, description="None = on where it is faster")
     compile: bool = False

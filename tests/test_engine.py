@@ -131,7 +131,7 @@ def test_schedule_warmup_cosine_multistep():
 def test_cs_regulariser_lowers_cs(tiny):
     plain, reg = _model(3), _model(3)
     fit(plain, tiny.train, _cfg(epochs=1), quiet=True)
-    fit(reg, tiny.train, _cfg(epochs=1, cs_beta=0.5), quiet=True)
+    fit(reg, tiny.train, _cfg(epochs=1, cs_beta=0.5, cs_every=1), quiet=True)
     assert cs_regularizer(0.5)(reg, None, None, None) > 0
     with torch.no_grad():
         assert model_conv_similarity(reg, normalized=True) < 0.8 * model_conv_similarity(plain, normalized=True)
@@ -163,3 +163,15 @@ def test_precision_choices():
     assert resolve_precision(cpu, "auto", channels_last=False).channels_last is False
     with pytest.raises(ConfigError, match="fp16"):
         resolve_precision(cpu, "fp16")
+
+
+def test_cs_regulariser_every_k_steps_applies_k_times_the_weight():
+    model = _model(4)
+    x = torch.randn(2, 1, 28, 28)
+    logits = model(x)
+    exact = cs_regularizer(0.1)(model, x, None, logits)
+    term = cs_regularizer(0.1, every=3)
+    values = [term(model, x, None, logits) for _ in range(6)]
+    assert [float(v.detach()) == 0.0 for v in values] == [False, True, True, False, True, True]
+    assert float(values[0].detach()) == pytest.approx(3 * float(exact.detach()), rel=1e-6)
+    assert values[0].requires_grad
