@@ -186,12 +186,15 @@ class Bench:
             cells = [f"{stat([f'A/{crit}/{t}/{s}' for s in a.seeds], 'test_pruned')} → **{stat([f'A/{crit}/{t}/{s}' for s in a.seeds])}**" for t in a.targets]
             vcells = [stat([f"A/{crit}/{t}/{s}" for s in a.seeds], "val") for t in a.targets]
             lines.append(f"| {crit} | " + " | ".join(cells) + " | " + " | ".join(vcells) + " |")
-        ratios = [r[k]["params_ratio"] for k in r if k.startswith("A/")]
-        macs = {t: [r[k]["macs_ratio"] for k in r if k.startswith("A/") and k.split("/")[2] == str(t)] for t in a.targets}
-        if ratios:
+        achieved = {
+            t: [(r[k]["params_ratio"], r[k]["macs_ratio"]) for k in r if k.startswith("A/") and k.split("/")[2] == str(t)]
+            for t in a.targets
+        }
+        if any(achieved.values()):
             lines.append("")
-            lines.append(f"Params ratios achieved: {min(ratios):.4f}–{max(ratios):.4f} of the target's range; MACs ratios: "
-                         + ", ".join(f"{t:g} → {min(v):.3f}–{max(v):.3f}" for t, v in macs.items() if v))
+            lines.append("Achieved (params ratio, MACs ratio) per target: " + ", ".join(
+                f"{t:g} → params {min(p for p, _ in v):.4f}–{max(p for p, _ in v):.4f}, MACs {min(m for _, m in v):.3f}–{max(m for _, m in v):.3f}"
+                for t, v in achieved.items() if v))
         if a.ablation:
             lines += ["", "| pipeline | " + " | ".join(f"{t:g} (test %)" for t in a.targets) + " |", "|---|" + "---|" * len(a.targets)]
             rows = [

@@ -66,6 +66,12 @@ def _check_weight(weight: torch.Tensor, groups: int) -> None:
         raise ValueError(f"groups={groups} does not divide the {weight.shape[0]} output channels")
 
 
+def _unit_filters(weight: torch.Tensor) -> torch.Tensor:
+    """Every filter (all of its input channels and taps) scaled to unit L2 norm."""
+    norms = weight.reshape(weight.shape[0], -1).norm(dim=1).clamp_min(_EPS)
+    return weight / norms.view(-1, *([1] * (weight.dim() - 1)))
+
+
 @lru_cache(maxsize=64)
 def _dft_basis_cpu(kernel: tuple[int, ...]) -> torch.Tensor:
     """Real DFT basis in float64 for zero-padding to ``2k-1`` per axis.
@@ -96,8 +102,7 @@ def _power_spectra(weight: torch.Tensor, normalized: bool) -> torch.Tensor:
     m, c = weight.shape[:2]
     kernel = tuple(weight.shape[2:])
     if normalized:
-        norms = weight.reshape(m, -1).norm(dim=1).clamp_min(_EPS)
-        weight = weight / norms.view(-1, *([1] * (weight.dim() - 1)))
+        weight = _unit_filters(weight)
     basis = _dft_basis(kernel, weight.dtype, weight.device)
     flat = weight.reshape(m * c, -1)
     re, im = flat @ basis[0], flat @ basis[1]
@@ -192,9 +197,7 @@ def conv_similarity(
     _check_weight(weight, groups)
     if pairs == "all" and groups == 1:
         if normalized:
-            weight = weight / weight.reshape(weight.shape[0], -1).norm(dim=1).clamp_min(_EPS).view(
-                -1, *([1] * (weight.dim() - 1))
-            )
+            weight = _unit_filters(weight)
         basis = _dft_basis(tuple(weight.shape[2:]), weight.dtype, weight.device)
         return _AllPairsCS.apply(weight, basis[0], basis[1], channels == "cross")
     power = _power_spectra(weight, normalized)  # (M, C, F)
@@ -316,7 +319,7 @@ def conv_similarity_reference(
     m, c = weight.shape[:2]
     kernel = weight.shape[2:]
     if normalized:
-        weight = weight / weight.reshape(m, -1).norm(dim=1).clamp_min(_EPS).view(-1, *([1] * (weight.dim() - 1)))
+        weight = _unit_filters(weight)
     padding = tuple(k - 1 for k in kernel)
     per = m // groups
     total = weight.new_zeros(())

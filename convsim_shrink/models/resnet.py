@@ -6,10 +6,11 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from ._base import Classifier
 from ._registry import register_model, scale
 
 
-class ResNet(nn.Module):
+class ResNet(Classifier):
     """torchvision's ResNet layout with every stage's width multiplied by ``width``.
 
     ``small_input``: 3x3 stride-1 stem and no max-pool (28-64 px images); else the ImageNet stem.
@@ -56,15 +57,6 @@ class ResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
 
 @register_model
 def resnet18(**kw) -> nn.Module:
@@ -100,7 +92,7 @@ class _WideBlock(nn.Module):
         return y + (x if self.shortcut is None else self.shortcut(o))
 
 
-class WideResNet(nn.Module):
+class WideResNet(Classifier):
     """WRN-depth-k (Zagoruyko & Komodakis, 2016), the CIFAR layout used in the paper's experiments."""
 
     def __init__(self, *, depth, widen, num_classes, in_channels, width, small_input, dropout=0.0):
@@ -126,15 +118,6 @@ class WideResNet(nn.Module):
 
     def forward_features(self, x):
         return torch.relu(self.bn(self.blocks(self.conv1(x))))
-
-    def forward_head(self, x):
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self):
-        return self.fc
 
 
 @register_model

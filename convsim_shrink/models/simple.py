@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._base import Classifier
 from ._registry import register_model, scale
 
 
-class SimpleCNN(nn.Module):
+class SimpleCNN(Classifier):
     """Four conv-BN-ReLU blocks (two max-pools) and a linear head; 32-64-128-128 channels at width 1."""
 
     def __init__(self, *, num_classes, in_channels, width, small_input):
@@ -28,15 +29,6 @@ class SimpleCNN(nn.Module):
 
     def forward_features(self, x):
         return self.features(x)
-
-    def forward_head(self, x):
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self):
-        return self.fc
 
 
 @register_model

@@ -6,14 +6,17 @@ import torch
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
+from ._base import Classifier
 from ._registry import register_model, scale
 
 
-class VGG(nn.Module):
+class VGG(Classifier):
     """torchvision's VGG features; a global-average-pool + linear head (the usual small-image head).
 
     ``small_input``: max-pools round up (``ceil_mode``), so 28 px images survive the five pools.
     """
+
+    classifier_attr = "classifier"
 
     def __init__(self, cfg_name, *, num_classes, in_channels, width, small_input):
         super().__init__()
@@ -35,15 +38,6 @@ class VGG(nn.Module):
 
     def forward_features(self, x):
         return self.features(x)
-
-    def forward_head(self, x):
-        return self.classifier(torch.flatten(self.avgpool(x), 1))
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self):
-        return self.classifier
 
 
 @register_model
