@@ -65,6 +65,8 @@ def main():
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--subset", type=int, default=None)
+    p.add_argument("--val-split", type=int, default=0, help="held out of training (as benchmarks/compare.py)")
+    p.add_argument("--skip-redundancy", action="store_true")
     p.add_argument("--beta", type=float, default=1e-3)
     p.add_argument("--premin-steps", type=int, default=PreminConfig().steps)
     p.add_argument("--premin-lr", type=float, default=PreminConfig().lr)
@@ -76,8 +78,14 @@ def main():
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
 
-    data = build_data(DataConfig(subset=args.subset), batch_size=128)
+    data = build_data(DataConfig(subset=args.subset, val_split=args.val_split), batch_size=128)
     images = sample_batch(data.test, 512)
+    if not args.skip_redundancy:
+        print_redundancy(args, images)
+    run_variants(args, data, results, results_file)
+
+
+def print_redundancy(args, images):
     print(f"## Feature-map similarity ({args.model} width {args.width}, 512 real test images, seeds {args.seeds})\n")
     print("| init | mean abs cosine between channels' maps | activation std | normalized CS |\n|---|---|---|---|")
     for name, vals in redundancy_table(args, images).items():
@@ -86,6 +94,8 @@ def main():
         sims, stds, css = zip(*vals)
         print(f"| {name} | {statistics.mean(sims):.4f} ± {statistics.pstdev(sims):.4f} | {statistics.mean(stds):.3f} | {statistics.mean(css):.1f} |")
 
+
+def run_variants(args, data, results, results_file):
     device = resolve_device("auto")
     for variant in args.variants:
         for seed in args.seeds:
@@ -96,7 +106,7 @@ def main():
             t0 = time.perf_counter()
             if "premin" in variant:
                 preminimize(model, steps=args.premin_steps, lr=args.premin_lr)
-            cfg = TrainConfig(epochs=args.epochs, cs_beta=args.beta if "reg" in variant else 0.0)
+            cfg = TrainConfig(epochs=args.epochs, warmup_epochs=0.5, cs_beta=args.beta if "reg" in variant else 0.0)
             r = fit(model, data.train, cfg, device=device, stage=variant, quiet=True)
             acc = evaluate(model, data.test)["acc"]
             with torch.no_grad():
