@@ -213,6 +213,7 @@ class Bench:
 
     def plot(self):
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -234,6 +235,7 @@ class Bench:
             ax.axhline(statistics.mean(dense), color="k", ls="--", lw=1, label="dense")
         ax.set_xscale("log")
         ax.set_xticks(a.targets, [f"{t:g}" for t in a.targets])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("parameter ratio kept")
         ax.set_ylabel("test top-1 % after fine-tuning")
         ax.legend(fontsize=8)
