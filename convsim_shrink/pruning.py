@@ -173,17 +173,31 @@ def prune_to_target(
             return PruneResult(copy.deepcopy(model), base, measure(model, example_inputs), 0.0, 0, history)
         raise TargetUnreachableError(f"the model is already at {current:.3f} of the base {kind}, below the target {target}")
 
-    # bisection on the channel ratio: find the smallest ratio whose measured size is <= target
+    # bisection on the channel ratio: find the smallest ratio whose measured size is <= target.
+    # The upper end first: with rounding, a layer whose kept channels would round to zero is left whole,
+    # so the largest ratio is not always the smallest size; step down until the target holds.
+    trials = 0
+    smallest = float("inf")
+    found = None
     hi_ratio = max_layer_ratio
-    pruned, size, frac = trial(hi_ratio)
-    if frac > target:
+    while hi_ratio > 0.05:
+        pruned, size, frac = trial(hi_ratio)
+        trials += 1
+        smallest = min(smallest, frac)
+        if frac <= target:
+            found = (pruned, size, frac, hi_ratio)
+            break
+        if round_to is None:
+            break  # without rounding the size falls monotonically with the ratio
+        hi_ratio = round(hi_ratio - 0.1, 6)
+    if found is None:
         raise TargetUnreachableError(
-            f"target {kind} {target} is unreachable: the smallest reachable is {frac:.3f} of the {kind} "
-            f"(prune.max_layer_ratio={max_layer_ratio}); raise prune.max_layer_ratio or the target"
+            f"target {kind} {target} is unreachable: the smallest reachable is {smallest:.3f} of the {kind} "
+            f"(prune.max_layer_ratio={max_layer_ratio}, round_to={round_to}); raise prune.max_layer_ratio, "
+            "lower round_to, or raise the target"
         )
-    best = (pruned, size, frac, hi_ratio)
+    best = found
     lo_ratio = 0.0
-    trials = 1
     while trials < max_trials and best[2] < target - tolerance:
         mid = 0.5 * (lo_ratio + hi_ratio)
         pruned, size, frac = trial(mid)

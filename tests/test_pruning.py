@@ -83,3 +83,10 @@ def test_custom_module_through_the_python_api():
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
     result = prune_to_target(model, X, make_importance("convsim"), target_params=0.5, tolerance=0.03)
     assert result.params_ratio <= 0.5 and result.model[-1].out_features == 10
+
+
+def test_rounding_that_would_empty_a_layer_still_reaches_the_target():
+    # 16-channel layers rounded to 8: at a 0.9 ratio they would round to 0 and be left whole
+    model = create_model("simple_cnn", in_channels=1, width=0.5)
+    result = prune_to_target(model, X, make_importance("l1"), target_params=0.5, round_to=8, tolerance=0.1)
+    assert result.params_ratio <= 0.5
