@@ -397,13 +397,6 @@ def load_training_state(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to start the stage again") from None
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": str(random.getstate()), "numpy_seed": torch.tensor(0)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 # ---------------------------------------------------------------------------------------- fit
 
 

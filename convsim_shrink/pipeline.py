@@ -14,7 +14,7 @@ import copy
 import datetime as _dt
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .console import console
-from .data import DataBundle, build_data, sample_batch
+from .data import DataBundle, build_data
 from .engine import (
     atomic_write_bytes,
     distillation,

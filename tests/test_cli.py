@@ -7,7 +7,6 @@ import pytest
 from typer.testing import CliRunner
 
 import convsim_shrink
-from convsim_shrink import cli
 from convsim_shrink.cli import app, main
 
 runner = CliRunner()
