@@ -108,3 +108,17 @@ def test_python_api_shrinks_any_module(fashion_dir):
     assert sum(p.numel() for p in shrunk.parameters()) <= 0.5 * sum(p.numel() for p in model.parameters())
     assert shrunk(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     assert result.report["shrunk"]["accuracy"] is not None and result.report["params_ratio"] <= 0.5
+
+
+def test_cli_evaluate_export_inspect_on_the_exported_model(finished_run, capsys, tmp_path):
+    report = json.loads((finished_run / "report.json").read_text())
+    model_file = report["exports"]["convsim"]
+    assert _main(["evaluate", model_file, "--subset", "500"]) == 0
+    out = capsys.readouterr().out
+    acc = float(out.split("top-1 ")[1].split("%")[0])
+    assert acc == pytest.approx(report["shrunk"]["accuracy"], abs=0.21)
+    assert _main(["export", model_file, "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").is_file() and "max abs difference" in capsys.readouterr().out
+    assert _main(["inspect", model_file, "--images", "32"]) == 0
+    err = capsys.readouterr().err
+    assert "features.0" in err and f"{report['shrunk']['params']:,} parameters" in err
