@@ -201,7 +201,8 @@ def list_(
 
         table = Table("recipe", "description")
         for name in list_recipes():
-            table.add_row(name, str(read_recipe_file(name).get("description", "")).strip().splitlines()[0] if read_recipe_file(name).get("description") else "")
+            description = str(read_recipe_file(name).get("description") or "").strip()
+            table.add_row(name, description.splitlines()[0] if description else "")
         console.print(table)
     elif what == "criteria":
         from .ranking import DESCRIPTIONS, list_criteria

@@ -249,7 +249,8 @@ class Pipeline:
             if pr.steps_epochs:
                 fit(model, self.data.train, ft_steps, device=self.device, stage=f"prune-step{step}", quiet=self.quiet)
 
-        source = copy.deepcopy(self.dense)
+        # calibration writes gradients and BN statistics: only then work on a copy of the dense model
+        source = copy.deepcopy(self.dense) if needs_grad else self.dense
         result = iterative_prune(
             source, self.example_inputs, lambda: make_importance(pr.criterion), steps=pr.iterative_steps,
             between=between, before_scoring=self._calibrate if needs_grad else None,
@@ -370,9 +371,7 @@ def shrink(
         overrides["prune.target_params"] = target_params
     if target_macs is not None:
         overrides["prune.target_macs"] = target_macs
-    resolved = recipe if isinstance(recipe, Recipe) else resolve(recipe, overrides=overrides)
-    if isinstance(recipe, Recipe) and overrides:
-        resolved = resolve(recipe.to_dict(), overrides=overrides)
+    resolved = resolve(recipe.to_dict() if isinstance(recipe, Recipe) else recipe, overrides=overrides)
     if example_inputs is None:
         x, _ = next(iter(val_data))
         example_inputs = x[:1]
