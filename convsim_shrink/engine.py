@@ -229,6 +229,10 @@ def _to_device(x, y, prec: Precision):
     return x, y.to(prec.device, non_blocking=True)
 
 
+#: steps between host syncs of the running loss/accuracy on accelerators
+_SYNC_EVERY = 32
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -244,12 +248,47 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     progress=None,
     task=None,
+    sync_every: int | None = None,
 ) -> tuple[dict[str, float], int]:
-    """One pass over ``loader``; returns (metrics, next global step)."""
+    """One pass over ``loader``; returns (metrics, next global step).
+
+    On the CPU every step is checked for a non-finite loss at once.  On accelerators the running sums
+    stay on the device and are read (one host sync) every ``_SYNC_EVERY`` steps, so the host can queue
+    work ahead of the device; a non-finite loss is then reported at most that many steps late (the
+    checkpoint on disk is still the last good one).  ``sync_every`` overrides that choice.
+    """
     model.train()
-    totals = {"loss": 0.0, "correct": 0.0, "seen": 0.0}
-    extra_totals = {getattr(t, "__name__", f"term{i}"): 0.0 for i, t in enumerate(extra)}
+    if sync_every is None:
+        sync_every = 1 if prec.device.type == "cpu" else _SYNC_EVERY
+    names = [getattr(t, "__name__", f"term{i}") for i, t in enumerate(extra)]
+    zero = torch.zeros((), device=prec.device)
+    run = {"loss": zero.clone(), "correct": zero.clone(), **{k: zero.clone() for k in names}}
+    bad = torch.zeros((), dtype=torch.bool, device=prec.device)
+    totals = {"loss": 0.0, "correct": 0.0, "seen": 0.0, **{k: 0.0 for k in names}}
     t0 = time.perf_counter()
+    pending = 0
+
+    def drain() -> None:
+        nonlocal run, pending
+        values = torch.stack(list(run.values())).tolist()  # the one host sync
+        for k, v in zip(run, values):
+            totals[k] += v
+        run = {k: zero.clone() for k in run}
+        if bool(bad):
+            raise TrainingDivergedError(
+                f"the loss became non-finite at step {step - 1} (lr {lr:.3g}); lower the learning rate "
+                f"(train.lr / finetune.lr) or the CS weight; the last good checkpoint is kept"
+            )
+        if progress is not None:
+            elapsed = time.perf_counter() - t0
+            progress.update(
+                task,
+                advance=pending,
+                info=f"loss {totals['loss'] / totals['seen']:.3f}  acc {100 * totals['correct'] / totals['seen']:.1f}%  "
+                f"{totals['seen'] / max(elapsed, 1e-9):.0f} img/s",
+            )
+        pending = 0
+
     for x, y in loader:
         x, y = _to_device(x, y, prec)
         lr = schedule(step)
@@ -259,15 +298,14 @@ def train_one_epoch(
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         total = task_weight * loss
-        for name, term in zip(extra_totals, extra):
+        for name, term in zip(names, extra):
             value = term(model, x, y, logits)
-            extra_totals[name] += float(value.detach())
+            run[name] += value.detach().float()
             total = total + value
-        if not torch.isfinite(total):
-            raise TrainingDivergedError(
-                f"the loss became {float(total.detach())} at step {step} (lr {lr:.3g}); lower the learning rate "
-                f"(train.lr / finetune.lr) or the CS weight; the last good checkpoint is kept"
-            )
+        bad |= ~torch.isfinite(total.detach())
+        if sync_every == 1 and bool(bad):
+            step += 1
+            drain()
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(total).backward()
@@ -283,17 +321,14 @@ def train_one_epoch(
             optimizer.step()
         step += 1
         n = len(y)
-        totals["loss"] += float(loss.detach()) * n
-        totals["correct"] += float((logits.detach().argmax(1) == y).sum())
+        run["loss"] += loss.detach().float() * n
+        run["correct"] += (logits.detach().argmax(1) == y).sum()
         totals["seen"] += n
-        if progress is not None:
-            elapsed = time.perf_counter() - t0
-            progress.update(
-                task,
-                advance=1,
-                info=f"loss {totals['loss'] / totals['seen']:.3f}  acc {100 * totals['correct'] / totals['seen']:.1f}%  "
-                f"{totals['seen'] / max(elapsed, 1e-9):.0f} img/s",
-            )
+        pending += 1
+        if pending >= sync_every:
+            drain()
+    if pending:
+        drain()
     seen = max(totals["seen"], 1)
     metrics = {
         "train_loss": totals["loss"] / seen,
@@ -301,7 +336,7 @@ def train_one_epoch(
         "images_per_s": totals["seen"] / max(time.perf_counter() - t0, 1e-9),
         "lr": schedule(max(step - 1, 0)),
     }
-    metrics.update({f"train_{k}": v / max(len(loader), 1) for k, v in extra_totals.items()})
+    metrics.update({f"train_{k}": totals[k] / max(len(loader), 1) for k in names})
     return metrics, step
 
 

@@ -12,7 +12,9 @@ from convsim_shrink.engine import (
     evaluate,
     fit,
     load_training_state,
+    make_optimizer,
     resolve_precision,
+    train_one_epoch,
 )
 from convsim_shrink.errors import CheckpointError, ConfigError, TrainingDivergedError
 from convsim_shrink.models import create_model
@@ -100,6 +102,38 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
     state = load_training_state(ckpt)
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def _one_epoch(data, sync_every, extra=()):
+    model = _model(3)
+    cfg = _cfg(epochs=1)
+    prec = resolve_precision(torch.device("cpu"), "fp32", False)
+    schedule = Schedule(cfg.lr, len(data.train))
+    torch.manual_seed(0)
+    return train_one_epoch(model, data.train, make_optimizer(model, cfg), schedule, prec=prec, extra=extra, sync_every=sync_every)
+
+
+def test_deferred_host_sync_gives_the_same_epoch_and_still_catches_divergence(tiny):
+    # the accelerator path (running sums on the device, read every k steps) against the per-step path
+    def kd_like(model, x, y, logits):
+        return 0.01 * logits.float().pow(2).mean()
+
+    kd_like.__name__ = "reg"
+    a, step_a = _one_epoch(tiny, 1, (kd_like,))
+    b, step_b = _one_epoch(tiny, 5, (kd_like,))
+    assert step_a == step_b == len(tiny.train)
+    for k in ("train_loss", "train_acc", "train_reg"):
+        assert b[k] == pytest.approx(a[k], rel=1e-5), k
+
+    calls = {"n": 0}
+
+    def poison(model, x, y, logits):
+        calls["n"] += 1
+        return torch.tensor(float("nan")) if calls["n"] == 3 else logits.sum() * 0
+
+    with pytest.raises(TrainingDivergedError, match="non-finite at step"):
+        _one_epoch(tiny, 5, (poison,))
+    assert calls["n"] <= 5  # reported at the first sync after the bad step, not at the end of the epoch
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
