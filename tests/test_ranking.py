@@ -6,8 +6,11 @@ from torch import nn
 from convsim_shrink.errors import UnknownNameError
 from convsim_shrink.models import create_model
 from convsim_shrink.ranking import (
+    NEEDS_GRADIENTS,
     ConvSimImportance,
     greedy_redundancy_order,
+    greedy_removal,
+    lamp_scores,
     list_criteria,
     make_importance,
     similarity_matrix,
@@ -16,7 +19,7 @@ from convsim_shrink.similarity import conv_similarity_reference
 
 
 def test_every_required_criterion_is_selectable_by_name():
-    assert set(list_criteria()) == {"convsim", "l1", "l2", "taylor", "fpgm", "lamp", "bn-scale", "random"}
+    assert set(list_criteria()) == {"convsim", "convsim-taylor", "l1", "l2", "taylor", "fpgm", "lamp", "bn-scale", "random"}
     assert isinstance(make_importance("convsim"), ConvSimImportance)
     with pytest.raises(UnknownNameError, match="l1"):
         make_importance("l3")
@@ -80,11 +83,11 @@ def test_convsim_scores_residual_groups_and_depthwise_models():
         assert n_groups > 3
 
 
-@pytest.mark.parametrize("name", ["convsim", "l1", "l2", "taylor", "fpgm", "lamp", "bn-scale", "random"])
+@pytest.mark.parametrize("name", ["convsim", "convsim-taylor", "l1", "l2", "taylor", "fpgm", "lamp", "bn-scale", "random"])
 def test_every_criterion_scores_a_group(name):
     torch.manual_seed(3)
     model = create_model("simple_cnn", in_channels=1, width=0.25)
-    if name == "taylor":
+    if name in NEEDS_GRADIENTS:
         model(torch.randn(4, 1, 28, 28)).sum().backward()
     conv = model.features[3]
     scores = make_importance(name)(_group_for(model, conv))
@@ -98,3 +101,61 @@ def test_strength_zero_is_the_group_magnitude_order():
     ours = ConvSimImportance(strength=0.0)(group)
     l2 = tp.importance.GroupMagnitudeImportance(p=2)(group)
     assert torch.equal(ours.argsort(), l2.argsort())
+
+
+def test_lamp_scores_match_the_definition_and_keep_the_removal_order():
+    torch.manual_seed(6)
+    values = torch.rand(7)
+    order = torch.randperm(7)
+    scores = lamp_scores(order, values)
+    mono = [max(values[: k + 1].tolist()) for k in range(7)]  # values made non-decreasing
+    for k in range(7):
+        expected = mono[k] ** 2 / sum(v**2 for v in mono[k:])
+        assert scores[order[k]].item() == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert torch.equal(scores.argsort(), order)  # removal order kept
+    assert scores[order[-1]].item() == pytest.approx(1.0)  # the last kept channel scores 1
+
+
+def test_greedy_removal_values_are_the_discounted_magnitudes():
+    sim = torch.tensor([[1.0, 0.9, 0.0], [0.9, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    order, values = greedy_removal(sim, weight=torch.tensor([2.0, 3.0, 1.0]), strength=1.0)
+    # step 1: 2*(1-0.9)=0.2, 3*(1-0.9)=0.3, 1*(1-0)=1 -> channel 0; step 2: channel 1 has no partner left -> 3 vs 1
+    assert order.tolist() == [0, 2, 1]
+    assert values.tolist() == pytest.approx([0.2, 1.0, 3.0])
+
+
+def test_global_pruning_takes_more_from_the_redundant_layer():
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+    with torch.no_grad():  # the second conv: 4 distinct filters, each repeated 4 times
+        w = model[3].weight
+        w.copy_(w[:4].repeat(4, 1, 1, 1) * (1 + 0.01 * torch.randn(16, 1, 1, 1)))
+    pruner = tp.pruner.MetaPruner(
+        model, torch.randn(1, 1, 8, 8), importance=ConvSimImportance(), pruning_ratio=0.4, global_pruning=True,
+        ignored_layers=[model[8]],
+    )
+    pruner.step()
+    assert model[3].out_channels < model[0].out_channels
+
+
+def test_taylor_weighted_convsim_drops_a_large_channel_the_loss_ignores():
+    torch.manual_seed(8)
+    model = create_model("simple_cnn", in_channels=1, width=0.5)
+    conv = model.features[3]
+    with torch.no_grad():
+        conv.weight[5] *= 20  # the largest filter by far
+    model(torch.randn(8, 1, 28, 28)).logsumexp(1).sum().backward()
+    # channel 5's whole group (its filter, BN, the next conv's inputs) gets zero gradient: the loss ignores it
+    conv.weight.grad[5] = 0
+    bn = model.features[4]
+    bn.weight.grad[5] = bn.bias.grad[5] = 0
+    model.features[7].weight.grad[:, 5] = 0
+    group = _group_for(model, conv)
+    taylor_weighted = make_importance("convsim-taylor")(group)
+    l2_weighted = make_importance("convsim")(group)
+    assert taylor_weighted.argmin().item() == 5
+    assert l2_weighted.argmax().item() == 5
