@@ -28,7 +28,7 @@ import torch
 
 import convsim_shrink
 from convsim_shrink.data import build_data
-from convsim_shrink.engine import atomic_write_bytes, evaluate, fit, recalibrate_bn, resolve_device, resolve_precision, seed_everything
+from convsim_shrink.engine import atomic_write_bytes, distillation, evaluate, fit, recalibrate_bn, resolve_device, resolve_precision, seed_everything
 from convsim_shrink.models import create_model
 from convsim_shrink.premin import preminimize
 from convsim_shrink.pruning import measure, prune_to_target
@@ -36,20 +36,37 @@ from convsim_shrink.ranking import NEEDS_GRADIENTS, ConvSimImportance, make_impo
 from convsim_shrink.recipe import DataConfig, FinetuneConfig, PreminConfig, TrainConfig
 
 PRESETS = {
-    "cpu": dict(model="resnet18", width=0.25, subset=6000, val_split=2000, epochs=10, finetune_epochs=4),
-    "gpu": dict(model="resnet18", width=1.0, subset=None, val_split=5000, epochs=30, finetune_epochs=10),
+    "cpu": dict(model="resnet18", width=0.25, subset=6000, val_split=2000, epochs=10, finetune_epochs=4, batch_size=128),
+    # sized for one 10-minute call on one H100/H200, one process per seed sharing the GPU
+    "gpu": dict(model="resnet18", width=0.5, subset=None, val_split=5000, epochs=8, finetune_epochs=4, batch_size=512),
 }
 CRITERIA = ["convsim", "l1", "l2", "taylor", "fpgm", "lamp", "random", "convsim-s0.5", "convsim-pure"]
 TARGETS = [0.5, 0.25, 0.1]
 
 
 def importance(name: str):
-    """A registered criterion, or a variant of ours: convsim-s<strength> or convsim-pure (no magnitude)."""
+    """A registered criterion, or a variant of ours: convsim-pure (no magnitude), convsim-s<strength>,
+    convsim-taylor-s<strength>; any of them with the suffix -global prunes globally."""
+    name = name.removesuffix("-global")
     if name == "convsim-pure":
         return ConvSimImportance(strength=1.0, magnitude=False)
-    if name.startswith("convsim-s"):
-        return ConvSimImportance(strength=float(name.removeprefix("convsim-s")))
+    for prefix, magnitude in (("convsim-taylor-s", "taylor"), ("convsim-s", True)):
+        if name.startswith(prefix):
+            return ConvSimImportance(strength=float(name.removeprefix(prefix)), magnitude=magnitude)
     return make_importance(name)
+
+
+def needs_gradients(name: str) -> bool:
+    return name.removesuffix("-global") in NEEDS_GRADIENTS or name.startswith("convsim-taylor")
+
+
+def is_global(name: str) -> bool:
+    return name.endswith("-global") or name in GLOBAL
+
+
+#: criteria designed for global (cross-layer) ranking; under local pruning LAMP's per-layer
+#: normalisation leaves the L2 order unchanged, so it is run as its authors use it
+GLOBAL = {"lamp"}
 
 
 class Bench:
@@ -57,18 +74,34 @@ class Bench:
         self.args = args
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.results_file = self.out / "results.json"
-        self.results = json.loads(self.results_file.read_text()) if self.results_file.is_file() else {}
+        # one results file per shard (parallel processes, e.g. one per seed); the table merges them all
+        self.results_file = self.out / (f"results-{args.shard}.json" if args.shard else "results.json")
+        self.results = {}
+        for f in sorted(self.out.glob("results*.json")):
+            self.results.update(json.loads(f.read_text()))
+        self.started = time.perf_counter()
         self.device = resolve_device(args.device)
-        self.data = build_data(DataConfig(subset=args.subset, val_split=args.val_split), batch_size=128, seed=0)
+        self.data = build_data(DataConfig(subset=args.subset, val_split=args.val_split, dir=args.data_dir), batch_size=args.batch_size, seed=0)
+        if self.device.type != "cpu":
+            for loader in (self.data.train, self.data.val, self.data.test):
+                loader.to(self.device)
         self.x = torch.randn(1, 1, 28, 28)
         self.prec = resolve_precision(self.device)
-        self.train_cfg = TrainConfig(epochs=args.epochs, lr=0.1, warmup_epochs=0.5)
-        self.ft_cfg = FinetuneConfig(epochs=args.finetune_epochs, lr=0.02)
+        lr_scale = (args.batch_size / 128) ** 0.5  # square-root scaling from the batch-128 settings
+        self.train_cfg = TrainConfig(epochs=args.epochs, lr=0.1 * lr_scale, warmup_epochs=0.5, batch_size=args.batch_size)
+        self.ft_cfg = FinetuneConfig(epochs=args.finetune_epochs, lr=args.ft_lr * lr_scale, batch_size=args.batch_size)
+
+    def size(self, model):
+        return measure(model, self.x.to(next(model.parameters()).device))
+
+    def out_of_time(self) -> bool:
+        return self.args.time_budget is not None and time.perf_counter() - self.started > self.args.time_budget
 
     def save(self, key, value):
         self.results[key] = value
-        atomic_write_bytes(self.results_file, json.dumps(self.results, indent=1).encode())
+        mine = json.loads(self.results_file.read_text()) if self.results_file.is_file() else {}
+        mine[key] = value
+        atomic_write_bytes(self.results_file, json.dumps(mine, indent=1).encode())
         print(f"{key}: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in value.items()})}", flush=True)
 
     def accuracies(self, model):
@@ -94,16 +127,16 @@ class Bench:
         fit(model, self.data.train, self.train_cfg, device=self.device, quiet=True, stage=name)
         convsim_shrink.save(model.cpu(), path)
         model.to(self.device)
-        self.save(name, {**self.accuracies(model), "params": measure(model, self.x).params, "seconds": time.perf_counter() - t0})
+        self.save(name, {**self.accuracies(model), "params": self.size(model).params, "seconds": time.perf_counter() - t0})
         return model
 
     def prune_finetune(self, key, dense, criterion, target, seed):
-        if key in self.results:
+        if key in self.results or self.out_of_time():
             return
         t0 = time.perf_counter()
         seed_everything(seed)
         source = dense
-        if criterion in NEEDS_GRADIENTS:
+        if needs_gradients(criterion):
             import copy
 
             source = copy.deepcopy(dense)
@@ -112,12 +145,16 @@ class Bench:
                 if i >= 4:
                     break
                 torch.nn.functional.cross_entropy(source(x.to(self.device)), y.to(self.device)).backward()
-        result = prune_to_target(source, self.x, importance(criterion), target_params=target, tolerance=0.01)
+        x = self.x.to(next(source.parameters()).device)
+        result = prune_to_target(source, x, importance(criterion), target_params=target, tolerance=0.01, global_pruning=is_global(criterion))
         pruned = result.model.to(self.device)
         pruned.zero_grad(set_to_none=True)
         recalibrate_bn(pruned, self.data.train, 50, self.prec)
         before = self.accuracies(pruned)
-        fit(pruned, self.data.train, self.ft_cfg, device=self.device, quiet=True, stage=key)
+        extra, task_weight = (), 1.0
+        if self.args.distill > 0:
+            extra, task_weight = (distillation(dense, self.args.distill),), 1.0 - self.args.distill
+        fit(pruned, self.data.train, self.ft_cfg, device=self.device, quiet=True, stage=key, extra=extra, task_weight=task_weight)
         after = self.accuracies(pruned)
         self.save(key, {
             "val_pruned": before["val"], "test_pruned": before["test"], "val": after["val"], "test": after["test"],
@@ -126,12 +163,12 @@ class Bench:
 
     def narrow(self, seed, target, base_params):
         key = f"narrow/{target}/{seed}"
-        if key in self.results:
+        if key in self.results or self.out_of_time():
             return
         lo, hi = 0.05, self.args.width
         for _ in range(30):  # width whose parameter count matches the target (at most it)
             mid = 0.5 * (lo + hi)
-            if measure(create_model(self.args.model, num_classes=10, in_channels=1, width=mid), self.x).params <= target * base_params:
+            if self.size(create_model(self.args.model, num_classes=10, in_channels=1, width=mid)).params <= target * base_params:
                 lo = mid
             else:
                 hi = mid
@@ -139,12 +176,12 @@ class Bench:
         model = self.model(seed, width=lo)
         cfg = self.train_cfg.model_copy(update={"epochs": self.args.epochs + self.args.finetune_epochs})
         fit(model, self.data.train, cfg, device=self.device, quiet=True, stage=key)
-        size = measure(model, self.x)
+        size = self.size(model)
         self.save(key, {**self.accuracies(model), "width": lo, "params_ratio": size.params / base_params, "seconds": time.perf_counter() - t0})
 
     def long_dense(self, seed):
         key = f"dense-long/{seed}"
-        if key in self.results:
+        if key in self.results or self.out_of_time():
             return
         t0 = time.perf_counter()
         model = self.model(seed)
@@ -156,17 +193,19 @@ class Bench:
         a = self.args
         for seed in a.seeds:
             dense_a = self.dense(seed, premin=True)
-            base = measure(dense_a, self.x).params
+            base = self.size(dense_a).params
             for target in a.targets:
                 for crit in a.criteria:
                     self.prune_finetune(f"A/{crit}/{target}/{seed}", dense_a, crit, target, seed)
             if a.ablation:
-                dense_b = self.dense(seed, premin=False)
-                for target in a.targets:
-                    self.prune_finetune(f"B/convsim/{target}/{seed}", dense_b, "convsim", target, seed)
-                    self.prune_finetune(f"B/l1/{target}/{seed}", dense_b, "l1", target, seed)
-                    self.narrow(seed, target, base)
                 self.long_dense(seed)
+                for target in a.targets:
+                    self.narrow(seed, target, base)
+                dense_b = None if self.out_of_time() else self.dense(seed, premin=False)
+                for target in a.targets:
+                    for crit in ("convsim", "l1"):
+                        if dense_b is not None:
+                            self.prune_finetune(f"B/{crit}/{target}/{seed}", dense_b, crit, target, seed)
         self.table()
 
     def table(self):
@@ -257,6 +296,12 @@ def main():
     p.add_argument("--targets", type=float, nargs="+", default=TARGETS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--no-ablation", dest="ablation", action="store_false")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--ft-lr", type=float, default=0.02, help="fine-tuning learning rate at batch 128 (scaled by sqrt(batch / 128))")
+    p.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the dense model in fine-tuning")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the usual places)")
+    p.add_argument("--shard", default=None, help="write results-SHARD.json (parallel processes into one --out)")
+    p.add_argument("--time-budget", type=float, default=None, help="start no new unit after this many seconds")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None)
     p.add_argument("--table-only", action="store_true", help="print the table of what is finished")
