@@ -14,6 +14,7 @@ import copy
 import datetime as _dt
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,12 +252,20 @@ class Pipeline:
 
         # calibration writes gradients and BN statistics: only then work on a copy of the dense model
         source = copy.deepcopy(self.dense) if needs_grad else self.dense
-        result = iterative_prune(
-            source, self.example_inputs, lambda: make_importance(pr.criterion), steps=pr.iterative_steps,
-            between=between, before_scoring=self._calibrate if needs_grad else None,
-            target_params=pr.target_params, target_macs=pr.target_macs, round_to=pr.round_to,
-            global_pruning=pr.global_pruning, max_layer_ratio=pr.max_layer_ratio, tolerance=pr.tolerance,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            result = iterative_prune(
+                source, self.example_inputs, lambda: make_importance(pr.criterion), steps=pr.iterative_steps,
+                between=between, before_scoring=self._calibrate if needs_grad else None,
+                target_params=pr.target_params, target_macs=pr.target_macs, round_to=pr.round_to,
+                global_pruning=pr.global_pruning, max_layer_ratio=pr.max_layer_ratio, tolerance=pr.tolerance,
+            )
+        for w in caught:  # one clean line, also under --quiet, instead of Python's warning format
+            if str(w.message).startswith("pruned to"):
+                console.print(f"note: {w.message}")
+                self.state["metrics"]["prune_note"] = str(w.message)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self.model = result.model.to(self.device)
         self.model.zero_grad(set_to_none=True)
         if pr.bn_recalibration:

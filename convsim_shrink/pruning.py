@@ -157,9 +157,9 @@ def prune_to_target(
     cached = _CachedImportance(importance)
     history: list[dict] = []
 
-    def trial(ratio: float, overrides: dict[str, float] | None = None):
+    def trial(ratio: float, overrides: dict[str, float] | None = None, use_global: bool = global_pruning):
         pruned = _prune_copy(
-            model, example_inputs, cached, ratio, round_to=round_to, global_pruning=global_pruning,
+            model, example_inputs, cached, ratio, round_to=round_to, global_pruning=use_global,
             max_layer_ratio=max_layer_ratio, ignored=ignored, overrides=overrides,
         )
         size = measure(pruned, example_inputs)
@@ -226,6 +226,30 @@ def prune_to_target(
                     break
             else:
                 lo_k = k
+    if best[2] < target - tolerance and global_pruning:
+        # One more kept channel (or round_to of them) in a large, residual-coupled group can move the size
+        # by a few percent at once. Refine: start from the allocation that fits and give channels back,
+        # round_to at a time, to the most-pruned groups first while the target still holds.
+        roots = _group_roots(model, example_inputs, ignored)
+        full = channel_counts(model)
+        kept = {r: channel_counts(best[0])[r] for r in roots}
+        step = round_to or 1
+
+        def local_ratios(counts):
+            return {r: 1 - (counts[r] + 0.5) / full[r] for r in roots}
+
+        while best[2] < target - tolerance and trials < max_trials + 48:
+            order = sorted((r for r in roots if kept[r] + step <= full[r]), key=lambda r: kept[r] / full[r])
+            for r in order:
+                counts = {**kept, r: kept[r] + step}
+                pruned, size, frac = trial(0.0, local_ratios(counts), use_global=False)
+                trials += 1
+                if frac <= target:
+                    kept = counts
+                    best = (pruned, size, frac, best[3])
+                    break
+            else:
+                break  # no group can take channels back without overshooting
     pruned, size, frac, ratio = best
     if frac < target - tolerance:
         warnings.warn(
