@@ -127,7 +127,7 @@ DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data set: fashio
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the data set.")]
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=0, help="Training epochs of the dense model.")]
 FtEpochsOpt = Annotated[Optional[int], typer.Option("--finetune-epochs", min=0, help="Fine-tuning epochs after pruning.")]
-CriterionOpt = Annotated[Optional[str], typer.Option("--criterion", help="Channel ranking: convsim, l1, l2, taylor, fpgm, lamp, bn-scale, random.")]
+CriterionOpt = Annotated[Optional[str], typer.Option("--criterion", help="Channel ranking: convsim-taylor, convsim, l1, l2, taylor, fpgm, lamp, bn-scale, random (see 'list criteria').")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<model>-<timestamp>).")]
@@ -208,7 +208,7 @@ def list_(
         from .ranking import DESCRIPTIONS, list_criteria
 
         for name in list_criteria():
-            typer.echo(f"{name:10s} {DESCRIPTIONS[name]}")
+            typer.echo(f"{name:15s} {DESCRIPTIONS[name]}")
     elif what == "datasets":
         from .data import list_datasets
 

@@ -1,9 +1,11 @@
 """Channel importance criteria, all as torch-pruning ``Importance`` objects: a group in, one score per
 channel out, higher = keep.
 
-``convsim`` (ours, the default) ranks channels by their *residual* Convolutional Similarity: after CS
-pre-minimisation and training, a channel whose kernels are still similar (at any shift) to another
-kept channel's is redundant.  The baselines use torch-pruning's implementations.
+``convsim`` and ``convsim-taylor`` (ours; ``convsim-taylor`` with global pruning is the pipeline's
+default) rank channels by their *residual* Convolutional Similarity: after training, a channel whose
+kernels are still similar (at any shift) to another kept channel's is redundant, so each greedy step
+removes the channel whose importance (group L2 norm, or first-order Taylor) discounted by that
+redundancy is lowest.  The baselines use torch-pruning's implementations.
 """
 
 from __future__ import annotations
@@ -157,8 +159,8 @@ def _taylor() -> tp.importance.Importance:
 
 
 CRITERIA: dict[str, Callable[[], tp.importance.Importance]] = {
-    "convsim": ConvSimImportance,
     "convsim-taylor": lambda: ConvSimImportance(magnitude="taylor"),
+    "convsim": ConvSimImportance,
     "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
     "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
     "taylor": _taylor,
@@ -172,8 +174,8 @@ CRITERIA: dict[str, Callable[[], tp.importance.Importance]] = {
 NEEDS_GRADIENTS = {"taylor", "convsim-taylor"}
 
 DESCRIPTIONS = {
-    "convsim": "residual Convolutional Similarity, greedy, weighted by group L2 norm (ours)",
-    "convsim-taylor": "residual Convolutional Similarity, greedy, weighted by Taylor importance (ours)",
+    "convsim-taylor": "residual Convolutional Similarity, greedy, weighted by Taylor importance (ours, the default)",
+    "convsim": "residual Convolutional Similarity, greedy, weighted by group L2 norm (ours, needs no data)",
     "l1": "L1 norm of the group's weights",
     "l2": "L2 norm of the group's weights",
     "taylor": "first-order Taylor (weight x gradient) on calibration batches",

@@ -79,15 +79,17 @@ class TrainConfig(OptimConfig):
 class FinetuneConfig(OptimConfig):
     epochs: int = Field(3, ge=0)
     lr: float = Field(0.02, gt=0)
-    distill: float = Field(0.0, ge=0, le=1, description="weight of distillation from the dense model (0 = off)")
+    # 0.5: better validation accuracy in benchmarks/compare.py (docs/BENCHMARKS.md, issue 6)
+    distill: float = Field(0.5, ge=0, le=1, description="weight of distillation from the dense model (0 = off)")
     temperature: float = Field(4.0, gt=0)
 
 
 class PruneConfig(_Section):
     target_params: float | None = Field(0.5, gt=0, lt=1, description="keep at most this fraction of parameters")
     target_macs: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of MACs")
-    criterion: str = "convsim"
-    global_pruning: bool = False
+    # defaults chosen by validation accuracy in benchmarks/compare.py (docs/BENCHMARKS.md, issue 6)
+    criterion: str = "convsim-taylor"
+    global_pruning: bool = Field(True, description="rank channels across layers (layer-adaptive) instead of one ratio per layer")
     round_to: int | None = Field(None, ge=1)
     iterative_steps: int = Field(1, ge=1, description="prune in this many steps, fine-tuning between them")
     steps_epochs: int = Field(0, ge=0, description="fine-tuning epochs between iterative steps")
