@@ -3,15 +3,17 @@ ablation. One command, resumable (every finished unit is kept in OUT/results.jso
 re-run), same data, same dense model per seed, same fine-tuning budget for every criterion.
 
     python benchmarks/compare.py --preset cpu     # <= 90 min on the 2-core CPU machine
-    python benchmarks/compare.py --preset gpu     # full Fashion-MNIST, full-width ResNet18
+    bash benchmarks/compare_gpu.sh                # GPU preset: full Fashion-MNIST, ResNet18 width 0.5,
+                                                  # one process per seed (about 11 min on one H200)
 
 Per seed:
   dense A: CS pre-minimisation + train E epochs (our pipeline's dense model)
   dense B: plain train E epochs (no pre-minimisation)
   grid:    prune A with every criterion to every target, fine-tune F epochs
-  (b) B + convsim, (c) B + l1                               (each target, fine-tuned F epochs)
+  (b) B + ours (--b-criteria), (c) B + l1                   (each target, fine-tuned F epochs)
   (d) narrow model (width solved to match the shrunk size) trained from scratch E+F epochs
   (e) dense model trained E+F epochs (the real baseline)
+A criterion name with the suffix -global prunes globally (LAMP always does: it is a global criterion).
 Model selection never looks at the test set: --val-split images are held out of training and the
 validation accuracy is reported next to the test accuracy.
 """
@@ -40,7 +42,7 @@ PRESETS = {
     # sized for one 10-minute call on one H100/H200, one process per seed sharing the GPU
     "gpu": dict(model="resnet18", width=0.5, subset=None, val_split=5000, epochs=8, finetune_epochs=4, batch_size=512),
 }
-CRITERIA = ["convsim", "l1", "l2", "taylor", "fpgm", "lamp", "random", "convsim-s0.5", "convsim-pure"]
+CRITERIA = ["convsim-taylor-global", "convsim-global", "convsim-taylor", "convsim", "taylor", "l1", "l2", "fpgm", "lamp", "random"]
 TARGETS = [0.5, 0.25, 0.1]
 
 
@@ -203,7 +205,7 @@ class Bench:
                     self.narrow(seed, target, base)
                 dense_b = None if self.out_of_time() else self.dense(seed, premin=False)
                 for target in a.targets:
-                    for crit in ("convsim", "l1"):
+                    for crit in a.b_criteria:
                         if dense_b is not None:
                             self.prune_finetune(f"B/{crit}/{target}/{seed}", dense_b, crit, target, seed)
         self.table()
@@ -225,6 +227,17 @@ class Bench:
             cells = [f"{stat([f'A/{crit}/{t}/{s}' for s in a.seeds], 'test_pruned')} → **{stat([f'A/{crit}/{t}/{s}' for s in a.seeds])}**" for t in a.targets]
             vcells = [stat([f"A/{crit}/{t}/{s}" for s in a.seeds], "val") for t in a.targets]
             lines.append(f"| {crit} | " + " | ".join(cells) + " | " + " | ".join(vcells) + " |")
+        # paired: each seed's pruned model against its own dense model (removes the dense models' spread)
+        lines += ["", "Paired test-accuracy change against the same seed's dense A model (mean ± std over seeds):", ""]
+        lines.append("| criterion | " + " | ".join(f"{t:g}" for t in a.targets) + " |")
+        lines.append("|---|" + "---|" * len(a.targets))
+        for crit in a.criteria:
+            cells = []
+            for t in a.targets:
+                d = [r[f"A/{crit}/{t}/{s}"]["test"] - r[f"dense-A-{s}"]["test"] for s in a.seeds if f"A/{crit}/{t}/{s}" in r and f"dense-A-{s}" in r]
+                cells.append("–" if not d else f"{statistics.mean(d):+.2f} ± {statistics.pstdev(d):.2f}" if len(d) > 1 else f"{d[0]:+.2f}")
+            lines.append(f"| {crit} | " + " | ".join(cells) + " |")
+        lines += ["", *self.verdict()]
         achieved = {
             t: [(r[k]["params_ratio"], r[k]["macs_ratio"]) for k in r if k.startswith("A/") and k.split("/")[2] == str(t)]
             for t in a.targets
@@ -236,9 +249,9 @@ class Bench:
                 for t, v in achieved.items() if v))
         if a.ablation:
             lines += ["", "| pipeline | " + " | ".join(f"{t:g} (test %)" for t in a.targets) + " |", "|---|" + "---|" * len(a.targets)]
-            rows = [
-                ("(a) CS pre-min + train + CS ranking", "A/convsim"),
-                ("(b) plain train + CS ranking", "B/convsim"),
+            rows = [(f"(a) CS pre-min + train + {crit}", f"A/{crit}") for crit in a.b_criteria if crit != "l1"]
+            rows += [(f"(b) plain train + {crit}", f"B/{crit}") for crit in a.b_criteria if crit != "l1"]
+            rows += [
                 ("(c) plain train + l1", "B/l1"),
                 ("(d) narrow model from scratch, same total epochs", "narrow"),
             ]
@@ -250,6 +263,34 @@ class Bench:
         atomic_write_bytes(self.out / "table.md", (text + "\n").encode())
         self.plot()
 
+    def verdict(self) -> list[str]:
+        """Ours against the best other criterion at each target, paired over seeds (a paired t statistic;
+        with n seeds it needs |t| above the two-sided 95% critical value to call the two different)."""
+        a, r = self.args, self.results
+        ours = a.ours
+        t_crit = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}
+        out = []
+        for t in a.targets:
+            def accs(crit):
+                return {s: r[f"A/{crit}/{t}/{s}"]["test"] for s in a.seeds if f"A/{crit}/{t}/{s}" in r}
+            mine = accs(ours)
+            others = {c: accs(c) for c in a.criteria if not c.startswith("convsim")}  # the peers
+            others = {c: v for c, v in others.items() if v}
+            if not mine or not others:
+                continue
+            best = max(others, key=lambda c: statistics.mean(others[c].values()))
+            seeds = sorted(set(mine) & set(others[best]))
+            d = [mine[s] - others[best][s] for s in seeds]
+            if len(d) < 2:
+                continue
+            mean, sd = statistics.mean(d), statistics.stdev(d)
+            tstat = mean / (sd / len(d) ** 0.5) if sd > 0 else float("inf") * (1 if mean >= 0 else -1)
+            crit = t_crit.get(len(d), 2.0)
+            word = "better" if tstat > crit else "worse" if tstat < -crit else "tied (not distinguishable)"
+            out.append(f"- target {t:g}: {ours} − {best} (the best peer by mean) = {mean:+.2f} points paired over {len(d)} seeds, "
+                       f"t = {tstat:+.2f} (|t| > {crit} needed): **{word}**")
+        return out
+
     def plot(self):
         import matplotlib
         import matplotlib.ticker
@@ -259,7 +300,7 @@ class Bench:
 
         a, r = self.args, self.results
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for crit in a.criteria:
+        for crit in a.plot or a.criteria:
             xs, ys, es = [], [], []
             for t in a.targets:
                 vals = [r[f"A/{crit}/{t}/{s}"]["test"] for s in a.seeds if f"A/{crit}/{t}/{s}" in r]
@@ -268,7 +309,7 @@ class Bench:
                     ys.append(statistics.mean(vals))
                     es.append(statistics.pstdev(vals) if len(vals) > 1 else 0)
             if xs:
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=crit, lw=2.5 if crit == "convsim" else 1)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=crit, lw=2.5 if crit == a.ours else 1)
         dense = [r[f"dense-A-{s}"]["test"] for s in a.seeds if f"dense-A-{s}" in r]
         if dense:
             ax.axhline(statistics.mean(dense), color="k", ls="--", lw=1, label="dense")
@@ -296,6 +337,10 @@ def main():
     p.add_argument("--targets", type=float, nargs="+", default=TARGETS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--no-ablation", dest="ablation", action="store_false")
+    p.add_argument("--plot", nargs="+", default=None, help="criteria drawn in the plot (default: all)")
+    p.add_argument("--b-criteria", nargs="+", default=["convsim-taylor-global", "l1"],
+                   help="criteria applied to dense B (no pre-minimisation)")
+    p.add_argument("--ours", default="convsim-taylor-global", help="the criterion the verdict compares with the peers")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--ft-lr", type=float, default=0.02, help="fine-tuning learning rate at batch 128 (scaled by sqrt(batch / 128))")
     p.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the dense model in fine-tuning")

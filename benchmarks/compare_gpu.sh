@@ -13,7 +13,7 @@ shift || true
 budget=${TIME_BUDGET:-420}
 threads=$(( $(nproc) / 3 ))
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${threads:-1}
-criteria=(convsim convsim-global convsim-taylor convsim-taylor-global taylor l1 l2 fpgm lamp random)
+criteria=(convsim-taylor-global convsim-global convsim-taylor convsim taylor l1 l2 fpgm lamp random)
 mkdir -p "$(dirname "$out")"
 
 python3 benchmarks/compare.py --preset gpu --device cuda --subset 1000 --val-split 500 --epochs 1 \
