@@ -13,6 +13,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _target_text(target: dict) -> str:
+    return ", ".join(f"{v:g} of the {k}" for k, v in target.items() if v is not None) or "none"
+
+
 def build_report(recipe, state: dict, data) -> dict[str, Any]:
     m = state.get("metrics", {})
     dense_size = m.get("dense_size", {})
@@ -23,6 +27,8 @@ def build_report(recipe, state: dict, data) -> dict[str, Any]:
         "dataset": getattr(getattr(data, "info", None), "name", recipe.data.name),
         "test_images": getattr(getattr(data, "test", None), "num_samples", None),
         "criterion": recipe.prune.criterion,
+        "global_pruning": recipe.prune.global_pruning,
+        "distill": recipe.finetune.distill,
         "target": {"params": recipe.prune.target_params, "macs": recipe.prune.target_macs},
         "dense": {"params": dense_size.get("params"), "macs": dense_size.get("macs"), "accuracy": m.get("dense_accuracy")},
         "shrunk": {
@@ -61,7 +67,8 @@ def write_report(report: dict, state: dict, run_dir: Path) -> None:
     lines = [
         f"# convsim-shrink report: {report['model']} (width {report['width']}) on {report['dataset']}",
         "",
-        f"Criterion `{report['criterion']}`, target {report['target']}. Accuracy is top-1 on "
+        f"Criterion `{report['criterion']}` ({'global' if report.get('global_pruning') else 'per-layer'} pruning), "
+        f"target {_target_text(report['target'])}, fine-tuning distillation {report.get('distill', 0)}. Accuracy is top-1 on "
         f"{report['test_images'] or 'the'} test images.",
         "",
         "| | params | MACs | accuracy % |",

@@ -53,6 +53,9 @@ def test_report_has_every_field(finished_run):
     for f in ("recipe.yaml", "report.md", "training_curves.png", "channels_per_layer.png", "cs_per_layer.png"):
         assert (finished_run / f).is_file(), f
     assert not list(finished_run.glob(".*.tmp"))
+    # the defaults that issue 6's comparison chose, stated in the report
+    assert report["criterion"] == "convsim-taylor" and report["global_pruning"] is True and report["distill"] == 0.5
+    assert "(global pruning), target 0.5 of the params" in (finished_run / "report.md").read_text()
 
 
 def test_exported_model_reproduces_the_reported_accuracy(finished_run):
