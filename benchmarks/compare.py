@@ -21,6 +21,7 @@ validation accuracy is reported next to the test accuracy.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -30,7 +31,7 @@ import torch
 
 import convsim_shrink
 from convsim_shrink.data import build_data
-from convsim_shrink.engine import atomic_write_bytes, distillation, evaluate, fit, recalibrate_bn, resolve_device, resolve_precision, seed_everything
+from convsim_shrink.engine import accumulate_gradients, atomic_write_bytes, distillation, evaluate, fit, recalibrate_bn, resolve_device, resolve_precision, seed_everything
 from convsim_shrink.models import create_model
 from convsim_shrink.premin import preminimize
 from convsim_shrink.pruning import measure, prune_to_target
@@ -81,6 +82,7 @@ class Bench:
         self.results = {}
         for f in sorted(self.out.glob("results*.json")):
             self.results.update(json.loads(f.read_text()))
+        self.mine = json.loads(self.results_file.read_text()) if self.results_file.is_file() else {}
         self.started = time.perf_counter()
         self.device = resolve_device(args.device)
         self.data = build_data(DataConfig(subset=args.subset, val_split=args.val_split, dir=args.data_dir), batch_size=args.batch_size, seed=0)
@@ -101,9 +103,8 @@ class Bench:
 
     def save(self, key, value):
         self.results[key] = value
-        mine = json.loads(self.results_file.read_text()) if self.results_file.is_file() else {}
-        mine[key] = value
-        atomic_write_bytes(self.results_file, json.dumps(mine, indent=1).encode())
+        self.mine[key] = value
+        atomic_write_bytes(self.results_file, json.dumps(self.mine, indent=1).encode())
         print(f"{key}: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in value.items()})}", flush=True)
 
     def accuracies(self, model):
@@ -139,14 +140,8 @@ class Bench:
         seed_everything(seed)
         source = dense
         if needs_gradients(criterion):
-            import copy
-
             source = copy.deepcopy(dense)
-            source.train()
-            for i, (x, y) in enumerate(self.data.train):
-                if i >= 4:
-                    break
-                torch.nn.functional.cross_entropy(source(x.to(self.device)), y.to(self.device)).backward()
+            accumulate_gradients(source, self.data.train, 4)  # the pipeline's prune.calibration_batches
         x = self.x.to(next(source.parameters()).device)
         result = prune_to_target(source, x, importance(criterion), target_params=target, tolerance=0.01, global_pruning=is_global(criterion))
         pruned = result.model.to(self.device)
@@ -268,7 +263,7 @@ class Bench:
         with n seeds it needs |t| above the two-sided 95% critical value to call the two different)."""
         a, r = self.args, self.results
         ours = a.ours
-        t_crit = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}
+        t_crit = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # df = n - 1
         out = []
         for t in a.targets:
             def accs(crit):
@@ -285,7 +280,7 @@ class Bench:
                 continue
             mean, sd = statistics.mean(d), statistics.stdev(d)
             tstat = mean / (sd / len(d) ** 0.5) if sd > 0 else float("inf") * (1 if mean >= 0 else -1)
-            crit = t_crit.get(len(d), 2.0)
+            crit = t_crit.get(len(d), 2.0)  # beyond 10 seeds about 2
             word = "better" if tstat > crit else "worse" if tstat < -crit else "tied (not distinguishable)"
             out.append(f"- target {t:g}: {ours} − {best} (the best peer by mean) = {mean:+.2f} points paired over {len(d)} seeds, "
                        f"t = {tstat:+.2f} (|t| > {crit} needed): **{word}**")

@@ -268,15 +268,15 @@ def train_one_epoch(
     t0 = time.perf_counter()
     pending = 0
 
-    def drain() -> None:
-        nonlocal run, pending
+    def drain(last_step: int) -> None:
+        nonlocal pending
         values = torch.stack(list(run.values())).tolist()  # the one host sync
-        for k, v in zip(run, values):
+        for (k, t), v in zip(run.items(), values):
             totals[k] += v
-        run = {k: zero.clone() for k in run}
+            t.zero_()
         if bool(bad):
             raise TrainingDivergedError(
-                f"the loss became non-finite at step {step - 1} (lr {lr:.3g}); lower the learning rate "
+                f"the loss became non-finite by step {last_step} (lr {lr:.3g}); lower the learning rate "
                 f"(train.lr / finetune.lr) or the CS weight; the last good checkpoint is kept"
             )
         if progress is not None:
@@ -304,8 +304,7 @@ def train_one_epoch(
             total = total + value
         bad |= ~torch.isfinite(total.detach())
         if sync_every == 1 and bool(bad):
-            step += 1
-            drain()
+            drain(step)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(total).backward()
@@ -326,9 +325,9 @@ def train_one_epoch(
         totals["seen"] += n
         pending += 1
         if pending >= sync_every:
-            drain()
+            drain(step - 1)
     if pending:
-        drain()
+        drain(step - 1)
     seen = max(totals["seen"], 1)
     metrics = {
         "train_loss": totals["loss"] / seen,
@@ -393,6 +392,22 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50, prec: 
         for m, (momentum, _) in zip(norms, saved):
             m.momentum = momentum
         model.train(was_training)
+    return used
+
+
+def accumulate_gradients(model: nn.Module, loader: Iterable, batches: int, prec: Precision | None = None) -> int:
+    """Task-loss gradients summed over the first ``batches`` batches of ``loader`` (train mode, fp32),
+    for data-driven importance criteria (Taylor).  Clears old gradients first; returns the batches used."""
+    prec = prec or resolve_precision(next(model.parameters()).device, "fp32", False)
+    model.zero_grad(set_to_none=True)
+    model.train()
+    used = 0
+    for x, y in loader:
+        if used >= batches:
+            break
+        x, y = _to_device(x, y, prec)
+        F.cross_entropy(model(x), y).backward()
+        used += 1
     return used
 
 

@@ -14,7 +14,6 @@ import copy
 import datetime as _dt
 import json
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from . import checkpoint as ckpt
 from .console import console
 from .data import DataBundle, build_data
 from .engine import (
+    accumulate_gradients,
     atomic_write_bytes,
     distillation,
     evaluate,
@@ -228,13 +228,7 @@ class Pipeline:
 
     def _calibrate(self, model: nn.Module) -> None:
         """Gradients of the task loss on a few training batches (for Taylor importance)."""
-        model.zero_grad(set_to_none=True)
-        model.train()
-        for i, (x, y) in enumerate(self.data.train):
-            if i >= self.recipe.prune.calibration_batches:
-                break
-            loss = nn.functional.cross_entropy(model(x.to(self.device)), y.to(self.device))
-            loss.backward()
+        accumulate_gradients(model, self.data.train, self.recipe.prune.calibration_batches)
 
     def _prune(self) -> None:
         pr = self.recipe.prune
@@ -252,20 +246,15 @@ class Pipeline:
 
         # calibration writes gradients and BN statistics: only then work on a copy of the dense model
         source = copy.deepcopy(self.dense) if needs_grad else self.dense
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            result = iterative_prune(
-                source, self.example_inputs, lambda: make_importance(pr.criterion), steps=pr.iterative_steps,
-                between=between, before_scoring=self._calibrate if needs_grad else None,
-                target_params=pr.target_params, target_macs=pr.target_macs, round_to=pr.round_to,
-                global_pruning=pr.global_pruning, max_layer_ratio=pr.max_layer_ratio, tolerance=pr.tolerance,
-            )
-        for w in caught:  # one clean line, also under --quiet, instead of Python's warning format
-            if str(w.message).startswith("pruned to"):
-                console.print(f"note: {w.message}")
-                self.state["metrics"]["prune_note"] = str(w.message)
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        result = iterative_prune(
+            source, self.example_inputs, lambda: make_importance(pr.criterion), steps=pr.iterative_steps,
+            between=between, before_scoring=self._calibrate if needs_grad else None,
+            target_params=pr.target_params, target_macs=pr.target_macs, round_to=pr.round_to,
+            global_pruning=pr.global_pruning, max_layer_ratio=pr.max_layer_ratio, tolerance=pr.tolerance, warn=False,
+        )
+        if result.note:  # one clean line, also under --quiet, instead of Python's warning format
+            console.print(f"note: {result.note}")
+            self.state["metrics"]["prune_note"] = result.note
         self.model = result.model.to(self.device)
         self.model.zero_grad(set_to_none=True)
         if pr.bn_recalibration:

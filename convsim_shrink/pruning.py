@@ -70,6 +70,7 @@ class PruneResult:
     channel_ratio: float
     trials: int
     history: list[dict] = field(default_factory=list)
+    note: str | None = None  # set when the size had to land more than the tolerance below the target
 
     @property
     def params_ratio(self) -> float:
@@ -133,6 +134,7 @@ def prune_to_target(
     tolerance: float = 0.01,
     ignored_layers: list[nn.Module] | None = None,
     max_trials: int = 24,
+    warn: bool = True,
 ) -> PruneResult:
     """A pruned copy of ``model`` whose parameter (or MAC) count is at most ``target`` × the count of
     ``base`` (default: ``model`` itself) and within ``tolerance`` (absolute, in ratio) below it.
@@ -232,7 +234,8 @@ def prune_to_target(
         # round_to at a time, to the most-pruned groups first while the target still holds.
         roots = _group_roots(model, example_inputs, ignored)
         full = channel_counts(model)
-        kept = {r: channel_counts(best[0])[r] for r in roots}
+        counts_now = channel_counts(best[0])
+        kept = {r: counts_now[r] for r in roots}
         step = round_to or 1
 
         def local_ratios(counts):
@@ -251,13 +254,15 @@ def prune_to_target(
             else:
                 break  # no group can take channels back without overshooting
     pruned, size, frac, ratio = best
+    note = None
     if frac < target - tolerance:
-        warnings.warn(
+        note = (
             f"pruned to {frac:.4f} of the base {kind}: the nearest channel count below {target} (round_to={round_to}) "
-            f"is more than {tolerance} below the target",
-            stacklevel=2,
+            f"is more than {tolerance} below the target"
         )
-    return PruneResult(pruned, base, size, ratio, trials, history)
+        if warn:
+            warnings.warn(note, stacklevel=2)
+    return PruneResult(pruned, base, size, ratio, trials, history, note)
 
 
 def iterative_prune(

@@ -6,6 +6,7 @@ from torch import nn
 
 from convsim_shrink.data import build_data
 from convsim_shrink.engine import (
+    accumulate_gradients,
     Schedule,
     cs_regularizer,
     distillation,
@@ -131,7 +132,7 @@ def test_deferred_host_sync_gives_the_same_epoch_and_still_catches_divergence(ti
         calls["n"] += 1
         return torch.tensor(float("nan")) if calls["n"] == 3 else logits.sum() * 0
 
-    with pytest.raises(TrainingDivergedError, match="non-finite at step"):
+    with pytest.raises(TrainingDivergedError, match="non-finite by step"):
         _one_epoch(tiny, 5, (poison,))
     assert calls["n"] <= 5  # reported at the first sync after the bad step, not at the end of the epoch
 
@@ -209,3 +210,16 @@ def test_cs_regulariser_every_k_steps_applies_k_times_the_weight():
     assert [float(v.detach()) == 0.0 for v in values] == [False, True, True, False, True, True]
     assert float(values[0].detach()) == pytest.approx(3 * float(exact.detach()), rel=1e-6)
     assert values[0].requires_grad
+
+
+def test_accumulate_gradients_sums_the_first_batches(tiny):
+    model = _model(4)
+    assert accumulate_gradients(model, tiny.train, 2) == 2
+    batches = iter(tiny.train)
+    ref = _model(4)
+    ref.train()
+    for _ in range(2):
+        x, y = next(batches)
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)

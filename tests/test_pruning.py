@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -104,3 +106,15 @@ def test_global_pruning_with_rounding_lands_in_the_window(criterion):
     for name, c in channel_counts(result.model).items():
         if name != "fc":
             assert c % 8 == 0, (name, c)
+
+
+def test_a_missed_window_is_a_note_and_optionally_a_warning():
+    # simple_cnn at width 0.25 has 8..16 channels per layer: with round_to=8 no size lands near 0.5
+    model = create_model("simple_cnn", in_channels=1, width=0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warn=False must stay silent
+        quiet = prune_to_target(model, X, make_importance("l2"), target_params=0.5, round_to=8, tolerance=0.001, warn=False)
+    assert quiet.params_ratio < 0.499 and quiet.note.startswith(f"pruned to {quiet.params_ratio:.4f}")
+    with pytest.warns(UserWarning, match="more than 0.001 below the target"):
+        loud = prune_to_target(model, X, make_importance("l2"), target_params=0.5, round_to=8, tolerance=0.001)
+    assert loud.note == quiet.note
