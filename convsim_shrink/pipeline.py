@@ -201,7 +201,7 @@ class Pipeline:
         p = self.recipe.premin
         if self._done("premin"):
             return
-        res = preminimize(self.model, steps=p.steps, lr=p.lr, channels=p.channels, pairs=p.pairs, patience=p.patience, quiet=self.quiet)
+        res = preminimize(self.model, steps=p.steps, lr=p.lr, channels=p.channels, pairs=p.pairs, patience=p.patience, mode=p.mode, quiet=self.quiet)
         if p.steps:
             self.log(f"CS pre-minimisation: {res.cs_before:.4g} -> {res.cs_after:.4g} in {res.steps} steps ({res.seconds:.1f} s)")
         self._save_model(self.model, "premin.safetensors")

@@ -1,10 +1,16 @@
-"""CS pre-minimisation: the paper's iterative initialisation, without collapsing the weight scale.
+"""CS pre-minimisation: the paper's iterative initialisation, in two modes.
 
-Adam (the paper's code uses it) minimises the *normalized* Convolutional Similarity of every conv
-layer, and after each step every filter is projected back onto its original norm.  So only the
-filters' *directions* move: the scale the initialiser chose (Kaiming, ...) is kept exactly, activations
-keep their scale (``benchmarks/bench_premin.py`` measures it), and the minimiser cannot lower CS by
-shrinking weights.
+``mode="norm-preserving"`` (the default): Adam minimises the *normalized* Convolutional Similarity of
+every conv layer over all filter pairs, and after each step every filter is projected back onto its
+original norm.  So only the filters' *directions* move: the scale the initialiser chose (Kaiming, ...)
+is kept exactly, and the minimiser cannot lower CS by shrinking weights.
+
+``mode="paper"``: what the paper's public code does (ZakariaeBelmekki98/Convolutional_Similarity,
+``Main.py``): Adam at lr 0.002 on the *raw* CS over adjacent filter pairs, no norm restoring.  Raw CS
+scales as ``||w||^4``, so this mode also shrinks the conv weights; :func:`rescale_filters` applies only
+that shrinkage (a *shrink-only control* for telling decorrelation from weight scale).
+
+Frozen weights (``requires_grad=False``) are the user's decision and are never changed.
 """
 
 from __future__ import annotations
@@ -26,9 +32,39 @@ class PreminResult:
     seconds: float
 
 
+#: per mode: (normalized CS, default lr, default pairs, restore filter norms)
+MODES = {
+    "norm-preserving": (True, 0.01, "all", True),
+    "paper": (False, 0.002, "adjacent", False),
+}
+
+
 def _target_convs(model: nn.Module) -> list[nn.modules.conv._ConvNd]:
-    """Convs with at least two filters sharing an input (depthwise convs have no pairs)."""
-    return [m for _, m in conv_layers(model) if m.out_channels // m.groups >= 2]
+    """Trainable convs with at least two filters sharing an input (depthwise convs have no pairs)."""
+    return [m for _, m in conv_layers(model) if m.out_channels // m.groups >= 2 and m.weight.requires_grad]
+
+
+def filter_norms(model: nn.Module) -> dict[str, torch.Tensor]:
+    """L2 norm of every filter of every conv, by layer name: ``{name: (out_channels,)}``."""
+    return {name: m.weight.detach().reshape(m.weight.shape[0], -1).norm(dim=1).clone() for name, m in conv_layers(model)}
+
+
+@torch.no_grad()
+def rescale_filters(model: nn.Module, norms: dict[str, torch.Tensor]) -> None:
+    """Scale every filter of the named convs to the given norm, keeping its direction (in place).
+
+    With ``norms`` taken from a model after ``mode="paper"`` pre-minimisation, this is the shrink-only
+    control: the paper's change of weight scale without its change of directions.
+
+    Raises:
+        ValueError: a layer's norms do not have one entry per filter.
+    """
+    layers = dict(conv_layers(model))
+    for name, n in norms.items():
+        w = layers[name].weight
+        if n.shape != (w.shape[0],):
+            raise ValueError(f"{name}: {tuple(n.shape)} norms for {w.shape[0]} filters")
+        _project([w], [n.to(w.device, w.dtype)])
 
 
 @torch.no_grad()
@@ -42,23 +78,34 @@ def preminimize(
     model: nn.Module,
     *,
     steps: int = 200,
-    lr: float = 0.01,
+    lr: float | None = None,
     channels: str = "same",
-    pairs: str = "all",
+    pairs: str | None = None,
     patience: int = 50,
     min_improvement: float = 1e-3,
+    mode: str = "norm-preserving",
     quiet: bool = True,
 ) -> PreminResult:
-    """Minimise the model's normalized CS over its conv kernels in place, keeping every filter's norm.
+    """Minimise the model's CS over its trainable conv kernels in place (see the module docstring).
 
-    Stops after ``steps`` steps or when the best value has not improved by ``min_improvement`` (relative)
-    for ``patience`` steps; the best weights seen are kept.
+    ``mode`` picks the objective and its defaults (:data:`MODES`): ``lr``/``pairs`` of None take the
+    mode's.  Stops after ``steps`` steps or when the best value has not improved by ``min_improvement``
+    (relative) for ``patience`` steps; the best weights seen are kept.  ``cs_before``/``cs_after`` are
+    the mode's objective (normalized or raw CS).
+
+    Raises:
+        ValueError: an unknown ``mode``.
     """
     from .engine import make_progress
 
+    if mode not in MODES:
+        raise ValueError(f"premin mode {mode!r} is not known; use one of {', '.join(MODES)}")
+    normalized, default_lr, default_pairs, restore = MODES[mode]
+    lr = default_lr if lr is None else lr
+    pairs = default_pairs if pairs is None else pairs
     convs = _target_convs(model)
     weights = [m.weight for m in convs]
-    opts = dict(channels=channels, pairs=pairs, normalized=True)
+    opts = dict(channels=channels, pairs=pairs, normalized=normalized)
     with torch.no_grad():
         before = float(model_conv_similarity(model, **opts))
     if steps == 0 or not weights:
@@ -84,7 +131,8 @@ def preminimize(
                 value = model_conv_similarity(model, **opts)
                 value.backward()
                 optimizer.step()
-                _project(weights, norms)
+                if restore:
+                    _project(weights, norms)
                 current = float(value.detach())
                 done = step
                 if current < best * (1 - min_improvement):

@@ -44,9 +44,13 @@ class DataConfig(_Section):
 
 class PreminConfig(_Section):
     steps: int = Field(100, ge=0, description="CS pre-minimisation steps (0 = off)")
-    lr: float = Field(0.01, gt=0)
+    mode: Literal["norm-preserving", "paper"] = Field(
+        "norm-preserving",
+        description="norm-preserving: normalized CS, filter norms restored; paper: raw CS, adjacent pairs, Adam 0.002, norms not restored",
+    )
+    lr: float | None = Field(None, gt=0, description="Adam learning rate (None = the mode's: 0.01, paper 0.002)")
     channels: Literal["same", "cross"] = "same"
-    pairs: Literal["all", "adjacent"] = "all"
+    pairs: Literal["all", "adjacent"] | None = Field(None, description="filter pairs (None = the mode's: all, paper adjacent)")
     patience: int = Field(50, ge=1, description="stop after this many steps without 0.1% improvement")
 
 

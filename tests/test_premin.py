@@ -79,3 +79,54 @@ def test_duplicate_channels_have_similarity_one():
         conv.weight[1] = conv.weight[0] * 3
     got = feature_map_similarity(torch.nn.Sequential(conv), torch.randn(2, 1, 8, 8))
     assert got["0"]["similarity"] == pytest.approx(1.0, rel=1e-5)
+
+
+def test_paper_mode_minimises_raw_adjacent_cs_and_shrinks_filters():
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", in_channels=1, width=0.25)
+    norms = _norms(model)
+    with torch.no_grad():
+        raw_before = float(model_conv_similarity(model, pairs="adjacent"))
+    result = preminimize(model, steps=40, mode="paper", patience=40)
+    assert result.cs_before == pytest.approx(raw_before, rel=1e-5)  # the objective is the raw adjacent CS
+    assert result.cs_after < 0.8 * result.cs_before
+    shrunk = [float(_norms(model)[n].mean() / norms[n].mean()) for n in norms]
+    assert all(r < 1.0 for r in shrunk), shrunk  # no norm restoring: raw CS falls partly by shrinking
+
+
+def test_shrink_only_control_copies_norms_and_keeps_directions():
+    from convsim_shrink.premin import filter_norms, rescale_filters
+
+    torch.manual_seed(1)
+    paper = create_model("simple_cnn", in_channels=1, width=0.25)
+    control = create_model("simple_cnn", in_channels=1, width=0.25)
+    control.load_state_dict(paper.state_dict())
+    directions = {n: m.weight.detach().flatten(1) / m.weight.detach().flatten(1).norm(dim=1, keepdim=True) for n, m in conv_layers(control)}
+    preminimize(paper, steps=30, mode="paper", patience=30)
+    rescale_filters(control, filter_norms(paper))
+    for name, norm in filter_norms(control).items():
+        assert torch.allclose(norm, filter_norms(paper)[name], rtol=1e-5), name
+    for name, m in conv_layers(control):
+        w = m.weight.detach().flatten(1)
+        assert torch.allclose(w / w.norm(dim=1, keepdim=True), directions[name], atol=1e-6), name
+    with pytest.raises(ValueError, match="norms for"):
+        rescale_filters(control, {next(iter(directions)): torch.ones(1)})
+
+
+def test_premin_never_touches_frozen_weights():
+    torch.manual_seed(2)
+    model = create_model("resnet18", in_channels=1, width=0.125)
+    model.conv1.weight.requires_grad_(False)
+    model.bn1.weight.requires_grad_(False)
+    frozen = model.conv1.weight.detach().clone()
+    trainable_before = model.layer1[0].conv1.weight.detach().clone()
+    for mode in ("norm-preserving", "paper"):
+        preminimize(model, steps=10, mode=mode, patience=10)
+        assert torch.equal(model.conv1.weight, frozen), mode
+        assert not model.conv1.weight.requires_grad and not model.bn1.weight.requires_grad
+    assert not torch.equal(model.layer1[0].conv1.weight, trainable_before)
+
+
+def test_unknown_premin_mode_is_refused():
+    with pytest.raises(ValueError, match="premin mode"):
+        preminimize(create_model("simple_cnn", width=0.25), steps=1, mode="fast")
