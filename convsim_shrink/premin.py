@@ -54,7 +54,7 @@ def preminimize(
     Stops after ``steps`` steps or when the best value has not improved by ``min_improvement`` (relative)
     for ``patience`` steps; the best weights seen are kept.
     """
-    from .engine import make_progress
+    from .train.progress import make_progress
 
     convs = _target_convs(model)
     weights = [m.weight for m in convs]
