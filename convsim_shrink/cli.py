@@ -205,10 +205,10 @@ def list_(
             table.add_row(name, description.splitlines()[0] if description else "")
         console.print(table)
     elif what == "criteria":
-        from .ranking import DESCRIPTIONS, list_criteria
+        from .ranking import get_criterion, list_criteria
 
         for name in list_criteria():
-            typer.echo(f"{name:15s} {DESCRIPTIONS[name]}")
+            typer.echo(f"{name:15s} {get_criterion(name).description}")
     elif what == "datasets":
         from .data import list_datasets
 

@@ -39,7 +39,7 @@ from .errors import CheckpointError, ConfigError
 from .models import SPEC_ATTR, create_model, list_models
 from .premin import preminimize
 from .pruning import channel_counts, iterative_prune, measure
-from .ranking import NEEDS_GRADIENTS, make_importance
+from .ranking import get_criterion, make_importance
 from .recipe import Recipe
 from .similarity import layer_similarities, model_conv_similarity
 
@@ -237,7 +237,7 @@ class Pipeline:
             self.model = self._load_model("pruned.safetensors")
             return
         t0 = time.perf_counter()
-        needs_grad = pr.criterion in NEEDS_GRADIENTS
+        needs_grad = get_criterion(pr.criterion).needs_gradients
         ft_steps = self.recipe.finetune.model_copy(update={"epochs": pr.steps_epochs})
 
         def between(model: nn.Module, step: int) -> None:
