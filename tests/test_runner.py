@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import convsim_shrink.runner as runner
+import convsim_shrink.stages as stages
 from convsim_shrink import checkpoint as ckpt
 from convsim_shrink.errors import CheckpointError, ConfigError
 from convsim_shrink.recipe import resolve
@@ -51,7 +52,7 @@ class Spy:
     def __init__(self, monkeypatch, fail: str | None = None):
         self.calls: list[str] = []
         for name in STAGES:
-            real = getattr(runner, f"{name}_stage")
+            real = getattr(stages, f"{name}_stage")  # the real function, not an earlier spy
 
             def wrapped(*args, _name=name, _real=real, **kw):
                 self.calls.append(_name)

@@ -66,7 +66,8 @@ def test_build_stage_is_seeded_and_measures_the_model():
     c = build_stage(ModelConfig(name="simple_cnn", width=0.25), INFO["fashion-mnist"], seed=4, example_inputs=X)
     assert _same(a.model.state_dict(), b.model.state_dict()) and not _same(a.model.state_dict(), c.model.state_dict())
     assert a.size.params == sum(p.numel() for p in a.model.parameters()) and a.size == measure(a.model, X)
-    assert a.cs == pytest.approx(float(model_conv_similarity(a.model, normalized=True)), rel=1e-6)
+    with torch.no_grad():
+        assert a.cs == pytest.approx(float(model_conv_similarity(a.model, normalized=True)), rel=1e-6)
     assert a.cs == pytest.approx(sum(a.cs_layers.values()), rel=1e-6)
     assert a.channels["features.0"] == a.model.features[0].out_channels
     with pytest.raises(UnknownNameError, match="unknown model"):
@@ -81,7 +82,8 @@ def test_build_stage_takes_a_given_model():
 
 def test_premin_stage_lowers_cs_in_place():
     model = _tiny()
-    before = float(model_conv_similarity(model, normalized=True))
+    with torch.no_grad():
+        before = float(model_conv_similarity(model, normalized=True))
     out = premin_stage(model, PreminConfig(steps=10, lr=0.01))
     assert out.result.steps == 10 and out.cs < before
     assert out.cs == pytest.approx(out.result.cs_after, rel=1e-6)  # measured on the model as it is now
@@ -92,11 +94,11 @@ def test_premin_stage_lowers_cs_in_place():
 def test_train_stage_trains_in_place_and_reports_test_accuracy(data):
     model = _tiny()
     start = _state(model)
-    out = train_stage(model, data, TrainConfig(epochs=1, lr=0.05, precision="fp32"))
+    out = train_stage(model, data, TrainConfig(epochs=2, lr=0.05, precision="fp32"))
     assert out.model is model and not _same(start, model.state_dict())
-    assert len(out.history) == 1 and "val_acc" in out.history[0]  # validation split seen every epoch
+    assert len(out.history) == 2 and all("val_acc" in h for h in out.history)  # validation split seen every epoch
+    assert out.history[1]["train_loss"] < out.history[0]["train_loss"]  # it is learning
     assert out.accuracy == pytest.approx(evaluate(model, data.test, FP32)["acc"], abs=1e-9)
-    assert out.accuracy > 20  # 320 images, one epoch: it learned something (chance 10%)
 
 
 @pytest.mark.parametrize("criterion", ["l1", "convsim-taylor"])
