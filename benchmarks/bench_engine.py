@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from convsim_shrink.engine import Schedule, cs_regularizer, make_optimizer, resolve_precision, train_one_epoch
 from convsim_shrink.models import create_model
 from convsim_shrink.premin import preminimize
 from convsim_shrink.recipe import PreminConfig, TrainConfig
+from convsim_shrink.train import Schedule, cs_regularizer, make_optimizer, resolve_precision, train_one_epoch
 
 
 class Batches:

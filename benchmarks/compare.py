@@ -1,75 +1,74 @@
 """Compression quality against the peers, side by side: criteria x targets x seeds, plus the pipeline
-ablation. One command, resumable (every finished unit is kept in OUT/results.json and skipped on a
-re-run), same data, same dense model per seed, same fine-tuning budget for every criterion.
+ablation, each unit run by the product itself.  A row is exactly what the command line gives:
 
-    python benchmarks/compare.py --preset cpu     # <= 90 min on the 2-core CPU machine
-    bash benchmarks/compare_gpu.sh                # GPU preset: full Fashion-MNIST, ResNet18 width 0.5,
-                                                  # one process per seed (about 11 min on one H200)
+    convsim-shrink MODEL --criterion X --target-params T --seed S --set <the preset's settings>
+
+The settings come from the model's shipped recipe, then the preset's ``--set`` values (printed at the
+top of the table), then the row's; the units call the pipeline's own stage functions
+(convsim_shrink.stages) with that resolved recipe, so channel rounding, BN re-calibration, distillation
+and every other default are the shipped ones.  The dense model is trained once per seed and every row
+prunes a copy of it, starting from the random-number state the command line has at that point: on the
+CPU a row reproduces the command's numbers exactly.
+
+    python benchmarks/compare.py --preset cpu     # the 2-core CPU preset (about an hour)
+    python benchmarks/compare.py --preset smoke   # a few hundred images, one epoch: checks the wiring
+    bash benchmarks/compare_gpu.sh                # GPU preset, one process per seed
 
 Per seed:
-  dense A: CS pre-minimisation + train E epochs (our pipeline's dense model)
-  dense B: plain train E epochs (no pre-minimisation)
-  grid:    prune A with every criterion to every target, fine-tune F epochs
-  (b) B + ours (--b-criteria), (c) B + l1                   (each target, fine-tuned F epochs)
-  (d) narrow model (width solved to match the shrunk size) trained from scratch E+F epochs
-  (e) dense model trained E+F epochs (the real baseline)
-A criterion name with the suffix -global prunes globally (LAMP always does: it is a global criterion).
-Model selection never looks at the test set: --val-split images are held out of training and the
-validation accuracy is reported next to the test accuracy.
+  dense A: build + CS pre-minimisation + train (the product's dense model)
+  grid:    a copy of A pruned by every criterion (and --variant) to every target, then fine-tuned
+  ablation (b) dense B = the same recipe without pre-minimisation (premin.steps=0), pruned by --b-criteria
+           (d) a narrow model (width solved to match the target's parameters) trained from scratch for
+               train + fine-tune epochs, without pre-minimisation
+           (e) the dense model trained train + fine-tune epochs (the real baseline)
+Resumable: every finished unit is kept in OUT/results.json (OUT/results-SHARD.json with --shard) and
+skipped on a re-run; OUT/settings.json keeps the resolved settings and a re-run with other settings is
+refused.  Model selection never looks at the test set: the preset holds --val-split training images
+out, and the validation accuracy is reported next to the test accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import convsim_shrink
-from convsim_shrink.data import build_data
-from convsim_shrink.engine import accumulate_gradients, atomic_write_bytes, distillation, evaluate, fit, recalibrate_bn, resolve_device, resolve_precision, seed_everything
+from convsim_shrink.io import atomic_path, atomic_write_bytes, atomic_write_text
 from convsim_shrink.models import create_model
-from convsim_shrink.premin import preminimize
-from convsim_shrink.pruning import measure, prune_to_target
-from convsim_shrink.ranking import NEEDS_GRADIENTS, ConvSimImportance, make_importance
-from convsim_shrink.recipe import DataConfig, FinetuneConfig, PreminConfig, TrainConfig
+from convsim_shrink.pruning import measure
+from convsim_shrink.ranking import get_criterion
+from convsim_shrink.recipe import Recipe, default_recipe_for, resolve
+from convsim_shrink.stages import build_stage, example_inputs_for, finetune_stage, premin_stage, prepare_data, prune_stage, train_stage
+from convsim_shrink.train import evaluate, resolve_device, resolve_precision
 
 PRESETS = {
-    "cpu": dict(model="resnet18", width=0.25, subset=6000, val_split=2000, epochs=10, finetune_epochs=4, batch_size=128),
-    # sized for one 10-minute call on one H100/H200, one process per seed sharing the GPU
-    "gpu": dict(model="resnet18", width=0.5, subset=None, val_split=5000, epochs=8, finetune_epochs=4, batch_size=512),
+    # the issue-6 CPU comparison's data and budget, on the shipped resnet18 recipe (width 0.25, batch 128)
+    "cpu": dict(model="resnet18", sets=["data.subset=6000", "data.val_split=2000", "train.epochs=10", "finetune.epochs=4"]),
+    # sized for one 10-minute call on one H100/H200, one process per seed sharing the GPU; learning rates
+    # scaled by sqrt(512 / 128) from the recipe's batch-128 values
+    "gpu": dict(model="resnet18", sets=[
+        "model.width=0.5", "data.val_split=5000", "train.epochs=8", "finetune.epochs=4", "train.batch_size=512",
+        "train.lr=0.2", "finetune.lr=0.04",
+    ]),
+    # checks the wiring end to end in a minute or two; its numbers mean nothing
+    "smoke": dict(model="resnet18", sets=[
+        "data.subset=300", "data.val_split=100", "data.test_subset=200", "train.epochs=1", "finetune.epochs=1",
+        "premin.steps=10",
+    ], criteria=["convsim-taylor", "l1"], targets=[0.5], seeds=[0]),
 }
-CRITERIA = ["convsim-taylor-global", "convsim-global", "convsim-taylor", "convsim", "taylor", "l1", "l2", "fpgm", "lamp", "random"]
+CRITERIA = ["convsim-taylor", "lamp", "taylor", "l1", "random"]
 TARGETS = [0.5, 0.25, 0.1]
-
-
-def importance(name: str):
-    """A registered criterion, or a variant of ours: convsim-pure (no magnitude), convsim-s<strength>,
-    convsim-taylor-s<strength>; any of them with the suffix -global prunes globally."""
-    name = name.removesuffix("-global")
-    if name == "convsim-pure":
-        return ConvSimImportance(strength=1.0, magnitude=False)
-    for prefix, magnitude in (("convsim-taylor-s", "taylor"), ("convsim-s", True)):
-        if name.startswith(prefix):
-            return ConvSimImportance(strength=float(name.removeprefix(prefix)), magnitude=magnitude)
-    return make_importance(name)
-
-
-def needs_gradients(name: str) -> bool:
-    return name.removesuffix("-global") in NEEDS_GRADIENTS or name.startswith("convsim-taylor")
-
-
-def is_global(name: str) -> bool:
-    return name.endswith("-global") or name in GLOBAL
-
-
-#: criteria designed for global (cross-layer) ranking; under local pruning LAMP's per-layer
-#: normalisation leaves the L2 order unchanged, so it is run as its authors use it
-GLOBAL = {"lamp"}
+#: command-line shortcuts for recipe keys
+SHORTCUTS = {
+    "width": "model.width", "subset": "data.subset", "val_split": "data.val_split", "epochs": "train.epochs",
+    "finetune_epochs": "finetune.epochs", "batch_size": "train.batch_size",
+}
 
 
 class Bench:
@@ -77,6 +76,7 @@ class Bench:
         self.args = args
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.base = self.base_recipe()
         # one results file per shard (parallel processes, e.g. one per seed); the table merges them all
         self.results_file = self.out / (f"results-{args.shard}.json" if args.shard else "results.json")
         self.results = {}
@@ -84,19 +84,68 @@ class Bench:
             self.results.update(json.loads(f.read_text()))
         self.mine = json.loads(self.results_file.read_text()) if self.results_file.is_file() else {}
         self.started = time.perf_counter()
-        self.device = resolve_device(args.device)
-        self.data = build_data(DataConfig(subset=args.subset, val_split=args.val_split, dir=args.data_dir), batch_size=args.batch_size, seed=0)
-        if self.device.type != "cpu":
-            for loader in (self.data.train, self.data.val, self.data.test):
-                loader.to(self.device)
-        self.x = torch.randn(1, 1, 28, 28)
-        self.prec = resolve_precision(self.device)
-        lr_scale = (args.batch_size / 128) ** 0.5  # square-root scaling from the batch-128 settings
-        self.train_cfg = TrainConfig(epochs=args.epochs, lr=0.1 * lr_scale, warmup_epochs=0.5, batch_size=args.batch_size)
-        self.ft_cfg = FinetuneConfig(epochs=args.finetune_epochs, lr=args.ft_lr * lr_scale, batch_size=args.batch_size)
+        self.device = resolve_device(self.base.run.device)
+        self.fp32 = resolve_precision(self.device, "fp32", self.base.train.channels_last)
+        # a row: a label and its recipe settings (a criterion's row only names the criterion)
+        self.rows = {c: [f"prune.criterion={c}"] for c in args.criteria}
+        self.rows.update({label: sets for label, *sets in args.variant or []})
+        self.b_rows = {c: [f"prune.criterion={c}"] for c in args.b_criteria}
+        for sets in [*self.rows.values(), *self.b_rows.values()]:
+            prune = self.recipe(sets).prune
+            get_criterion(prune.criterion).create(**prune.criterion_options)  # bad names/options fail before any work
+        self._data: dict[int, object] = {}
 
-    def size(self, model):
-        return measure(model, self.x.to(next(model.parameters()).device))
+    # ------------------------------------------------------------------------------------ recipes
+
+    def settings(self) -> list[str]:
+        """The preset's settings, then the command line's shortcuts and --set values."""
+        a = self.args
+        shortcuts = [f"{key}={getattr(a, name)}" for name, key in SHORTCUTS.items() if getattr(a, name) is not None]
+        return [*a.preset_sets, *shortcuts, *(a.set or [])]
+
+    def base_recipe(self) -> Recipe:
+        """The model's shipped recipe with :meth:`settings`, resolved as the command line resolves it."""
+        a = self.args
+        overrides = {"model.name": a.model, "data.dir": a.data_dir, "run.device": a.device, "run.quiet": True}
+        return resolve(default_recipe_for(a.model), overrides=overrides, sets=self.settings())
+
+    def recipe(self, sets=(), overrides: dict | None = None) -> Recipe:
+        """The base recipe with a unit's settings (a ``prune.target_params`` override replaces a MACs
+        target, as the command line's option does)."""
+        return resolve(self.base.to_dict(), overrides=overrides, sets=list(sets))
+
+    def command(self) -> str:
+        """The command line a grid row stands for."""
+        sets = " ".join(f"--set {s}" for s in self.settings())
+        return f"convsim-shrink {self.base.model.name} --criterion X --target-params T --seed S {sets}".strip()
+
+    def check_settings(self) -> None:
+        """Refuse to mix units of different settings (or of the previous wiring) in one OUT."""
+        mine = {k: v for k, v in self.base.to_dict().items() if k not in ("run", "description")}
+        mine["data"] = {k: v for k, v in mine["data"].items() if k != "dir"}
+        path = self.out / "settings.json"
+        if not path.is_file() and self.results:
+            sys.exit(f"error: {self.out} holds results without settings.json (from compare.py before it ran the product); choose another --out")
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved != mine:
+                changed = sorted(f"{s}.{k}" for s in mine for k in mine[s] if saved.get(s, {}).get(k) != mine[s][k])
+                sys.exit(f"error: {self.out} holds results of other settings ({', '.join(changed) or 'sections'} differ); choose another --out")
+        else:
+            atomic_write_text(path, json.dumps(mine, indent=1))
+
+    # -------------------------------------------------------------------------------------- units
+
+    def data(self, seed: int):
+        """The command line's data for ``--seed seed`` (subset and shuffling follow the seed)."""
+        if seed not in self._data:
+            data = prepare_data(self.recipe(overrides={"run.seed": seed}))
+            if self.device.type != "cpu":
+                for loader in (data.train, data.val, data.test):
+                    if loader is not None and hasattr(loader, "to"):
+                        loader.to(self.device)
+            self._data[seed] = data
+        return self._data[seed]
 
     def out_of_time(self) -> bool:
         return self.args.time_budget is not None and time.perf_counter() - self.started > self.args.time_budget
@@ -104,134 +153,138 @@ class Bench:
     def save(self, key, value):
         self.results[key] = value
         self.mine[key] = value
-        atomic_write_bytes(self.results_file, json.dumps(self.mine, indent=1).encode())
+        atomic_write_text(self.results_file, json.dumps(self.mine, indent=1))
         print(f"{key}: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in value.items()})}", flush=True)
 
-    def accuracies(self, model):
-        return {
-            "val": evaluate(model, self.data.val, self.prec)["acc"],
-            "test": evaluate(model, self.data.test, self.prec)["acc"],
-        }
+    def val(self, model, data) -> float | None:
+        return evaluate(model, data.val, self.fp32)["acc"] if data.val is not None else None
 
-    def model(self, seed, width=None):
-        seed_everything(seed)
-        return create_model(self.args.model, num_classes=10, in_channels=1, width=width or self.args.width)
+    def train_from_scratch(self, recipe: Recipe, data):
+        """build -> premin -> train as the runner runs them; returns the model and its test accuracy."""
+        x = example_inputs_for(data.info)
+        built = build_stage(recipe.model, data.info, seed=recipe.run.seed, example_inputs=x, device=self.device)
+        premin_stage(built.model, recipe.premin)
+        trained = train_stage(built.model, data, recipe.train, device=self.device)
+        return trained.model, trained.accuracy, built.size.params
 
-    def dense(self, seed, premin: bool):
+    def dense(self, seed: int, premin: bool):
+        """The seed's dense model (trained once, kept in OUT) and the random-number state after training."""
         name = f"dense-{'A' if premin else 'B'}-{seed}"
-        path = self.out / f"{name}.safetensors"
-        if path.is_file() and name in self.results:
-            return convsim_shrink.load(path).to(self.device)
-        model = self.model(seed)
+        path, rng_path = self.out / f"{name}.safetensors", self.out / f"{name}.rng"
+        if path.is_file() and rng_path.is_file() and name in self.results:
+            rng = torch.frombuffer(bytearray(rng_path.read_bytes()), dtype=torch.uint8).clone()
+            return convsim_shrink.load(path).to(self.device), rng
+        recipe = self.recipe(overrides={"run.seed": seed, "premin.steps": None if premin else 0})
+        data = self.data(seed)
         t0 = time.perf_counter()
-        if premin:
-            cfg = PreminConfig()
-            preminimize(model, steps=cfg.steps, lr=cfg.lr)
-        fit(model, self.data.train, self.train_cfg, device=self.device, quiet=True, stage=name)
-        convsim_shrink.save(model.cpu(), path)
+        model, test, params = self.train_from_scratch(recipe, data)
+        rng = torch.get_rng_state()
+        convsim_shrink.save(model.cpu(), path, recipe=recipe.to_dict(), input_shape=tuple(example_inputs_for(data.info).shape[1:]))
+        atomic_write_bytes(rng_path, rng.numpy().tobytes())
         model.to(self.device)
-        self.save(name, {**self.accuracies(model), "params": self.size(model).params, "seconds": time.perf_counter() - t0})
-        return model
+        self.save(name, {"val": self.val(model, data), "test": test, "params": params, "seconds": time.perf_counter() - t0})
+        return model, rng
 
-    def prune_finetune(self, key, dense, criterion, target, seed):
+    def prune_finetune(self, key, dense, rng, sets, target, seed):
+        """One grid unit: the command line's prune and fine-tune stages on a copy of ``dense``."""
         if key in self.results or self.out_of_time():
             return
+        recipe = self.recipe(sets, {"prune.target_params": target, "run.seed": seed})
+        data = self.data(seed)
+        x = example_inputs_for(data.info)  # drawn before the state is set: the runner draws it before seeding
+        torch.set_rng_state(rng)
         t0 = time.perf_counter()
-        seed_everything(seed)
-        source = dense
-        if needs_gradients(criterion):
-            source = copy.deepcopy(dense)
-            accumulate_gradients(source, self.data.train, 4)  # the pipeline's prune.calibration_batches
-        x = self.x.to(next(source.parameters()).device)
-        result = prune_to_target(source, x, importance(criterion), target_params=target, tolerance=0.01, global_pruning=is_global(criterion))
-        pruned = result.model.to(self.device)
-        pruned.zero_grad(set_to_none=True)
-        recalibrate_bn(pruned, self.data.train, 50, self.prec)
-        before = self.accuracies(pruned)
-        extra, task_weight = (), 1.0
-        if self.args.distill > 0:
-            extra, task_weight = (distillation(dense, self.args.distill),), 1.0 - self.args.distill
-        fit(pruned, self.data.train, self.ft_cfg, device=self.device, quiet=True, stage=key, extra=extra, task_weight=task_weight)
-        after = self.accuracies(pruned)
+        pruned = prune_stage(dense, data, recipe.prune, example_inputs=x, finetune=recipe.finetune, device=self.device)
+        val_pruned = self.val(pruned.model, data)
+        tuned = finetune_stage(pruned.model, dense, data, recipe.finetune, device=self.device)
         self.save(key, {
-            "val_pruned": before["val"], "test_pruned": before["test"], "val": after["val"], "test": after["test"],
-            "params_ratio": result.params_ratio, "macs_ratio": result.macs_ratio, "seconds": time.perf_counter() - t0,
+            "criterion": recipe.prune.criterion, "val_pruned": val_pruned, "test_pruned": pruned.accuracy,
+            "val": self.val(tuned.model, data), "test": tuned.accuracy, "params_ratio": pruned.result.params_ratio,
+            "macs_ratio": pruned.result.macs_ratio, "cs_shrunk": tuned.cs,
+            "finetune_loss": tuned.history[-1]["train_loss"] if tuned.history else None, "seconds": time.perf_counter() - t0,
         })
 
     def narrow(self, seed, target, base_params):
         key = f"narrow/{target}/{seed}"
         if key in self.results or self.out_of_time():
             return
-        lo, hi = 0.05, self.args.width
+        b, data = self.base, self.data(seed)
+        x = example_inputs_for(data.info)
+        lo, hi = 0.05, b.model.width
         for _ in range(30):  # width whose parameter count matches the target (at most it)
             mid = 0.5 * (lo + hi)
-            if self.size(create_model(self.args.model, num_classes=10, in_channels=1, width=mid)).params <= target * base_params:
+            model = create_model(b.model.name, num_classes=data.info.num_classes, in_channels=data.info.in_channels, width=mid, small_input=b.model.small_input)
+            if measure(model, x).params <= target * base_params:
                 lo = mid
             else:
                 hi = mid
         t0 = time.perf_counter()
-        model = self.model(seed, width=lo)
-        cfg = self.train_cfg.model_copy(update={"epochs": self.args.epochs + self.args.finetune_epochs})
-        fit(model, self.data.train, cfg, device=self.device, quiet=True, stage=key)
-        size = self.size(model)
-        self.save(key, {**self.accuracies(model), "width": lo, "params_ratio": size.params / base_params, "seconds": time.perf_counter() - t0})
+        recipe = self.recipe(overrides={"model.width": lo, "premin.steps": 0, "train.epochs": b.train.epochs + b.finetune.epochs, "run.seed": seed})
+        model, test, params = self.train_from_scratch(recipe, data)
+        self.save(key, {"val": self.val(model, data), "test": test, "width": lo, "params_ratio": params / base_params,
+                        "seconds": time.perf_counter() - t0})
 
     def long_dense(self, seed):
         key = f"dense-long/{seed}"
         if key in self.results or self.out_of_time():
             return
+        b, data = self.base, self.data(seed)
         t0 = time.perf_counter()
-        model = self.model(seed)
-        cfg = self.train_cfg.model_copy(update={"epochs": self.args.epochs + self.args.finetune_epochs})
-        fit(model, self.data.train, cfg, device=self.device, quiet=True, stage=key)
-        self.save(key, {**self.accuracies(model), "seconds": time.perf_counter() - t0})
+        recipe = self.recipe(overrides={"premin.steps": 0, "train.epochs": b.train.epochs + b.finetune.epochs, "run.seed": seed})
+        model, test, _ = self.train_from_scratch(recipe, data)
+        self.save(key, {"val": self.val(model, data), "test": test, "seconds": time.perf_counter() - t0})
 
     def run(self):
         a = self.args
+        self.check_settings()
         for seed in a.seeds:
-            dense_a = self.dense(seed, premin=True)
-            base = self.size(dense_a).params
+            dense_a, rng_a = self.dense(seed, premin=True)
+            base = self.results[f"dense-A-{seed}"]["params"]
             for target in a.targets:
-                for crit in a.criteria:
-                    self.prune_finetune(f"A/{crit}/{target}/{seed}", dense_a, crit, target, seed)
+                for label, sets in self.rows.items():
+                    self.prune_finetune(f"A/{label}/{target}/{seed}", dense_a, rng_a, sets, target, seed)
             if a.ablation:
                 self.long_dense(seed)
                 for target in a.targets:
                     self.narrow(seed, target, base)
                 dense_b = None if self.out_of_time() else self.dense(seed, premin=False)
                 for target in a.targets:
-                    for crit in a.b_criteria:
+                    for label, sets in self.b_rows.items():
                         if dense_b is not None:
-                            self.prune_finetune(f"B/{crit}/{target}/{seed}", dense_b, crit, target, seed)
+                            self.prune_finetune(f"B/{label}/{target}/{seed}", *dense_b, sets, target, seed)
         self.table()
 
+    # ------------------------------------------------------------------------------------- output
+
     def table(self):
-        a, r = self.args, self.results
+        a, r, b = self.args, self.results, self.base
+        labels = list(self.rows)
 
         def stat(keys, field="test"):
-            vals = [r[k][field] for k in keys if k in r]
+            vals = [r[k][field] for k in keys if k in r and r[k].get(field) is not None]
             if not vals:
                 return "–"
             return f"{statistics.mean(vals):.2f} ± {statistics.pstdev(vals):.2f}" if len(vals) > 1 else f"{vals[0]:.2f}"
 
-        lines = [f"Dense A (pre-min + train {a.epochs} ep): test {stat([f'dense-A-{s}' for s in a.seeds])}, "
-                 f"val {stat([f'dense-A-{s}' for s in a.seeds], 'val')}", ""]
+        lines = [f"Every A row is `{self.command()}` (criterion X, target T, seed S).", ""]
+        lines += [f"Dense A (pre-min {b.premin.steps} steps + train {b.train.epochs} ep): test {stat([f'dense-A-{s}' for s in a.seeds])}, "
+                  f"val {stat([f'dense-A-{s}' for s in a.seeds], 'val')}", ""]
         lines.append("| criterion | " + " | ".join(f"{t:g}: pruned → fine-tuned (test %)" for t in a.targets) + " | " + " | ".join(f"{t:g} val %" for t in a.targets) + " |")
         lines.append("|---|" + "---|" * (2 * len(a.targets)))
-        for crit in a.criteria:
-            cells = [f"{stat([f'A/{crit}/{t}/{s}' for s in a.seeds], 'test_pruned')} → **{stat([f'A/{crit}/{t}/{s}' for s in a.seeds])}**" for t in a.targets]
-            vcells = [stat([f"A/{crit}/{t}/{s}" for s in a.seeds], "val") for t in a.targets]
-            lines.append(f"| {crit} | " + " | ".join(cells) + " | " + " | ".join(vcells) + " |")
+        for label in labels:
+            cells = [f"{stat([f'A/{label}/{t}/{s}' for s in a.seeds], 'test_pruned')} → **{stat([f'A/{label}/{t}/{s}' for s in a.seeds])}**" for t in a.targets]
+            vcells = [stat([f"A/{label}/{t}/{s}" for s in a.seeds], "val") for t in a.targets]
+            lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(vcells) + " |")
         # paired: each seed's pruned model against its own dense model (removes the dense models' spread)
         lines += ["", "Paired test-accuracy change against the same seed's dense A model (mean ± std over seeds):", ""]
         lines.append("| criterion | " + " | ".join(f"{t:g}" for t in a.targets) + " |")
         lines.append("|---|" + "---|" * len(a.targets))
-        for crit in a.criteria:
+        for label in labels:
             cells = []
             for t in a.targets:
-                d = [r[f"A/{crit}/{t}/{s}"]["test"] - r[f"dense-A-{s}"]["test"] for s in a.seeds if f"A/{crit}/{t}/{s}" in r and f"dense-A-{s}" in r]
+                d = [r[f"A/{label}/{t}/{s}"]["test"] - r[f"dense-A-{s}"]["test"] for s in a.seeds if f"A/{label}/{t}/{s}" in r and f"dense-A-{s}" in r]
                 cells.append("–" if not d else f"{statistics.mean(d):+.2f} ± {statistics.pstdev(d):.2f}" if len(d) > 1 else f"{d[0]:+.2f}")
-            lines.append(f"| {crit} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += ["", *self.verdict()]
         achieved = {
             t: [(r[k]["params_ratio"], r[k]["macs_ratio"]) for k in r if k.startswith("A/") and k.split("/")[2] == str(t)]
@@ -244,18 +297,17 @@ class Bench:
                 for t, v in achieved.items() if v))
         if a.ablation:
             lines += ["", "| pipeline | " + " | ".join(f"{t:g} (test %)" for t in a.targets) + " |", "|---|" + "---|" * len(a.targets)]
-            rows = [(f"(a) CS pre-min + train + {crit}", f"A/{crit}") for crit in a.b_criteria if crit != "l1"]
-            rows += [(f"(b) plain train + {crit}", f"B/{crit}") for crit in a.b_criteria if crit != "l1"]
-            rows += [
-                ("(c) plain train + l1", "B/l1"),
-                ("(d) narrow model from scratch, same total epochs", "narrow"),
-            ]
+            rows = [(f"(a) CS pre-min + train + {c}", f"A/{c}") for c in self.b_rows if c != "l1" and c in self.rows]
+            rows += [(f"(b) plain train + {c}", f"B/{c}") for c in self.b_rows if c != "l1"]
+            if "l1" in self.b_rows:
+                rows.append(("(c) plain train + l1", "B/l1"))
+            rows.append(("(d) narrow model from scratch, same total epochs", "narrow"))
             for label, prefix in rows:
                 lines.append(f"| {label} | " + " | ".join(stat([f"{prefix}/{t}/{s}" for s in a.seeds]) for t in a.targets) + " |")
             lines.append(f"| (e) dense, same total epochs | {stat([f'dense-long/{s}' for s in a.seeds])} (params ratio 1.0) |" + " |" * (len(a.targets) - 1))
         text = "\n".join(lines)
         print("\n" + text)
-        atomic_write_bytes(self.out / "table.md", (text + "\n").encode())
+        atomic_write_text(self.out / "table.md", text + "\n")
         self.plot()
 
     def verdict(self) -> list[str]:
@@ -264,13 +316,13 @@ class Bench:
         a, r = self.args, self.results
         ours = a.ours
         t_crit = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # df = n - 1
+        peers = [label for label in self.rows if not self.recipe(self.rows[label]).prune.criterion.startswith("convsim")]
         out = []
         for t in a.targets:
-            def accs(crit):
-                return {s: r[f"A/{crit}/{t}/{s}"]["test"] for s in a.seeds if f"A/{crit}/{t}/{s}" in r}
+            def accs(label):
+                return {s: r[f"A/{label}/{t}/{s}"]["test"] for s in a.seeds if f"A/{label}/{t}/{s}" in r}
             mine = accs(ours)
-            others = {c: accs(c) for c in a.criteria if not c.startswith("convsim")}  # the peers
-            others = {c: v for c, v in others.items() if v}
+            others = {c: v for c in peers if (v := accs(c))}
             if not mine or not others:
                 continue
             best = max(others, key=lambda c: statistics.mean(others[c].values()))
@@ -295,16 +347,16 @@ class Bench:
 
         a, r = self.args, self.results
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for crit in a.plot or a.criteria:
+        for label in a.plot or self.rows:
             xs, ys, es = [], [], []
             for t in a.targets:
-                vals = [r[f"A/{crit}/{t}/{s}"]["test"] for s in a.seeds if f"A/{crit}/{t}/{s}" in r]
+                vals = [r[f"A/{label}/{t}/{s}"]["test"] for s in a.seeds if f"A/{label}/{t}/{s}" in r]
                 if vals:
                     xs.append(t)
                     ys.append(statistics.mean(vals))
                     es.append(statistics.pstdev(vals) if len(vals) > 1 else 0)
             if xs:
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=crit, lw=2.5 if crit == a.ours else 1)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label, lw=2.5 if label == a.ours else 1)
         dense = [r[f"dense-A-{s}"]["test"] for s in a.seeds if f"dense-A-{s}" in r]
         if dense:
             ax.axhline(statistics.mean(dense), color="k", ls="--", lw=1, label="dense")
@@ -315,42 +367,46 @@ class Bench:
         ax.set_ylabel("test top-1 % after fine-tuning")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(self.out / "accuracy_vs_params.png", dpi=110)
+        with atomic_path(self.out / "accuracy_vs_params.png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--model")
-    p.add_argument("--width", type=float)
-    p.add_argument("--subset", type=int)
-    p.add_argument("--val-split", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--finetune-epochs", type=int)
-    p.add_argument("--criteria", nargs="+", default=CRITERIA)
-    p.add_argument("--targets", type=float, nargs="+", default=TARGETS)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--model", help="zoo model (its shipped recipe is the base; default: the preset's)")
+    for name, key in SHORTCUTS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=float if name == "width" else int, help=f"shortcut for --set {key}=...")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any recipe setting for every unit (repeatable)")
+    p.add_argument("--criteria", nargs="+", help=f"registered criteria, one row each (default: {' '.join(CRITERIA)})")
+    p.add_argument("--variant", nargs="+", action="append", metavar=("LABEL", "KEY=VALUE"),
+                   help="an extra row: a label and its recipe settings, e.g. --variant convsim-s0.5 prune.criterion=convsim "
+                        "prune.criterion_options.strength=0.5 (repeatable)")
+    p.add_argument("--targets", type=float, nargs="+")
+    p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--no-ablation", dest="ablation", action="store_false")
-    p.add_argument("--plot", nargs="+", default=None, help="criteria drawn in the plot (default: all)")
-    p.add_argument("--b-criteria", nargs="+", default=["convsim-taylor-global", "l1"],
-                   help="criteria applied to dense B (no pre-minimisation)")
-    p.add_argument("--ours", default="convsim-taylor-global", help="the criterion the verdict compares with the peers")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--ft-lr", type=float, default=0.02, help="fine-tuning learning rate at batch 128 (scaled by sqrt(batch / 128))")
-    p.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the dense model in fine-tuning")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the usual places)")
+    p.add_argument("--plot", nargs="+", default=None, help="rows drawn in the plot (default: all)")
+    p.add_argument("--b-criteria", nargs="+", default=["convsim-taylor", "l1"], help="criteria applied to dense B (no pre-minimisation)")
+    p.add_argument("--ours", default="convsim-taylor", help="the row the verdict compares with the peers")
+    p.add_argument("--data-dir", default=None, help="data folder (default: the usual places)")
     p.add_argument("--shard", default=None, help="write results-SHARD.json (parallel processes into one --out)")
     p.add_argument("--time-budget", type=float, default=None, help="start no new unit after this many seconds")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the recipe's)")
     p.add_argument("--out", default=None)
     p.add_argument("--table-only", action="store_true", help="print the table of what is finished")
-    args = p.parse_args()
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    args.model = args.model or preset["model"]
+    args.preset_sets = preset["sets"]
+    args.criteria = args.criteria or preset.get("criteria", CRITERIA)
+    args.targets = args.targets or preset.get("targets", TARGETS)
+    args.seeds = args.seeds if args.seeds is not None else preset.get("seeds", [0, 1, 2])
     args.out = args.out or f"bench-out/compare-{args.preset}"
-    bench = Bench(args)
+    try:
+        bench = Bench(args)
+    except convsim_shrink.ConvSimError as exc:
+        sys.exit(f"error: {exc}")
     if args.table_only:
         bench.table()
     else:

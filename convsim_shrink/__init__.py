@@ -1,29 +1,65 @@
-"""convsim-shrink: compress CNNs by Convolutional Similarity minimisation and similarity-ranked pruning."""
+"""convsim-shrink: compress CNNs by Convolutional Similarity minimisation and similarity-ranked pruning.
 
-__version__ = "0.1.0"
+Importing the package is cheap: the public names below are loaded from their modules on first use
+(PEP 562), so ``convsim-shrink --help`` answers without loading torch.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
 from .errors import ConvSimError
-from .similarity import (
-    conv_similarity,
-    conv_similarity_reference,
-    layer_similarities,
-    model_conv_similarity,
-    pairwise_similarity,
-)
+
+#: public name -> the module that defines it
+_LAZY = {
+    "conv_similarity": "similarity",
+    "conv_similarity_reference": "similarity",
+    "layer_similarities": "similarity",
+    "model_conv_similarity": "similarity",
+    "pairwise_similarity": "similarity",
+    "load": "checkpoint",
+    "save": "checkpoint",
+    "create_model": "models",
+    "list_models": "models",
+    "Pipeline": "runner",
+    "Runner": "runner",
+    "ShrinkResult": "runner",
+    "shrink": "runner",
+}
+_SUBMODULES = ("recipe",)
 
 __all__ = [
-    "__version__",
-    "ConvSimError",
-    "conv_similarity",
-    "conv_similarity_reference",
-    "layer_similarities",
-    "model_conv_similarity",
-    "pairwise_similarity",
+    "__version__", "ConvSimError", "conv_similarity", "conv_similarity_reference", "layer_similarities",
+    "model_conv_similarity", "pairwise_similarity", "load", "save", "create_model", "list_models", "Pipeline", "Runner",
+    "ShrinkResult", "shrink", "recipe",
 ]
 
-from .checkpoint import load, save  # noqa: E402
-from .models import create_model, list_models  # noqa: E402
-from .pipeline import Pipeline, ShrinkResult, shrink  # noqa: E402
-from . import recipe  # noqa: E402
+if TYPE_CHECKING:
+    from . import recipe
+    from .checkpoint import load, save
+    from .models import create_model, list_models
+    from .runner import Pipeline, Runner, ShrinkResult, shrink
+    from .similarity import (
+        conv_similarity,
+        conv_similarity_reference,
+        layer_similarities,
+        model_conv_similarity,
+        pairwise_similarity,
+    )
 
-__all__ += ["load", "save", "create_model", "list_models", "Pipeline", "ShrinkResult", "shrink", "recipe"]
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

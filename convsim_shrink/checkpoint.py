@@ -2,7 +2,8 @@
 
 The native format is one ``.safetensors`` file: the weights, plus a metadata header holding JSON for
 the architecture spec (registered model name and arguments, and the shape attributes of every layer
-that pruning changed), the recipe, the metrics and the library versions.  :func:`load` rebuilds the
+that pruning changed), the input shape the model was made for, the recipe, the metrics and the library
+versions.  :func:`load` rebuilds the
 model from the spec and loads the weights; nothing is ever unpickled.
 
 Models that did not come from the registry (any ``nn.Module`` given to the Python API) export to
@@ -13,9 +14,7 @@ TorchScript and ONNX, and to a full ``torch.save`` pickle that :func:`load` open
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -24,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
-from .engine import atomic_torch_save, atomic_write_bytes
+from ._version import __version__
 from .errors import CheckpointError, ConvSimError
+from .io import atomic_path, atomic_torch_save, atomic_write_bytes
 from .models import SPEC_ATTR, create_model
 
 FORMAT = "convsim-shrink/1"
@@ -65,15 +64,19 @@ def architecture_spec(model: nn.Module) -> dict[str, Any]:
     return {"name": spec["name"], "kwargs": spec["kwargs"], "layers": layers}
 
 
-def _atomic_path(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
+def save(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    recipe: dict | None = None,
+    metrics: dict | None = None,
+    input_shape: tuple[int, ...] | list[int] | None = None,
+) -> Path:
+    """Write ``model`` in the pickle-free format (atomically).
 
-
-def save(model: nn.Module, path: str | Path, *, recipe: dict | None = None, metrics: dict | None = None) -> Path:
-    """Write ``model`` in the pickle-free format (atomically)."""
+    ``input_shape``: one input's shape without the batch axis, e.g. ``(1, 28, 28)``; recorded in the
+    header so that exporting the file later needs no guess (:func:`input_shape`).
+    """
     from safetensors.torch import save as st_save
 
     path = Path(path)
@@ -87,12 +90,15 @@ def save(model: nn.Module, path: str | Path, *, recipe: dict | None = None, metr
         "metrics": json.dumps(metrics or {}),
         "versions": json.dumps(versions()),
     }
+    if input_shape is not None:
+        metadata["input_shape"] = json.dumps([int(d) for d in input_shape])
     atomic_write_bytes(path, st_save(tensors, metadata=metadata))
     return path
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of an exported model (spec, recipe, metrics, versions), without loading weights."""
+    """The JSON metadata of an exported model (spec, recipe, metrics, versions, and ``input_shape`` when
+    the file records it), without loading weights."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -106,9 +112,28 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a convsim-shrink export (no '{FORMAT}' header)")
     try:
-        return {k: json.loads(meta[k]) for k in ("spec", "recipe", "metrics", "versions")}
+        out = {k: json.loads(meta[k]) for k in ("spec", "recipe", "metrics", "versions")}
+        if "input_shape" in meta:
+            out["input_shape"] = json.loads(meta["input_shape"])
     except (KeyError, json.JSONDecodeError):
         raise CheckpointError(f"{path} has a damaged convsim-shrink header; re-export the model") from None
+    return out
+
+
+def input_shape(path: str | Path, meta: dict[str, Any] | None = None) -> tuple[int, ...]:
+    """The input shape (without the batch axis) recorded in an export's header.
+
+    Raises :class:`CheckpointError` for files written before the shape was recorded: the shape is
+    then given by hand (``convsim-shrink export --input-shape C,H,W``) rather than guessed.
+    """
+    meta = read_metadata(path) if meta is None else meta
+    shape = meta.get("input_shape")
+    if not shape:
+        raise CheckpointError(
+            f"{path} does not record its input shape (it was saved by an older convsim-shrink); "
+            "give it as --input-shape C,H,W (e.g. 1,28,28 for Fashion-MNIST, 3,32,32 for CIFAR)"
+        )
+    return tuple(int(d) for d in shape)
 
 
 def _short(exc: Exception) -> str:
@@ -210,12 +235,8 @@ def export_torchscript(model: nn.Module, path: str | Path, example_inputs: torch
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example_inputs)
-    tmp = _atomic_path(path)
-    try:
+    with atomic_path(path) as tmp:
         traced.save(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -223,18 +244,13 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: torch.Tensor
     """ONNX with a dynamic batch axis (input ``input``, output ``logits``)."""
     path = Path(path)
     model = model.eval()
-    tmp = _atomic_path(path)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model, (example_inputs,), str(tmp), dynamo=False, opset_version=opset,
-                input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example_inputs,), str(tmp), dynamo=False, opset_version=opset,
+            input_names=["input"], output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
     return path
 
 

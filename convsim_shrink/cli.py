@@ -1,8 +1,11 @@
 """The command line: a thin Typer layer over the library.
 
 ``convsim-shrink MODEL [options]`` runs the whole pipeline (it is short for ``convsim-shrink shrink
-MODEL``).  User mistakes raise :class:`~convsim_shrink.errors.ConvSimError` in the library; here they
-become one line on stderr and exit code 2, with nothing written.
+MODEL``).  This module only declares options and hands them to the library (:mod:`.runner` for the
+pipeline, :mod:`.tools` for evaluate/export/inspect); it does no torch work and imports nothing heavy at
+the top, so ``--help`` and ``--version`` answer without loading torch.  User mistakes raise
+:class:`~convsim_shrink.errors.ConvSimError` in the library; here they become one line on stderr and
+exit code 2, with nothing written.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import __version__
+from ._version import __version__
 from .console import console
 from .errors import ConfigError, ConvSimError
 
@@ -67,9 +70,9 @@ def _run_pipeline(
     sets: list[str] | None,
     quiet: bool,
 ) -> None:
-    from .pipeline import Pipeline, default_run_dir
     from .recipe import default_recipe_for, read_recipe_file, resolve
     from .report import print_summary
+    from .runner import Runner, default_run_dir
 
     if resume is not None:
         recipe_file = resume / "recipe.yaml"
@@ -77,7 +80,7 @@ def _run_pipeline(
             raise ConfigError(f"{resume} is not a run directory (no recipe.yaml); give the folder a run printed at its start")
         resolved = resolve(read_recipe_file(recipe_file), overrides={"run.quiet": quiet or None})
         try:
-            Pipeline(resolved, resume, resume=True).run()
+            Runner(resolved, resume, resume=True).run()
         except KeyboardInterrupt:
             console.print(f"[yellow]interrupted[/]: continue with `convsim-shrink --resume {resume}`")
             raise typer.Exit(130) from None
@@ -103,9 +106,8 @@ def _run_pipeline(
     }
     resolved = resolve(recipe, overrides=overrides, sets=sets)
     run_dir = Path(resolved.run.out) if resolved.run.out else default_run_dir(resolved.model.name)
-    pipeline = Pipeline(resolved, run_dir)
     try:
-        result = pipeline.run()
+        result = Runner(resolved, run_dir).run()
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished epochs are checkpointed; continue with `convsim-shrink --resume {run_dir}`")
         raise typer.Exit(130) from None
@@ -205,10 +207,13 @@ def list_(
             table.add_row(name, description.splitlines()[0] if description else "")
         console.print(table)
     elif what == "criteria":
-        from .ranking import DESCRIPTIONS, list_criteria
+        from .ranking import get_criterion, list_criteria
 
         for name in list_criteria():
-            typer.echo(f"{name:15s} {DESCRIPTIONS[name]}")
+            c = get_criterion(name)
+            needs = [w for w, on in (("gradients", c.needs_gradients), ("global", c.global_ranking)) if on]
+            options = ", ".join(f"{k}={v}" for k, v in c.options.items())
+            typer.echo(f"{name:15s} {c.description}" + (f" [{', '.join(needs)}]" if needs else "") + (f" (options: {options})" if options else ""))
     elif what == "datasets":
         from .data import list_datasets
 
@@ -225,15 +230,6 @@ def list_(
         raise unknown("list", what, ["models", "recipes", "criteria", "datasets", "keys"])
 
 
-def _data_for(checkpoint_meta: dict, data: str | None, data_dir: Path | None, batch_size: int, subset: int | None):
-    from .data import build_data
-    from .recipe import DataConfig
-
-    saved = (checkpoint_meta.get("recipe") or {}).get("data", {})
-    cfg = DataConfig(name=data or saved.get("name", "fashion-mnist"), dir=str(data_dir) if data_dir else saved.get("dir"), test_subset=subset, augment=False)
-    return build_data(cfg, batch_size=batch_size)
-
-
 @app.command()
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="An exported model (.safetensors, or a TorchScript file).")],
@@ -244,16 +240,10 @@ def evaluate(
     device: DeviceOpt = None,
 ) -> None:
     """Top-1 accuracy of a saved model on a data set's test split."""
-    from . import checkpoint as ckpt
-    from .engine import evaluate as evaluate_, resolve_device, resolve_precision
+    from .tools import evaluate_file
 
-    model = ckpt.load(checkpoint)
-    meta = ckpt.read_metadata(checkpoint) if checkpoint.suffix == ".safetensors" else {}
-    bundle = _data_for(meta, data, data_dir, batch_size, subset)
-    dev = resolve_device(device or "auto")
-    model.to(dev)
-    result = evaluate_(model, bundle.test, resolve_precision(dev, "fp32", False))
-    typer.echo(f"{checkpoint}: top-1 {result['acc']:.2f}% (loss {result['loss']:.4f}) on {bundle.test.num_samples} {bundle.info.name} test images")
+    r = evaluate_file(checkpoint, data=data, data_dir=data_dir, batch_size=batch_size, subset=subset, device=device)
+    typer.echo(f"{checkpoint}: top-1 {r.accuracy:.2f}% (loss {r.loss:.4f}) on {r.images} {r.dataset} test images")
 
 
 @app.command()
@@ -262,27 +252,17 @@ def export(
     format_: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
     out: Annotated[Optional[Path], typer.Option("--out", help="Output file (default: next to the checkpoint).")] = None,
     opset: Annotated[int, typer.Option("--opset", min=11)] = 17,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="C,H,W of one input (default: from the file's header).")] = None,
 ) -> None:
     """Export a saved model to ONNX (checked against onnxruntime) or TorchScript."""
-    import torch
+    from .tools import export_file, parse_shape
 
-    from . import checkpoint as ckpt
-    from .data import INFO
-
-    if format_ not in ("onnx", "torchscript"):
-        raise ConfigError(f"--format {format_} is not supported; use onnx or torchscript")
-    model = ckpt.load(checkpoint)
-    meta = ckpt.read_metadata(checkpoint)
-    data_name = (meta.get("recipe") or {}).get("data", {}).get("name", "fashion-mnist")
-    info = INFO.get(data_name, INFO["fashion-mnist"])
-    x = torch.randn(1, meta["spec"]["kwargs"].get("in_channels", info.in_channels), info.image_size, info.image_size)
-    if format_ == "onnx":
-        path = ckpt.export_onnx(model, out or checkpoint.with_suffix(".onnx"), x, opset=opset)
-        diff = ckpt.onnx_max_difference(model, path, torch.randn(4, *x.shape[1:]))
-        typer.echo(f"wrote {path} (onnxruntime max abs difference {diff:.2e})")
+    shape = parse_shape(input_shape) if input_shape else None
+    done = export_file(checkpoint, format_, out, opset=opset, input_shape=shape)
+    if done.onnx_max_abs_diff is not None:
+        typer.echo(f"wrote {done.path} (onnxruntime max abs difference {done.onnx_max_abs_diff:.2e})")
     else:
-        path = ckpt.export_torchscript(model, out or checkpoint.with_suffix(".ts"), x)
-        typer.echo(f"wrote {path}")
+        typer.echo(f"wrote {done.path}")
 
 
 @app.command()
@@ -294,42 +274,19 @@ def inspect(
     width: Annotated[float, typer.Option("--width", help="Width multiplier when TARGET is a model name.")] = 1.0,
 ) -> None:
     """Per-layer channels, Convolutional Similarity and feature-map similarity of a model or checkpoint."""
-    import torch
     from rich.table import Table
 
-    from . import checkpoint as ckpt
-    from .data import INFO, build_data, sample_batch
-    from .errors import DataNotFoundError
-    from .models import create_model
-    from .recipe import DataConfig
-    from .redundancy import feature_map_similarity
-    from .similarity import conv_layers, conv_similarity
+    from .tools import inspect_model
 
-    data_name = data or "fashion-mnist"
-    if Path(target).suffix in (".safetensors", ".ts", ".pt") or Path(target).is_file():
-        model = ckpt.load(target)
-        if Path(target).suffix == ".safetensors":
-            data_name = data or (ckpt.read_metadata(target).get("recipe") or {}).get("data", {}).get("name", data_name)
-    else:
-        info = INFO.get(data_name, INFO["fashion-mnist"])
-        model = create_model(target, num_classes=max(info.num_classes, 1), in_channels=info.in_channels, width=width)
-    fm = {}
-    if images:
-        try:
-            bundle = build_data(DataConfig(name=data_name, dir=str(data_dir) if data_dir else None, test_subset=max(images, 10), augment=False), batch_size=64)
-            fm = feature_map_similarity(model, sample_batch(bundle.test, images))
-        except DataNotFoundError as exc:
-            console.print(f"[yellow]no feature-map similarity: {exc}")
+    result = inspect_model(target, data=data, data_dir=data_dir, images=images, width=width)
+    if result.note:
+        console.print(f"[yellow]{result.note}")
     table = Table("layer", "in", "out", "kernel", "groups", "CS (normalized)", "feature-map |cos|")
-    total = 0.0
-    with torch.no_grad():
-        for name, m in conv_layers(model):
-            cs = float(conv_similarity(m.weight, normalized=True, groups=m.groups))
-            total += cs
-            table.add_row(name, str(m.in_channels), str(m.out_channels), "x".join(map(str, m.kernel_size)), str(m.groups), f"{cs:.4g}", f"{fm[name]['similarity']:.3f}" if name in fm else "–")
+    for row in result.layers:
+        sim = "–" if row.feature_similarity is None else f"{row.feature_similarity:.3f}"
+        table.add_row(row.name, str(row.in_channels), str(row.out_channels), "x".join(map(str, row.kernel)), str(row.groups), f"{row.cs:.4g}", sim)
     console.print(table)
-    params = sum(p.numel() for p in model.parameters())
-    console.print(f"{params:,} parameters; normalized CS summed over convs: {total:.4g}")
+    console.print(f"{result.params:,} parameters; normalized CS summed over convs: {result.total_cs:.4g}")
 
 
 def main(argv: list[str] | None = None) -> None:

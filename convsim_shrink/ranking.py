@@ -6,17 +6,24 @@ default) rank channels by their *residual* Convolutional Similarity: after train
 kernels are still similar (at any shift) to another kept channel's is redundant, so each greedy step
 removes the channel whose importance (group L2 norm, or first-order Taylor) discounted by that
 redundancy is lowest.  The baselines use torch-pruning's implementations.
+
+The registry holds one :class:`Criterion` record per name (factory, options, whether it needs
+gradients, whether it is meant for global pruning, description); ``make_importance(name, **options)``
+builds one.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from .errors import unknown
+from .errors import ConfigError, unknown
 from .similarity import pairwise_similarity
 
 
@@ -154,43 +161,110 @@ class ConvSimImportance(tp.importance.Importance):
         return lamp_scores(order, values)
 
 
-def _taylor() -> tp.importance.Importance:
-    return tp.importance.GroupTaylorImportance()
+# ------------------------------------------------------------------------------------------ registry
 
 
-CRITERIA: dict[str, Callable[[], tp.importance.Importance]] = {
-    "convsim-taylor": lambda: ConvSimImportance(magnitude="taylor"),
-    "convsim": ConvSimImportance,
-    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-    "taylor": _taylor,
-    "fpgm": tp.importance.FPGMImportance,
-    "lamp": tp.importance.LAMPImportance,
-    "bn-scale": tp.importance.BNScaleImportance,
-    "random": tp.importance.RandomImportance,
-}
+@dataclass(frozen=True)
+class Criterion:
+    """One channel-importance criterion: its name, how to build it, and what it needs.
 
-#: criteria that need gradients of the task loss on calibration data before scoring
-NEEDS_GRADIENTS = {"taylor", "convsim-taylor"}
+    ``factory(**options)`` returns a torch-pruning ``Importance``; its keyword arguments are the
+    criterion's options (variants are options, not new names: ``make_importance("convsim", strength=0.5)``).
+    ``needs_gradients``: scoring reads task-loss gradients, accumulated on calibration batches first.
+    ``global_ranking``: scores are comparable across layers, so the criterion is meant for global pruning
+    (``prune.global_pruning``); the others rank channels well only within a layer.
+    """
 
-DESCRIPTIONS = {
-    "convsim-taylor": "residual Convolutional Similarity, greedy, weighted by Taylor importance (ours, the default)",
-    "convsim": "residual Convolutional Similarity, greedy, weighted by group L2 norm (ours, needs no data)",
-    "l1": "L1 norm of the group's weights",
-    "l2": "L2 norm of the group's weights",
-    "taylor": "first-order Taylor (weight x gradient) on calibration batches",
-    "fpgm": "filter pruning via geometric median",
-    "lamp": "layer-adaptive magnitude pruning score",
-    "bn-scale": "batch-norm scaling factors",
-    "random": "uniformly random (a sanity baseline)",
-}
+    name: str
+    factory: Callable[..., tp.importance.Importance]
+    description: str
+    needs_gradients: bool = False
+    global_ranking: bool = False
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options and their defaults."""
+        return {
+            n: p.default for n, p in inspect.signature(self.factory).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
+
+    def create(self, **options: Any) -> tp.importance.Importance:
+        """The ``Importance`` with these options; an unknown option is a :class:`ConfigError`."""
+        extra = sorted(set(options) - set(self.options))
+        if extra:
+            known = ", ".join(self.options) or "none"
+            raise ConfigError(f"criterion '{self.name}' has no option {', '.join(extra)} (its options: {known}; see prune.criterion_options)")
+        return self.factory(**options)
+
+
+_CRITERIA: dict[str, Criterion] = {}
+
+
+def register_criterion(criterion: Criterion) -> Criterion:
+    """Add ``criterion`` to the registry under its name (a name is registered once)."""
+    if criterion.name in _CRITERIA:
+        raise ValueError(f"criterion '{criterion.name}' is already registered")
+    _CRITERIA[criterion.name] = criterion
+    return criterion
+
+
+def _strength(strength: float) -> float:
+    if not 0 <= strength <= 1:
+        raise ConfigError(f"criterion option strength = {strength} is out of range; give a value in [0, 1] (1 = the full redundancy discount)")
+    return float(strength)
+
+
+def _convsim_taylor(strength: float = 1.0) -> tp.importance.Importance:
+    return ConvSimImportance(strength=_strength(strength), magnitude="taylor")
+
+
+def _convsim(strength: float = 1.0, magnitude: bool = True) -> tp.importance.Importance:
+    if not isinstance(magnitude, bool):
+        raise ConfigError(
+            f"criterion 'convsim' option magnitude = {magnitude!r} is invalid: give true (weight by the group's L2 norm) "
+            "or false (redundancy alone); for Taylor weighting use criterion convsim-taylor"
+        )
+    return ConvSimImportance(strength=_strength(strength), magnitude=magnitude)
+
+
+for _criterion in (
+    Criterion(
+        "convsim-taylor", _convsim_taylor,
+        "residual Convolutional Similarity, greedy, weighted by Taylor importance (ours, the default)",
+        needs_gradients=True, global_ranking=True,
+    ),
+    Criterion(
+        "convsim", _convsim,
+        "residual Convolutional Similarity, greedy, weighted by group L2 norm (ours, needs no data)",
+        global_ranking=True,
+    ),
+    Criterion("l1", lambda: tp.importance.GroupMagnitudeImportance(p=1), "L1 norm of the group's weights"),
+    Criterion("l2", lambda: tp.importance.GroupMagnitudeImportance(p=2), "L2 norm of the group's weights"),
+    Criterion(
+        "taylor", lambda: tp.importance.GroupTaylorImportance(),
+        "first-order Taylor (weight x gradient) on calibration batches", needs_gradients=True,
+    ),
+    Criterion("fpgm", lambda: tp.importance.FPGMImportance(), "filter pruning via geometric median"),
+    Criterion("lamp", lambda: tp.importance.LAMPImportance(), "layer-adaptive magnitude pruning score", global_ranking=True),
+    Criterion("bn-scale", lambda: tp.importance.BNScaleImportance(), "batch-norm scaling factors"),
+    Criterion("random", lambda: tp.importance.RandomImportance(), "uniformly random (a sanity baseline)", global_ranking=True),
+):
+    register_criterion(_criterion)
+del _criterion
 
 
 def list_criteria() -> list[str]:
-    return list(CRITERIA)
+    return list(_CRITERIA)
 
 
-def make_importance(name: str, **kwargs) -> tp.importance.Importance:
-    if name not in CRITERIA:
-        raise unknown("criterion", name, CRITERIA)
-    return CRITERIA[name](**kwargs)
+def get_criterion(name: str) -> Criterion:
+    """The registered :class:`Criterion`; an unknown name is an :class:`UnknownNameError` listing the known ones."""
+    if name not in _CRITERIA:
+        raise unknown("criterion", name, _CRITERIA)
+    return _CRITERIA[name]
+
+
+def make_importance(name: str, **options: Any) -> tp.importance.Importance:
+    """The importance of criterion ``name`` built with ``options`` (see :attr:`Criterion.options`)."""
+    return get_criterion(name).create(**options)

@@ -93,6 +93,9 @@ class PruneConfig(_Section):
     target_macs: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of MACs")
     # defaults chosen by validation accuracy in benchmarks/compare.py (docs/BENCHMARKS.md, issue 6)
     criterion: str = "convsim-taylor"
+    criterion_options: dict[str, float | bool] = Field(
+        default_factory=dict, description="options of the criterion, e.g. {strength: 0.5} (see `convsim-shrink list criteria`)"
+    )
     global_pruning: bool = Field(True, description="rank channels across layers (layer-adaptive) instead of one ratio per layer")
     round_to: int | None = Field(None, ge=1)
     iterative_steps: int = Field(1, ge=1, description="prune in this many steps, fine-tuning between them")

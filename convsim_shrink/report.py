@@ -1,4 +1,5 @@
-"""The run report: report.json (machine-readable), report.md (for people), plots, and a rich table."""
+"""The run report: report.json (machine-readable), report.md (for people), plots, and a rich table,
+all built from the run's typed :class:`~convsim_shrink.state.RunState`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .engine import atomic_write_bytes
+from .io import atomic_path, atomic_write_text
+from .state import RunState
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -17,10 +19,12 @@ def _target_text(target: dict) -> str:
     return ", ".join(f"{v:g} of the {k}" for k, v in target.items() if v is not None) or "none"
 
 
-def build_report(recipe, state: dict, data) -> dict[str, Any]:
-    m = state.get("metrics", {})
-    dense_size = m.get("dense_size", {})
-    shrunk_size = m.get("shrunk_size", {})
+def build_report(recipe, state: RunState, data) -> dict[str, Any]:
+    """report.json's content: the recipe's choices and what ``state`` measured (None where not measured)."""
+    m = state.metrics
+    dense_size, shrunk_size = m.dense_size, m.shrunk_size
+    dense_params = dense_size.params if dense_size else None
+    shrunk_params = shrunk_size.params if shrunk_size else None
     return {
         "model": recipe.model.name,
         "width": recipe.model.width,
@@ -30,27 +34,27 @@ def build_report(recipe, state: dict, data) -> dict[str, Any]:
         "global_pruning": recipe.prune.global_pruning,
         "distill": recipe.finetune.distill,
         "target": {"params": recipe.prune.target_params, "macs": recipe.prune.target_macs},
-        "dense": {"params": dense_size.get("params"), "macs": dense_size.get("macs"), "accuracy": m.get("dense_accuracy")},
+        "dense": {"params": dense_params, "macs": dense_size.macs if dense_size else None, "accuracy": m.dense_accuracy},
         "shrunk": {
-            "params": shrunk_size.get("params"),
-            "macs": shrunk_size.get("macs"),
-            "accuracy": m.get("shrunk_accuracy"),
-            "accuracy_before_finetune": m.get("pruned_accuracy"),
+            "params": shrunk_params,
+            "macs": shrunk_size.macs if shrunk_size else None,
+            "accuracy": m.shrunk_accuracy,
+            "accuracy_before_finetune": m.pruned_accuracy,
         },
-        "params_ratio": _ratio(shrunk_size.get("params"), dense_size.get("params")),
-        "macs_ratio": _ratio(shrunk_size.get("macs"), dense_size.get("macs")),
-        "accuracy_delta": (m["shrunk_accuracy"] - m["dense_accuracy"]) if "shrunk_accuracy" in m and "dense_accuracy" in m else None,
+        "params_ratio": _ratio(shrunk_params, dense_params),
+        "macs_ratio": _ratio(shrunk_size.macs if shrunk_size else None, dense_size.macs if dense_size else None),
+        "accuracy_delta": (m.shrunk_accuracy - m.dense_accuracy) if m.shrunk_accuracy is not None and m.dense_accuracy is not None else None,
         "cs": {
-            "init": m.get("cs_init"),
-            "after_premin": m.get("cs_after_premin"),
-            "after_train": m.get("cs_after_train"),
-            "shrunk": m.get("cs_shrunk"),
+            "init": m.cs_init,
+            "after_premin": m.cs_after_premin,
+            "after_train": m.cs_after_train,
+            "shrunk": m.cs_shrunk,
             "definition": "normalized Convolutional Similarity summed over conv layers (pairs=all, channels=same)",
         },
-        "stages": state.get("seconds", {}),
-        "total_seconds": round(sum(state.get("seconds", {}).values()), 1),
-        "exports": state.get("exports", {}),
-        "onnx_max_abs_diff": m.get("onnx_max_abs_diff"),
+        "stages": dict(state.seconds),
+        "total_seconds": round(sum(state.seconds.values()), 1),
+        "exports": dict(state.exports),
+        "onnx_max_abs_diff": m.onnx_max_abs_diff,
     }
 
 
@@ -58,11 +62,12 @@ def _fmt(v, spec=",", none="–"):
     return none if v is None else format(v, spec)
 
 
-def write_report(report: dict, state: dict, run_dir: Path) -> None:
+def write_report(report: dict, state: RunState, run_dir: Path) -> None:
+    """report.json, report.md and the plots into ``run_dir`` (each written atomically)."""
     run_dir = Path(run_dir)
     plots = _plots(state, run_dir)
     report = dict(report, plots=plots)
-    atomic_write_bytes(run_dir / "report.json", json.dumps(report, indent=1).encode())
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=1))
     d, s = report["dense"], report["shrunk"]
     lines = [
         f"# convsim-shrink report: {report['model']} (width {report['width']}) on {report['dataset']}",
@@ -87,28 +92,27 @@ def write_report(report: dict, state: dict, run_dir: Path) -> None:
         "",
     ]
     lines += [f"![{name}]({Path(p).name})" for name, p in plots.items()]
-    atomic_write_bytes(run_dir / "report.md", ("\n".join(lines) + "\n").encode())
+    atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
 
 
-def _plots(state: dict, run_dir: Path) -> dict[str, str]:
+def _plots(state: RunState, run_dir: Path) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out: dict[str, str] = {}
-    layers = state.get("layers", {})
+    layers = state.layers
 
     def save(fig, name):
         path = run_dir / name
-        tmp = run_dir / f".{name}.tmp.png"
         fig.tight_layout()
-        fig.savefig(tmp, dpi=110)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
-        tmp.replace(path)
         out[name.removesuffix(".png")] = str(path)
 
-    hist = [("train", h) for h in state.get("history_train", [])] + [("finetune", h) for h in state.get("history_finetune", [])]
+    hist = [("train", h) for h in state.history_train] + [("finetune", h) for h in state.history_finetune]
     if hist:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
         xs = list(range(1, len(hist) + 1))
@@ -118,13 +122,13 @@ def _plots(state: dict, run_dir: Path) -> dict[str, str]:
         a2.plot(xs, [h["train_acc"] for _, h in hist], marker="o", label="train (augmented)")
         if any("val_acc" in h for _, h in hist):
             a2.plot([x for x, (_, h) in zip(xs, hist) if "val_acc" in h], [h["val_acc"] for _, h in hist if "val_acc" in h], marker="s", label="validation")
-        n_train = len(state.get("history_train", []))
+        n_train = len(state.history_train)
         for ax in (a1, a2):
             ax.axvline(n_train + 0.5, color="grey", ls="--", lw=1)
         a2.set_ylabel("top-1 %")
         a2.legend()
         save(fig, "training_curves.png")
-    before, after = layers.get("channels_dense", {}), layers.get("channels_shrunk", {})
+    before, after = layers.channels_dense, layers.channels_shrunk
     if before and after:
         names = [n for n in before if n in after]
         fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names)), 3.8))
@@ -135,7 +139,7 @@ def _plots(state: dict, run_dir: Path) -> dict[str, str]:
         ax.set_ylabel("output channels")
         ax.legend()
         save(fig, "channels_per_layer.png")
-    series = [(k, layers[k]) for k in ("cs_init", "cs_after_premin", "cs_after_train", "cs_shrunk") if layers.get(k)]
+    series = [(k, getattr(layers, k)) for k in ("cs_init", "cs_after_premin", "cs_after_train", "cs_shrunk") if getattr(layers, k)]
     if series:
         names = list(series[0][1])
         fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names)), 3.8))

@@ -6,6 +6,7 @@ import convsim_shrink
 from convsim_shrink.checkpoint import (
     export_onnx,
     export_torchscript,
+    input_shape,
     onnx_max_difference,
     read_metadata,
     save,
@@ -118,3 +119,13 @@ def test_state_dict_file_is_not_a_model(tmp_path):
     torch.save(create_model("simple_cnn").state_dict(), p)
     with pytest.raises(CheckpointError, match="not a model"):
         convsim_shrink.load(p)
+
+
+def test_input_shape_travels_in_the_header(tmp_path):
+    model = create_model("simple_cnn", in_channels=3, width=0.25)
+    path = save(model, tmp_path / "m.safetensors", input_shape=(3, 32, 32))
+    assert read_metadata(path)["input_shape"] == [3, 32, 32] and input_shape(path) == (3, 32, 32)
+    old = save(model, tmp_path / "old.safetensors")  # as files written before the shape was recorded
+    assert "input_shape" not in read_metadata(old)
+    with pytest.raises(CheckpointError, match="does not record its input shape.*--input-shape C,H,W"):
+        input_shape(old)

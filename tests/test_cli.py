@@ -18,12 +18,12 @@ def run_main(args) -> int:
     return e.value.code
 
 
-class _FakePipeline:
+class _FakeRunner:
     calls: list = []
 
     def __init__(self, recipe, run_dir, **kw):
         self.recipe, self.run_dir, self.kw = recipe, Path(run_dir), kw
-        _FakePipeline.calls.append(self)
+        _FakeRunner.calls.append(self)
 
     def run(self):
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -36,11 +36,11 @@ class _FakePipeline:
 
 @pytest.fixture
 def fake(monkeypatch):
-    import convsim_shrink.pipeline as pipeline
+    import convsim_shrink.runner as runner
 
-    _FakePipeline.calls = []
-    monkeypatch.setattr(pipeline, "Pipeline", _FakePipeline)
-    return _FakePipeline.calls
+    _FakeRunner.calls = []
+    monkeypatch.setattr(runner, "Runner", _FakeRunner)
+    return _FakeRunner.calls
 
 
 def test_model_shorthand_uses_model_recipe_and_options(fake, tmp_path):
@@ -82,6 +82,43 @@ def test_version_and_help(capsys):
     assert e.value.code == 0 and convsim_shrink.__version__ in capsys.readouterr().out
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0 and "shrink" in result.output and "inspect" in result.output
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_load_neither_torch_nor_torch_pruning(flag):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from convsim_shrink.cli import main\n"
+        "try:\n"
+        f"    main([{flag!r}])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('loaded:', sorted(m for m in ('torch', 'torch_pruning', 'torchvision') if m in sys.modules))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "loaded: []" in res.stdout
+
+
+def test_list_criteria_shows_needs_and_options():
+    out = runner.invoke(app, ["list", "criteria"]).output
+    line = next(x for x in out.splitlines() if x.startswith("convsim "))
+    assert "[global]" in line and "options: strength=1.0, magnitude=True" in line
+    assert "[gradients, global]" in next(x for x in out.splitlines() if x.startswith("convsim-taylor"))
+
+
+def test_export_of_a_file_without_input_shape_says_how(tmp_path, capsys):
+    from convsim_shrink.checkpoint import save
+    from convsim_shrink.models import create_model
+
+    old = save(create_model("simple_cnn", in_channels=1, width=0.25), tmp_path / "old.safetensors")
+    assert run_main(["export", str(old), "--format", "torchscript"]) == 2
+    assert "--input-shape C,H,W" in " ".join(capsys.readouterr().err.split())
+    assert run_main(["export", str(old), "--format", "torchscript", "--input-shape", "1,28,28"]) == 0
+    assert old.with_suffix(".ts").is_file()
 
 
 def test_list_commands():

@@ -5,9 +5,13 @@ import torch
 from torch import nn
 
 from convsim_shrink.data import build_data
-from convsim_shrink.engine import (
-    accumulate_gradients,
+from convsim_shrink.errors import CheckpointError, ConfigError, TrainingDivergedError
+from convsim_shrink.models import create_model
+from convsim_shrink.recipe import DataConfig, TrainConfig
+from convsim_shrink.similarity import model_conv_similarity
+from convsim_shrink.train import (
     Schedule,
+    accumulate_gradients,
     cs_regularizer,
     distillation,
     evaluate,
@@ -17,10 +21,6 @@ from convsim_shrink.engine import (
     resolve_precision,
     train_one_epoch,
 )
-from convsim_shrink.errors import CheckpointError, ConfigError, TrainingDivergedError
-from convsim_shrink.models import create_model
-from convsim_shrink.recipe import DataConfig, TrainConfig
-from convsim_shrink.similarity import model_conv_similarity
 
 
 @pytest.fixture(scope="module")

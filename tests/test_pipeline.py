@@ -10,8 +10,8 @@ from torch import nn
 import convsim_shrink
 from convsim_shrink.cli import main
 from convsim_shrink.data import build_data
-from convsim_shrink.engine import evaluate, resolve_precision
 from convsim_shrink.recipe import DataConfig
+from convsim_shrink.train import evaluate, resolve_precision
 
 pytestmark = pytest.mark.slow
 
@@ -73,23 +73,23 @@ def test_saved_recipe_repeats_the_run(finished_run):
 
 
 def test_interrupted_run_resumes_without_redoing_finished_stages(tmp_path, monkeypatch, fashion_dir):
-    import convsim_shrink.pipeline as pipeline
+    import convsim_shrink.stages as stages
 
     out = tmp_path / "run"
-    real_fit = pipeline.fit
+    real_fit = stages.fit
 
     def crash_in_finetune(*args, **kw):
         if kw.get("stage") == "finetune":
             raise KeyboardInterrupt
         return real_fit(*args, **kw)
 
-    monkeypatch.setattr(pipeline, "fit", crash_in_finetune)
+    monkeypatch.setattr(stages, "fit", crash_in_finetune)
     assert _main(["simple_cnn", "--out", str(out), *SMALL]) == 130
     state = json.loads((out / "state.json").read_text())
     assert state["completed"] == ["build", "premin", "train", "prune"]
     trained = (out / "dense.safetensors").stat().st_mtime_ns
 
-    monkeypatch.setattr(pipeline, "fit", real_fit)
+    monkeypatch.setattr(stages, "fit", real_fit)
     assert _main(["--resume", str(out), "--quiet"]) == 0
     assert (out / "dense.safetensors").stat().st_mtime_ns == trained  # training was not repeated
     report = json.loads((out / "report.json").read_text())

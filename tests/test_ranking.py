@@ -6,8 +6,8 @@ from torch import nn
 from convsim_shrink.errors import UnknownNameError
 from convsim_shrink.models import create_model
 from convsim_shrink.ranking import (
-    NEEDS_GRADIENTS,
     ConvSimImportance,
+    get_criterion,
     greedy_redundancy_order,
     greedy_removal,
     lamp_scores,
@@ -87,7 +87,7 @@ def test_convsim_scores_residual_groups_and_depthwise_models():
 def test_every_criterion_scores_a_group(name):
     torch.manual_seed(3)
     model = create_model("simple_cnn", in_channels=1, width=0.25)
-    if name in NEEDS_GRADIENTS:
+    if get_criterion(name).needs_gradients:
         model(torch.randn(4, 1, 28, 28)).sum().backward()
     conv = model.features[3]
     scores = make_importance(name)(_group_for(model, conv))
@@ -159,3 +159,37 @@ def test_taylor_weighted_convsim_drops_a_large_channel_the_loss_ignores():
     l2_weighted = make_importance("convsim")(group)
     assert taylor_weighted.argmin().item() == 5
     assert l2_weighted.argmax().item() == 5
+
+
+def test_one_record_per_criterion_says_what_it_needs():
+    for name in list_criteria():
+        c = get_criterion(name)
+        assert c.name == name and c.description
+    assert {n for n in list_criteria() if get_criterion(n).needs_gradients} == {"taylor", "convsim-taylor"}
+    assert {"convsim", "convsim-taylor", "lamp"} <= {n for n in list_criteria() if get_criterion(n).global_ranking}
+    assert not get_criterion("l1").global_ranking
+    with pytest.raises(UnknownNameError, match="Did you mean 'lamp'"):
+        get_criterion("lamq")
+
+
+def test_variants_are_options_not_names():
+    half = make_importance("convsim", strength=0.5)
+    assert isinstance(half, ConvSimImportance) and half.strength == 0.5 and half.magnitude is True
+    pure = make_importance("convsim", magnitude=False)
+    assert pure.magnitude is False and pure.strength == 1.0
+    taylor = make_importance("convsim-taylor", strength=0.25)
+    assert taylor.magnitude == "taylor" and taylor.strength == 0.25
+    assert get_criterion("convsim").options == {"strength": 1.0, "magnitude": True}
+
+
+@pytest.mark.parametrize("name,options,message", [
+    ("l1", {"strength": 0.5}, "criterion 'l1' has no option strength (its options: none"),
+    ("convsim", {"strenght": 0.5}, "has no option strenght (its options: strength, magnitude"),
+    ("convsim", {"strength": 1.5}, "strength = 1.5 is out of range"),
+    ("convsim", {"magnitude": "taylor"}, "use criterion convsim-taylor"),
+])
+def test_bad_criterion_options_are_config_errors(name, options, message):
+    from convsim_shrink.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        make_importance(name, **options)

@@ -1,0 +1,332 @@
+"""The runner: the only place that knows the stage order, skips finished stages and resumes.
+
+    build -> premin (CS pre-minimisation) -> train -> prune (rank + cut to a measured size)
+          -> finetune -> export -> report
+
+Each stage is a function in :mod:`.stages`; the runner hands it its inputs, records its outcome in the
+typed :class:`~convsim_shrink.state.RunState` (``state.json``, written atomically after every stage)
+and saves the model it made into the run directory.  A resumed run skips the finished stages and
+reloads the last model each left on disk; training stages checkpoint every epoch, so an interrupted
+run loses at most one epoch.  :func:`shrink` is the Python API's entry point to the same runner.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .console import console
+from .data import DataBundle, DataInfo
+from .errors import CheckpointError, ConfigError, unknown
+from .io import atomic_write_text
+from .models import list_models
+from .ranking import get_criterion
+from .recipe import Recipe
+from .report import build_report, write_report
+from .stages import (
+    build_stage,
+    example_inputs_for,
+    export_stage,
+    finetune_stage,
+    is_registered,
+    premin_stage,
+    prepare_data,
+    prune_stage,
+    train_stage,
+)
+from .state import ModelSize, RunState
+from .train import resolve_device, resolve_precision
+
+
+@dataclass(frozen=True)
+class _Step:
+    name: str
+    artefact: str | None = None  # the model file the stage leaves in the run directory
+    restores: tuple[str, ...] = ()  # the runner's models that file stands for when resuming
+    changes_model: bool = True
+    needs_run_dir: bool = False  # skipped when the run has no directory (Python API without run_dir)
+
+
+_STEPS = (
+    _Step("build"),  # leaves no file: redone (with pre-minimisation, both cheap and seeded) on resume
+    _Step("premin", "premin.safetensors", ("model",)),
+    _Step("train", "dense.safetensors", ("model", "dense")),
+    _Step("prune", "pruned.safetensors", ("model",)),
+    _Step("finetune", "shrunk.safetensors", ("model",)),
+    _Step("export", changes_model=False, needs_run_dir=True),
+)
+
+#: the stages in the order they run
+STAGES = tuple(step.name for step in _STEPS)
+
+
+def resumable(completed: list[str]) -> list[str]:
+    """The finished stages a resumed run may skip: the finished prefix of :data:`STAGES`, less trailing
+    stages whose model lived only in memory."""
+    keep: list[_Step] = []
+    for step in _STEPS:
+        if step.name not in completed:
+            break
+        keep.append(step)
+    while keep and keep[-1].artefact is None and keep[-1].changes_model:
+        keep.pop()
+    return [step.name for step in keep]
+
+
+@dataclass
+class ShrinkResult:
+    model: nn.Module
+    dense_model: nn.Module | None
+    report: dict[str, Any]
+    run_dir: Path | None
+
+
+def default_run_dir(model_name: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{model_name}-{stamp}"
+
+
+class Runner:
+    """One run of the pipeline for a resolved :class:`Recipe`.
+
+    ``model``/``data`` may be given (Python API: any ``nn.Module`` and any loaders); otherwise they
+    come from the recipe.  Nothing is written before :meth:`prepare` has validated the model name and
+    the criterion and found the data.  Without a run directory nothing is written at all.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: str | Path | None = None,
+        *,
+        model: nn.Module | None = None,
+        data: DataBundle | None = None,
+        resume: bool = False,
+        example_inputs: torch.Tensor | None = None,
+    ):
+        self.recipe = recipe
+        self.quiet = recipe.run.quiet
+        self.run_dir = Path(run_dir) if run_dir else (Path(recipe.run.out) if recipe.run.out else None)
+        self.resume = resume
+        self.given_model = model
+        self.data = data
+        self.example_inputs = example_inputs
+        self.state = RunState()
+        self.device = resolve_device(recipe.run.device)
+        self.model: nn.Module | None = None  # the model the next stage works on
+        self.dense: nn.Module | None = None  # the trained dense model (the teacher)
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            console.print(msg)
+
+    def _path(self, name: str) -> Path | None:
+        return self.run_dir / name if self.run_dir else None
+
+    def _save_state(self) -> None:
+        if self.run_dir:
+            self.state.save(self.run_dir / "state.json")
+
+    def _save_model(self, model: nn.Module, name: str) -> None:
+        path = self._path(name)
+        if path is not None and is_registered(model):
+            ckpt.save(
+                model.cpu(), path, recipe=self.recipe.to_dict(), metrics=self.state.metrics.to_dict(),
+                input_shape=tuple(self.example_inputs.shape[1:]),
+            )
+            model.to(self.device)
+
+    def _restore(self, files: dict[str, str]) -> None:
+        """Load the model files of skipped stages into the slots they stand for (one object per file)."""
+        loaded: dict[str, nn.Module] = {}
+        for slot, name in files.items():
+            if name not in loaded:
+                path = self._path(name)
+                if path is None or not path.is_file():
+                    raise CheckpointError(f"cannot resume: {path} is missing; start a new run")
+                loaded[name] = ckpt.load(path).to(self.device)
+            setattr(self, slot, loaded[name])
+
+    # ---------------------------------------------------------------------------------- prepare
+
+    def prepare(self) -> None:
+        """Validate everything that can fail on user input, then create the run directory."""
+        r = self.recipe
+        if self.given_model is None and r.model.name not in list_models():
+            raise unknown("model", r.model.name, list_models())
+        get_criterion(r.prune.criterion).create(**r.prune.criterion_options)  # unknown criterion or option fails here
+        if self.data is None:
+            self.data = prepare_data(r)
+        if self.example_inputs is None:
+            self.example_inputs = example_inputs_for(self.data.info)
+        if self.run_dir is None:
+            return
+        if self.resume:
+            self.state = RunState.load(self.run_dir / "state.json")
+            if self.given_model is not None:
+                raise ConfigError("resuming is supported for registry models only; start the Python API run again")
+            self.state.completed = resumable(self.state.completed)
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise ConfigError(f"{self.run_dir} already exists and is not empty; choose another --out or --resume it")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "recipe.yaml", self.recipe.to_yaml())
+        self._save_state()
+
+    # ------------------------------------------------------------------------------ stage calls
+    # Each hands a stage its inputs and records its outcome; it returns the seconds to record when
+    # they differ from the call's wall time.
+
+    def _build(self) -> float | None:
+        r = self.recipe
+        out = build_stage(
+            r.model, self.data.info, seed=r.run.seed, example_inputs=self.example_inputs, device=self.device,
+            model=self.given_model,
+        )
+        self.model = out.model
+        self.state.metrics.dense_size = ModelSize(out.size.params, out.size.macs)
+        self.state.metrics.cs_init = out.cs
+        self.state.layers.channels_dense, self.state.layers.cs_init = out.channels, out.cs_layers
+        return None
+
+    def _premin(self) -> float | None:
+        p = self.recipe.premin
+        out = premin_stage(self.model, p, quiet=self.quiet)
+        res = out.result
+        if p.steps:
+            self.log(f"CS pre-minimisation: {res.cs_before:.4g} -> {res.cs_after:.4g} in {res.steps} steps ({res.seconds:.1f} s)")
+        self.state.metrics.cs_after_premin, self.state.metrics.premin_steps = out.cs, res.steps
+        self.state.layers.cs_after_premin = out.cs_layers
+        return res.seconds
+
+    def _train(self) -> float | None:
+        out = train_stage(
+            self.model, self.data, self.recipe.train, device=self.device, checkpoint=self._path("train.pt"),
+            resume=self.resume, quiet=self.quiet,
+        )
+        n = getattr(self.data.test, "num_samples", "the")
+        self.log(f"dense model: {out.accuracy:.2f}% top-1 on {n} test images")
+        self.dense = self.model
+        self.state.history_train = out.history
+        self.state.metrics.dense_accuracy, self.state.metrics.cs_after_train = out.accuracy, out.cs
+        self.state.layers.cs_after_train = out.cs_layers
+        return None
+
+    def _prune(self) -> float | None:
+        pr = self.recipe.prune
+        out = prune_stage(
+            self.dense, self.data, pr, example_inputs=self.example_inputs, finetune=self.recipe.finetune,
+            device=self.device, quiet=self.quiet,
+        )
+        result = out.result
+        if result.note:  # one clean line, also under --quiet, instead of Python's warning format
+            console.print(f"note: {result.note}")
+            self.state.metrics.prune_note = result.note
+        if out.hint:
+            self.log(f"note: {out.hint}")
+        self.log(
+            f"pruned with '{pr.criterion}' to {result.params_ratio:.3f} of the params, {result.macs_ratio:.3f} of the MACs "
+            f"({result.trials} trials): {out.accuracy:.2f}% before fine-tuning"
+        )
+        self.model = out.model
+        m = self.state.metrics
+        m.pruned_accuracy, m.channel_ratio = out.accuracy, result.channel_ratio
+        m.shrunk_size = ModelSize(result.pruned.params, result.pruned.macs)
+        return None
+
+    def _finetune(self) -> float | None:
+        out = finetune_stage(
+            self.model, self.dense, self.data, self.recipe.finetune, device=self.device,
+            checkpoint=self._path("finetune.pt"), resume=self.resume, quiet=self.quiet,
+        )
+        self.state.history_finetune = out.history
+        self.state.metrics.shrunk_accuracy, self.state.metrics.cs_shrunk = out.accuracy, out.cs
+        self.state.layers.channels_shrunk, self.state.layers.cs_shrunk = out.channels, out.cs_layers
+        return None
+
+    def _export(self) -> float | None:
+        out = export_stage(
+            self.model, self.recipe.export, self.run_dir, example_inputs=self.example_inputs,
+            recipe=self.recipe.to_dict(), metrics=self.state.metrics.to_dict(),
+        )
+        self.state.exports = out.exports
+        if out.onnx_max_abs_diff is not None:
+            self.state.metrics.onnx_max_abs_diff = out.onnx_max_abs_diff
+        return None
+
+    # -------------------------------------------------------------------------------------- run
+
+    def run(self) -> ShrinkResult:
+        self.prepare()
+        r = self.recipe
+        self.log(f"device: {resolve_precision(self.device, r.train.precision, r.train.channels_last).describe()}"
+                 + (f"; run directory: {self.run_dir}" if self.run_dir else ""))
+        calls: dict[str, Callable[[], float | None]] = {name: getattr(self, f"_{name}") for name in STAGES}
+        skipped: dict[str, str] = {}  # slot -> model file of the last finished stage that filled it
+        for step in _STEPS:
+            if step.name in self.state.completed:
+                skipped.update({slot: step.artefact for slot in step.restores})
+                continue
+            if step.needs_run_dir and self.run_dir is None:
+                continue
+            self._restore(skipped)
+            skipped = {}
+            t0 = time.perf_counter()
+            seconds = calls[step.name]()
+            self.state.finish(step.name, time.perf_counter() - t0 if seconds is None else seconds)
+            if step.artefact:
+                self._save_model(self.model, step.artefact)
+            self._save_state()
+        self._restore(skipped)
+        report = build_report(r, self.state, self.data)
+        if self.run_dir is not None:
+            write_report(report, self.state, self.run_dir)
+        return ShrinkResult(self.model, self.dense, report, self.run_dir)
+
+
+#: the name the Python API has always used for the runner
+Pipeline = Runner
+
+
+def shrink(
+    model: nn.Module,
+    train_data,
+    val_data,
+    *,
+    target_params: float | None = None,
+    target_macs: float | None = None,
+    recipe: Recipe | dict | str | None = None,
+    example_inputs: torch.Tensor | None = None,
+    run_dir: str | Path | None = None,
+    num_classes: int | None = None,
+) -> ShrinkResult:
+    """Shrink any ``nn.Module``: CS pre-minimisation, training, ranking, pruning and fine-tuning as the
+    recipe says, on your own loaders (iterables of ``(images, labels)`` batches).
+
+    ``val_data`` is used for the reported accuracies.  With ``recipe`` None the built-in defaults are
+    used (``premin.steps``/``train.epochs`` of 0 skip those stages for an already trained model).
+    Returns the shrunk model and the report (``result.report``).
+    """
+    from .recipe import resolve
+
+    overrides: dict[str, Any] = {}
+    if target_params is not None:
+        overrides["prune.target_params"] = target_params
+    if target_macs is not None:
+        overrides["prune.target_macs"] = target_macs
+    resolved = resolve(recipe.to_dict() if isinstance(recipe, Recipe) else recipe, overrides=overrides)
+    if example_inputs is None:
+        x, _ = next(iter(val_data))
+        example_inputs = x[:1]
+    info = DataInfo("custom", num_classes or 0, example_inputs.shape[1], example_inputs.shape[-1], (), (), pad=0)
+    bundle = DataBundle(info, train_data, None, val_data)
+    return Runner(resolved, run_dir, model=model, data=bundle, example_inputs=example_inputs).run()

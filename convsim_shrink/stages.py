@@ -1,0 +1,311 @@
+"""The pipeline's stages, each a function: what it needs goes in, what it made comes out.
+
+    build_stage -> premin_stage -> train_stage -> prune_stage -> finetune_stage -> export_stage
+
+A stage neither reads nor writes the run directory's state, prints nothing but progress bars (``quiet``
+turns those off) and keeps no hidden state between calls, so any stage runs alone (tests, the
+comparison benchmark) exactly as it runs inside a pipeline.  The runner (:mod:`.runner`) owns the
+order, the run directory, resuming and logging; the benchmark (``benchmarks/compare.py``) calls these
+same functions with recipes, so its rows are what the command line gives.
+
+Reported accuracies are top-1 percent on ``data.test``, measured in fp32 as users will run the
+exported model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .data import DataBundle, DataInfo, build_data
+from .errors import ConfigError
+from .models import SPEC_ATTR, create_model
+from .premin import PreminResult, preminimize
+from .pruning import PruneResult, Size, channel_counts, iterative_prune, measure
+from .ranking import Criterion, get_criterion
+from .recipe import ExportConfig, FinetuneConfig, ModelConfig, PreminConfig, PruneConfig, Recipe, TrainConfig
+from .similarity import layer_similarities, model_conv_similarity
+from .train import (
+    Precision,
+    accumulate_gradients,
+    distillation,
+    evaluate,
+    fit,
+    recalibrate_bn,
+    resolve_precision,
+    seed_everything,
+)
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def prepare_data(recipe: Recipe) -> DataBundle:
+    """The recipe's data: training loader (batch ``train.batch_size``, shuffled by ``run.seed``),
+    optional validation split, test loader."""
+    return build_data(recipe.data, batch_size=recipe.train.batch_size, seed=recipe.run.seed)
+
+
+def example_inputs_for(info: DataInfo) -> torch.Tensor:
+    """One random input of the data set's shape ``(1, C, H, W)``, for measuring, tracing and exporting."""
+    return torch.randn(1, info.in_channels, info.image_size, info.image_size)
+
+
+def is_registered(model: nn.Module) -> bool:
+    """Whether ``model`` was built by the model registry (and so saves in the pickle-free format)."""
+    return getattr(model, SPEC_ATTR, None) is not None
+
+
+def conv_similarity_summary(model: nn.Module) -> tuple[float, dict[str, float]]:
+    """Normalized CS summed over conv layers, and per layer."""
+    with torch.no_grad():
+        total = float(model_conv_similarity(model, normalized=True))
+        layers = {k: float(v) for k, v in layer_similarities(model, normalized=True).items()}
+    return total, layers
+
+
+def _eval_precision(device: torch.device, cfg) -> Precision:
+    return resolve_precision(device, "fp32", cfg.channels_last)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+
+@dataclass
+class BuildOutcome:
+    model: nn.Module
+    size: Size
+    channels: dict[str, int]
+    cs: float
+    cs_layers: dict[str, float]
+
+
+def build_stage(
+    cfg: ModelConfig,
+    info: DataInfo,
+    *,
+    seed: int,
+    example_inputs: torch.Tensor,
+    device: torch.device | str = "cpu",
+    model: nn.Module | None = None,
+) -> BuildOutcome:
+    """Seed every generator with ``seed``, then build ``cfg.name`` for the data set ``info`` (or take the
+    given ``model``), put it on ``device`` and measure it (params, MACs per image of ``example_inputs``'s
+    shape, channels and CS per layer).  Unknown names raise :class:`~convsim_shrink.errors.UnknownNameError`."""
+    seed_everything(seed)
+    if model is None:
+        model = create_model(
+            cfg.name, num_classes=info.num_classes, in_channels=info.in_channels, width=cfg.width, small_input=cfg.small_input,
+        )
+    model.to(device)
+    size = measure(model, example_inputs.to(device))
+    cs, cs_layers = conv_similarity_summary(model)
+    return BuildOutcome(model, size, channel_counts(model), cs, cs_layers)
+
+
+@dataclass
+class PreminOutcome:
+    result: PreminResult
+    cs: float
+    cs_layers: dict[str, float]
+
+
+def premin_stage(model: nn.Module, cfg: PreminConfig, *, quiet: bool = True) -> PreminOutcome:
+    """CS pre-minimisation of ``model`` in place with every setting of ``cfg`` (``steps=0``: nothing)."""
+    result = preminimize(model, **cfg.model_dump(), quiet=quiet)
+    cs, cs_layers = conv_similarity_summary(model)
+    return PreminOutcome(result, cs, cs_layers)
+
+
+@dataclass
+class TrainOutcome:
+    model: nn.Module
+    history: list[dict[str, float]]
+    accuracy: float
+    cs: float
+    cs_layers: dict[str, float]
+
+
+def train_stage(
+    model: nn.Module,
+    data: DataBundle,
+    cfg: TrainConfig,
+    *,
+    device: torch.device | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    quiet: bool = True,
+) -> TrainOutcome:
+    """Train ``model`` in place on ``data.train`` for ``cfg.epochs`` epochs (validation accuracy per epoch
+    on ``data.val`` if there is one), then measure its test accuracy and CS.  ``checkpoint``: the
+    per-epoch training checkpoint; with ``resume`` training continues after its last epoch."""
+    device = device or _device_of(model)
+    result = fit(
+        model, data.train, cfg, eval_loader=data.val, device=device, checkpoint=checkpoint, resume=resume,
+        stage="train", quiet=quiet,
+    )
+    accuracy = evaluate(model, data.test, _eval_precision(device, cfg))["acc"]
+    cs, cs_layers = conv_similarity_summary(model)
+    return TrainOutcome(model, result.history, accuracy, cs, cs_layers)
+
+
+@dataclass
+class PruneOutcome:
+    model: nn.Module
+    result: PruneResult
+    accuracy: float  # after BN re-calibration, before fine-tuning
+    bn_batches: int
+    hint: str | None = None  # the criterion does not suit the pruning mode
+
+
+def criterion_hint(criterion: Criterion, global_pruning: bool) -> str | None:
+    """One line when global pruning ranks a criterion whose scores are not comparable across layers."""
+    if global_pruning and not criterion.global_ranking:
+        return (f"criterion '{criterion.name}' scores are not comparable across layers but prune.global_pruning is on; "
+                "--set prune.global_pruning=false gives every layer the same ratio")
+    return None
+
+
+def prune_stage(
+    dense: nn.Module,
+    data: DataBundle,
+    cfg: PruneConfig,
+    *,
+    example_inputs: torch.Tensor,
+    finetune: FinetuneConfig | None = None,
+    device: torch.device | None = None,
+    quiet: bool = True,
+) -> PruneOutcome:
+    """A pruned copy of ``dense`` at ``cfg``'s measured target (``dense`` is left as it was).
+
+    Criteria that need gradients score a copy after ``cfg.calibration_batches`` batches of task-loss
+    gradients; with ``cfg.iterative_steps > 1`` the model is fine-tuned ``cfg.steps_epochs`` epochs
+    (``finetune``'s settings) between steps.  Batch-norm statistics are then re-estimated on
+    ``cfg.bn_recalibration`` training batches and the test accuracy measured.  Raises
+    :class:`~convsim_shrink.errors.TargetUnreachableError` when the target cannot be met.
+    """
+    ft = finetune or FinetuneConfig()
+    device = device or _device_of(dense)
+    criterion = get_criterion(cfg.criterion)
+    options = dict(cfg.criterion_options)
+    criterion.create(**options)  # a bad option fails before any work
+    ft_steps = ft.model_copy(update={"epochs": cfg.steps_epochs})
+
+    def between(model: nn.Module, step: int) -> None:
+        if cfg.steps_epochs:
+            fit(model, data.train, ft_steps, device=device, stage=f"prune-step{step}", quiet=quiet)
+
+    def calibrate(model: nn.Module) -> None:
+        accumulate_gradients(model, data.train, cfg.calibration_batches)
+
+    # calibration writes gradients and BN statistics: only then work on a copy of the dense model
+    source = copy.deepcopy(dense) if criterion.needs_gradients else dense
+    result = iterative_prune(
+        source, example_inputs, lambda: criterion.create(**options), steps=cfg.iterative_steps,
+        between=between, before_scoring=calibrate if criterion.needs_gradients else None,
+        target_params=cfg.target_params, target_macs=cfg.target_macs, round_to=cfg.round_to,
+        global_pruning=cfg.global_pruning, max_layer_ratio=cfg.max_layer_ratio, tolerance=cfg.tolerance, warn=False,
+    )
+    model = result.model.to(device)
+    model.zero_grad(set_to_none=True)
+    bn_batches = 0
+    if cfg.bn_recalibration:
+        bn_batches = recalibrate_bn(model, data.train, cfg.bn_recalibration, resolve_precision(device, ft.precision, ft.channels_last))
+    accuracy = evaluate(model, data.test, _eval_precision(device, ft))["acc"]
+    return PruneOutcome(model, result, accuracy, bn_batches, criterion_hint(criterion, cfg.global_pruning))
+
+
+@dataclass
+class FinetuneOutcome:
+    model: nn.Module
+    history: list[dict[str, float]]
+    accuracy: float
+    channels: dict[str, int]
+    cs: float
+    cs_layers: dict[str, float]
+
+
+def finetune_stage(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    data: DataBundle,
+    cfg: FinetuneConfig,
+    *,
+    device: torch.device | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    quiet: bool = True,
+) -> FinetuneOutcome:
+    """Fine-tune the pruned ``model`` in place for ``cfg.epochs`` epochs, distilling from a copy of
+    ``teacher`` (the dense model) with weight ``cfg.distill`` (the task loss weighs ``1 - distill``), then
+    measure test accuracy, channels and CS.  ``checkpoint``/``resume`` as in :func:`train_stage`."""
+    device = device or _device_of(model)
+    extra: tuple = ()
+    task_weight = 1.0
+    if cfg.distill > 0:
+        if teacher is None:
+            raise ConfigError("finetune.distill > 0 distils from the dense model, but none was given; pass the teacher or set finetune.distill=0")
+        teacher = copy.deepcopy(teacher).to(device).eval()
+        extra = (distillation(teacher, cfg.distill, cfg.temperature),)
+        task_weight = 1.0 - cfg.distill
+    result = fit(
+        model, data.train, cfg, eval_loader=data.val, device=device, extra=extra, task_weight=task_weight,
+        checkpoint=checkpoint, resume=resume, stage="finetune", quiet=quiet,
+    )
+    accuracy = evaluate(model, data.test, _eval_precision(device, cfg))["acc"]
+    cs, cs_layers = conv_similarity_summary(model)
+    return FinetuneOutcome(model, result.history, accuracy, channel_counts(model), cs, cs_layers)
+
+
+@dataclass
+class ExportOutcome:
+    exports: dict[str, str] = field(default_factory=dict)  # format -> file
+    onnx_max_abs_diff: float | None = None
+
+
+def export_stage(
+    model: nn.Module,
+    cfg: ExportConfig,
+    out: Path,
+    *,
+    example_inputs: torch.Tensor,
+    recipe: dict | None = None,
+    metrics: dict | None = None,
+) -> ExportOutcome:
+    """Write ``model`` into the folder ``out`` in every format of ``cfg.formats``: ``convsim``
+    (``model.safetensors`` with ``recipe``, ``metrics`` and the input shape in its header; a model from
+    outside the registry becomes a full pickle ``model.pt``), ``onnx`` (checked against onnxruntime when
+    it is installed) and ``torchscript``.  The model ends on the device it started on."""
+    out = Path(out)
+    device = _device_of(model)
+    model = model.cpu().eval()
+    x = example_inputs.cpu()
+    outcome = ExportOutcome()
+    try:
+        for fmt in cfg.formats:
+            if fmt == "convsim":
+                if is_registered(model):
+                    path = ckpt.save(model, out / "model.safetensors", recipe=recipe, metrics=metrics, input_shape=tuple(x.shape[1:]))
+                    outcome.exports["convsim"] = str(path)
+                else:
+                    outcome.exports["pickle"] = str(ckpt.save_full(model, out / "model.pt"))
+            elif fmt == "onnx":
+                path = ckpt.export_onnx(model, out / "model.onnx", x, opset=cfg.opset)
+                outcome.exports["onnx"] = str(path)
+                try:
+                    outcome.onnx_max_abs_diff = ckpt.onnx_max_difference(model, path, torch.randn(4, *x.shape[1:]))
+                except ImportError:
+                    pass
+            elif fmt == "torchscript":
+                outcome.exports["torchscript"] = str(ckpt.export_torchscript(model, out / "model.ts", x))
+    finally:
+        model.to(device)
+    return outcome

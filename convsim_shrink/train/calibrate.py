@@ -1,0 +1,64 @@
+"""Passes over a few training batches that prepare a model without training it: batch-norm statistics
+after pruning, and task-loss gradients for data-driven importance criteria (Taylor)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .device import Precision, resolve_precision, to_device
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50, prec: Precision | None = None) -> int:
+    """Re-estimate batch-norm running statistics on ``batches`` training batches (no gradients).
+
+    Pruning removes channels that fed later layers, so the running means/variances recorded for the
+    dense model no longer describe the pruned model's activations; without this, accuracy right after
+    pruning says more about stale statistics than about which channels were kept.  Returns the number
+    of batches used (0 if the model has no batch norm).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    device = next(model.parameters()).device
+    prec = prec or resolve_precision(device, "fp32", False)
+    saved = [(m.momentum, m.training) for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    used = 0
+    try:
+        for x, y in loader:
+            if used >= batches:
+                break
+            x, _ = to_device(x, y, prec)
+            with prec.autocast():
+                model(x)
+            used += 1
+    finally:
+        for m, (momentum, _) in zip(norms, saved):
+            m.momentum = momentum
+        model.train(was_training)
+    return used
+
+
+def accumulate_gradients(model: nn.Module, loader: Iterable, batches: int, prec: Precision | None = None) -> int:
+    """Task-loss gradients summed over the first ``batches`` batches of ``loader`` (train mode, fp32),
+    for data-driven importance criteria (Taylor).  Clears old gradients first; returns the batches used."""
+    prec = prec or resolve_precision(next(model.parameters()).device, "fp32", False)
+    model.zero_grad(set_to_none=True)
+    model.train()
+    used = 0
+    for x, y in loader:
+        if used >= batches:
+            break
+        x, y = to_device(x, y, prec)
+        F.cross_entropy(model(x), y).backward()
+        used += 1
+    return used

@@ -1,0 +1,281 @@
+"""The one training loop that every stage reuses: ``fit`` = ``train_one_epoch`` + ``evaluate`` + checkpoints.
+
+* Extra loss terms (the CS regulariser, distillation; :mod:`.losses`) are added to the task loss,
+  computed outside autocast.
+* A checkpoint is written atomically after every epoch (model, optimizer, step, epoch, RNG states,
+  history, settings); ``resume=True`` continues from it.  A non-finite loss stops with
+  :class:`~convsim_shrink.errors.TrainingDivergedError` and leaves the last good checkpoint in place.
+* Ready for ``torchrun``: with an initialised process group the model is wrapped in
+  DistributedDataParallel, loaders shard by rank, and only rank 0 shows progress or writes files.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, TrainingDivergedError
+from ..io import atomic_torch_save
+from .device import Precision, resolve_precision, to_device
+from .distributed import is_main_process, unwrap, world_size
+from .losses import LossTerm, cs_regularizer
+from .optim import Schedule, make_optimizer, make_schedule
+from .progress import make_progress
+
+#: steps between host syncs of the running loss/accuracy on accelerators
+_SYNC_EVERY = 32
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    *,
+    prec: Precision,
+    step: int = 0,
+    label_smoothing: float = 0.0,
+    task_weight: float = 1.0,
+    extra: tuple[LossTerm, ...] = (),
+    grad_clip: float | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    progress=None,
+    task=None,
+    sync_every: int | None = None,
+) -> tuple[dict[str, float], int]:
+    """One pass over ``loader``; returns (metrics, next global step).
+
+    On the CPU every step is checked for a non-finite loss at once.  On accelerators the running sums
+    stay on the device and are read (one host sync) every ``_SYNC_EVERY`` steps, so the host can queue
+    work ahead of the device; a non-finite loss is then reported at most that many steps late (the
+    checkpoint on disk is still the last good one).  ``sync_every`` overrides that choice.
+    """
+    model.train()
+    if sync_every is None:
+        sync_every = 1 if prec.device.type == "cpu" else _SYNC_EVERY
+    names = [getattr(t, "__name__", f"term{i}") for i, t in enumerate(extra)]
+    zero = torch.zeros((), device=prec.device)
+    run = {"loss": zero.clone(), "correct": zero.clone(), **{k: zero.clone() for k in names}}
+    bad = torch.zeros((), dtype=torch.bool, device=prec.device)
+    totals = {"loss": 0.0, "correct": 0.0, "seen": 0.0, **{k: 0.0 for k in names}}
+    t0 = time.perf_counter()
+    pending = 0
+
+    def drain(last_step: int) -> None:
+        nonlocal pending
+        values = torch.stack(list(run.values())).tolist()  # the one host sync
+        for (k, t), v in zip(run.items(), values):
+            totals[k] += v
+            t.zero_()
+        if bool(bad):
+            raise TrainingDivergedError(
+                f"the loss became non-finite by step {last_step} (lr {lr:.3g}); lower the learning rate "
+                f"(train.lr / finetune.lr) or the CS weight; the last good checkpoint is kept"
+            )
+        if progress is not None:
+            elapsed = time.perf_counter() - t0
+            progress.update(
+                task,
+                advance=pending,
+                info=f"loss {totals['loss'] / totals['seen']:.3f}  acc {100 * totals['correct'] / totals['seen']:.1f}%  "
+                f"{totals['seen'] / max(elapsed, 1e-9):.0f} img/s",
+            )
+        pending = 0
+
+    for x, y in loader:
+        x, y = to_device(x, y, prec)
+        lr = schedule(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with prec.autocast():
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        total = task_weight * loss
+        for name, term in zip(names, extra):
+            value = term(model, x, y, logits)
+            run[name] += value.detach().float()
+            total = total + value
+        bad |= ~torch.isfinite(total.detach())
+        if sync_every == 1 and bool(bad):
+            drain(step)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(total).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            total.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+        step += 1
+        n = len(y)
+        run["loss"] += loss.detach().float() * n
+        run["correct"] += (logits.detach().argmax(1) == y).sum()
+        totals["seen"] += n
+        pending += 1
+        if pending >= sync_every:
+            drain(step - 1)
+    if pending:
+        drain(step - 1)
+    seen = max(totals["seen"], 1)
+    metrics = {
+        "train_loss": totals["loss"] / seen,
+        "train_acc": 100 * totals["correct"] / seen,
+        "images_per_s": totals["seen"] / max(time.perf_counter() - t0, 1e-9),
+        "lr": schedule(max(step - 1, 0)),
+    }
+    metrics.update({f"train_{k}": totals[k] / max(len(loader), 1) for k in names})
+    return metrics, step
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, prec: Precision | None = None) -> dict[str, float]:
+    """Top-1 accuracy (percent) and mean cross-entropy over ``loader``."""
+    prec = prec or resolve_precision(next(model.parameters()).device, "fp32", False)
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for x, y in loader:
+        x, y = to_device(x, y, prec)
+        with prec.autocast():
+            logits = model(x).float()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    if world_size() > 1:
+        t = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=prec.device)
+        torch.distributed.all_reduce(t)
+        loss_sum, correct, seen = t.tolist()
+    return {"acc": 100.0 * correct / max(seen, 1), "loss": loss_sum / max(seen, 1)}
+
+
+def load_training_state(path: Path) -> dict:
+    """A training checkpoint written by :func:`fit`, read without unpickling code (weights_only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as exc:  # corrupt, truncated, or holding objects we refuse to unpickle
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to start the stage again") from None
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    resumed_from_epoch: int = 0
+
+
+def fit(
+    model: nn.Module,
+    train_loader,
+    cfg,
+    *,
+    eval_loader=None,
+    device: torch.device | None = None,
+    extra: tuple[LossTerm, ...] = (),
+    task_weight: float = 1.0,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    stage: str = "train",
+    quiet: bool = False,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> FitResult:
+    """Train ``model`` in place for ``cfg.epochs`` epochs (``cfg``: an ``OptimConfig``).
+
+    ``cfg.cs_beta > 0`` adds the CS regulariser to ``extra``.
+    ``checkpoint``: file written atomically after every epoch; with ``resume`` an existing one is loaded
+    first and training continues after its last finished epoch.  Returns the per-epoch history.
+    """
+    device = device or next(model.parameters()).device
+    prec = resolve_precision(device, cfg.precision, cfg.channels_last)
+    model.to(device)
+    if prec.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if hasattr(train_loader, "to") and device.type != "cpu":
+        train_loader.to(device)
+        if eval_loader is not None and hasattr(eval_loader, "to"):
+            eval_loader.to(device)
+    optimizer = make_optimizer(model, cfg)
+    schedule = make_schedule(cfg, max(1, len(train_loader)))
+    scaler = torch.amp.GradScaler(device.type) if prec.scaler else None
+    if getattr(cfg, "cs_beta", 0.0) > 0:
+        extra = (*extra, cs_regularizer(cfg.cs_beta, normalized=cfg.cs_normalized, every=cfg.cs_every))
+    result = FitResult()
+    start_epoch, step = 0, 0
+    ckpt = Path(checkpoint) if checkpoint else None
+    settings = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else dict(cfg)
+    if resume and ckpt is not None and ckpt.is_file():
+        state = load_training_state(ckpt)
+        if state.get("stage") != stage:
+            raise CheckpointError(f"{ckpt} belongs to stage '{state.get('stage')}', not '{stage}'")
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        result.history = list(state["history"])
+        result.resumed_from_epoch = start_epoch
+        torch.set_rng_state(state["rng"]["torch"])
+    train_model: nn.Module = model
+    if world_size() > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    t0 = time.perf_counter()
+    with make_progress(quiet) as progress:
+        for epoch in range(start_epoch, cfg.epochs):
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            task = progress.add_task(f"{stage} {epoch + 1}/{cfg.epochs}", total=len(train_loader), info="")
+            metrics, step = train_one_epoch(
+                train_model,
+                train_loader,
+                optimizer,
+                schedule,
+                prec=prec,
+                step=step,
+                label_smoothing=cfg.label_smoothing,
+                task_weight=task_weight,
+                extra=extra,
+                grad_clip=cfg.grad_clip,
+                scaler=scaler,
+                progress=progress,
+                task=task,
+            )
+            metrics["epoch"] = epoch + 1
+            if eval_loader is not None:
+                ev = evaluate(model, eval_loader, prec)
+                metrics["val_acc"], metrics["val_loss"] = ev["acc"], ev["loss"]
+                progress.update(task, info=progress.tasks[task].fields["info"] + f"  val {ev['acc']:.2f}%")
+            result.history.append(metrics)
+            if ckpt is not None and is_main_process():
+                atomic_torch_save(
+                    {
+                        "stage": stage,
+                        "model": unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "history": result.history,
+                        "settings": settings,
+                        "rng": {"torch": torch.get_rng_state()},
+                    },
+                    ckpt,
+                )
+            if on_epoch is not None:
+                on_epoch(epoch + 1, metrics)
+    result.seconds = time.perf_counter() - t0
+    result.final = result.history[-1] if result.history else {}
+    if prec.channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    return result

@@ -1,0 +1,52 @@
+"""Extra loss terms added to the task loss: the CS regulariser and distillation.
+
+A term is a callable ``(model, x, y, logits) -> loss`` (a scalar tensor); the loop adds it to the task
+loss outside autocast and reports its running mean under the term's ``__name__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..similarity import model_conv_similarity
+from .distributed import unwrap
+
+LossTerm = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cs_regularizer(beta: float, *, normalized: bool = True, channels: str = "same", every: int = 1) -> LossTerm:
+    """``beta * CS(model)``, the paper's regulariser (on unit-norm filters by default, so that it cannot
+    be lowered by shrinking weights that batch norm rescales anyway).
+
+    ``every=k`` applies ``k * beta * CS`` on every k-th step only: the same pull on average (the term
+    changes slowly next to the task gradient) at 1/k of its cost.
+    """
+    calls = {"n": 0}
+
+    def term(model, x, y, logits):
+        calls["n"] += 1
+        if (calls["n"] - 1) % every:
+            return logits.new_zeros(())
+        return (beta * every) * model_conv_similarity(unwrap(model), normalized=normalized, channels=channels)
+
+    term.__name__ = "cs"
+    return term
+
+
+def distillation(teacher: nn.Module, weight: float, temperature: float = 4.0) -> LossTerm:
+    """``weight * T² * KL(softmax(teacher/T) || softmax(student/T))`` (Hinton et al., 2015)."""
+    teacher.eval()
+
+    def term(model, x, y, logits):
+        with torch.no_grad():
+            t_logits = teacher(x).float()
+        t = temperature
+        kl = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(t_logits / t, 1), log_target=True, reduction="batchmean")
+        return weight * t * t * kl
+
+    term.__name__ = "kd"
+    return term

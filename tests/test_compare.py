@@ -1,0 +1,47 @@
+"""The comparison benchmark runs the product: its row equals the command line's run with the same options."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from convsim_shrink.cli import main as cli_main
+
+pytestmark = pytest.mark.slow
+
+SETS = ["data.subset=300", "data.val_split=100", "data.test_subset=200", "train.epochs=1", "finetune.epochs=1", "premin.steps=5"]
+
+
+def _compare_module():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "compare.py"
+    spec = importlib.util.spec_from_file_location("compare_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_benchmark_row_is_what_the_command_line_gives(tmp_path, fashion_dir):
+    compare = _compare_module()
+    sets = [arg for s in SETS for arg in ("--set", s)]
+    # two rows of the random criterion (it draws from the global generator): the second starts after the
+    # first has drawn, so it matches the command line only if every row starts from the CLI's random state
+    compare.main(["--preset", "smoke", "--model", "simple_cnn", "--device", "cpu", "--criteria", "random",
+                  "--variant", "random-again", "prune.criterion=random", "--targets", "0.5", "--seeds", "1",
+                  "--no-ablation", "--out", str(tmp_path / "bench"), *sets])
+    rows = json.loads((tmp_path / "bench" / "results.json").read_text())
+    out = tmp_path / "cli"
+    with pytest.raises(SystemExit) as e:
+        cli_main(["simple_cnn", "--target-params", "0.5", "--criterion", "random", "--seed", "1", "--device", "cpu",
+                  "--quiet", "--out", str(out), *sets])
+    assert e.value.code == 0
+    report = json.loads((out / "report.json").read_text())
+    state = json.loads((out / "state.json").read_text())
+    assert rows["dense-A-1"]["test"] == report["dense"]["accuracy"]
+    for label in ("random", "random-again"):
+        row = rows[f"A/{label}/0.5/1"]
+        assert row["params_ratio"] == report["params_ratio"] and row["macs_ratio"] == report["macs_ratio"]
+        assert row["test_pruned"] == report["shrunk"]["accuracy_before_finetune"] and row["test"] == report["shrunk"]["accuracy"]
+        # floats that any difference in settings, data or random state would move
+        assert row["finetune_loss"] == state["history_finetune"][-1]["train_loss"]
+        assert row["cs_shrunk"] == report["cs"]["shrunk"]

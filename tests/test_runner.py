@@ -1,0 +1,141 @@
+"""The runner owns the order, skipping and resuming; the stages it calls are tested in test_stages.py.
+
+Fast: a tiny model, 0-epoch training stages and a small slice of real Fashion-MNIST.
+"""
+
+import json
+
+import pytest
+import torch
+
+import convsim_shrink.runner as runner
+import convsim_shrink.stages as stages
+from convsim_shrink import checkpoint as ckpt
+from convsim_shrink.errors import CheckpointError, ConfigError
+from convsim_shrink.recipe import resolve
+from convsim_shrink.report import build_report
+from convsim_shrink.runner import STAGES, Runner, resumable
+from convsim_shrink.state import RunState
+
+SETS = [
+    "model.name=simple_cnn", "model.width=0.25", "data.subset=200", "data.test_subset=100", "premin.steps=3",
+    "train.epochs=0", "finetune.epochs=0", "prune.bn_recalibration=2", "prune.round_to=null",
+    "export.formats=[convsim]", "run.quiet=true", "run.device=cpu",
+]
+
+#: the keys of report.json (its content must not change with the pipeline's wiring)
+REPORT_KEYS = {
+    "model", "width", "dataset", "test_images", "criterion", "global_pruning", "distill", "target", "dense", "shrunk",
+    "params_ratio", "macs_ratio", "accuracy_delta", "cs", "stages", "total_seconds", "exports", "onnx_max_abs_diff",
+}
+
+
+def test_stages_are_the_runners_list():
+    assert STAGES == ("build", "premin", "train", "prune", "finetune", "export")
+
+
+@pytest.mark.parametrize("completed,kept", [
+    ([], []),
+    (["build"], []),  # the built model lived in memory only: build again (with pre-minimisation)
+    (["build", "premin"], ["build", "premin"]),
+    (["build", "premin", "train", "prune"], ["build", "premin", "train", "prune"]),
+    (list(STAGES), list(STAGES)),
+    (["build", "premin", "prune"], ["build", "premin"]),  # only a finished prefix counts
+])
+def test_resumable_keeps_the_finished_prefix_that_left_a_model(completed, kept):
+    assert resumable(completed) == kept
+
+
+class Spy:
+    """Wraps the stage functions the runner calls and records which ran."""
+
+    def __init__(self, monkeypatch, fail: str | None = None):
+        self.calls: list[str] = []
+        for name in STAGES:
+            real = getattr(stages, f"{name}_stage")  # the real function, not an earlier spy
+
+            def wrapped(*args, _name=name, _real=real, **kw):
+                self.calls.append(_name)
+                if _name == fail:
+                    raise KeyboardInterrupt
+                return _real(*args, **kw)
+
+            monkeypatch.setattr(runner, f"{name}_stage", wrapped)
+
+
+def test_interrupted_run_resumes_after_the_last_finished_stage(tmp_path, monkeypatch, fashion_dir):
+    out = tmp_path / "run"
+    recipe = resolve(None, sets=SETS)
+    spy = Spy(monkeypatch, fail="prune")
+    with pytest.raises(KeyboardInterrupt):
+        Runner(recipe, out).run()
+    assert spy.calls == ["build", "premin", "train", "prune"]
+    state = RunState.load(out / "state.json")
+    assert state.completed == ["build", "premin", "train"] and state.metrics.dense_accuracy is not None
+    dense_file = out / "dense.safetensors"
+    assert ckpt.read_metadata(dense_file)["input_shape"] == [1, 28, 28]
+    stamp = dense_file.stat().st_mtime_ns
+
+    spy = Spy(monkeypatch)
+    result = Runner(recipe, out, resume=True).run()
+    assert spy.calls == ["prune", "finetune", "export"]  # nothing finished is repeated
+    assert dense_file.stat().st_mtime_ns == stamp
+    dense = ckpt.load(dense_file)
+    assert all(torch.equal(a, b) for a, b in zip(dense.state_dict().values(), result.dense_model.state_dict().values()))
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == REPORT_KEYS | {"plots"} and list(report["stages"]) == list(STAGES)
+    assert 0.49 <= report["params_ratio"] <= 0.5
+
+    spy = Spy(monkeypatch)
+    again = Runner(recipe, out, resume=True).run()  # a finished run: nothing runs, the models come back
+    assert spy.calls == [] and again.report == result.report
+    assert sum(p.numel() for p in again.model.parameters()) == report["shrunk"]["params"]
+
+
+def test_resume_before_premin_finished_starts_over(tmp_path, monkeypatch, fashion_dir):
+    out = tmp_path / "run"
+    recipe = resolve(None, sets=SETS)
+    Spy(monkeypatch, fail="premin")
+    with pytest.raises(KeyboardInterrupt):
+        Runner(recipe, out).run()
+    assert RunState.load(out / "state.json").completed == ["build"]
+    spy = Spy(monkeypatch, fail="train")
+    with pytest.raises(KeyboardInterrupt):
+        Runner(recipe, out, resume=True).run()
+    assert spy.calls == ["build", "premin", "train"]
+
+
+def test_missing_model_file_is_a_clear_error_on_resume(tmp_path, monkeypatch, fashion_dir):
+    out = tmp_path / "run"
+    recipe = resolve(None, sets=SETS)
+    Spy(monkeypatch, fail="prune")
+    with pytest.raises(KeyboardInterrupt):
+        Runner(recipe, out).run()
+    (out / "dense.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="dense.safetensors is missing"):
+        Runner(recipe, out, resume=True).run()
+
+
+def test_without_a_run_directory_nothing_is_written_and_export_is_skipped(tmp_path, monkeypatch, fashion_dir):
+    monkeypatch.chdir(tmp_path)
+    spy = Spy(monkeypatch)
+    result = Runner(resolve(None, sets=SETS)).run()
+    assert spy.calls == ["build", "premin", "train", "prune", "finetune"]
+    assert list(tmp_path.iterdir()) == [] and result.run_dir is None
+    assert set(result.report) == REPORT_KEYS and result.report["exports"] == {}
+
+
+def test_bad_input_fails_before_anything_is_written(tmp_path, fashion_dir):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="has no option"):
+        Runner(resolve(None, sets=SETS + ["prune.criterion_options={strength: 0.5}", "prune.criterion=l1"]), out).run()
+    assert not out.exists()
+
+
+def test_report_reads_the_typed_state():
+    state = RunState.from_dict({"completed": ["build"], "seconds": {"build": 0.25},
+                                "metrics": {"dense_size": {"params": 100, "macs": 400}, "cs_init": 2.0}})
+    report = build_report(resolve(None), state, None)
+    assert set(report) == REPORT_KEYS
+    assert report["dense"] == {"params": 100, "macs": 400, "accuracy": None} and report["params_ratio"] is None
+    assert report["cs"]["init"] == 2.0 and report["stages"] == {"build": 0.25} and report["total_seconds"] == 0.2
