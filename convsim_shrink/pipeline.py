@@ -334,6 +334,7 @@ class Pipeline:
             self.model = self._load_model("premin.safetensors")
         self.log(f"device: {resolve_precision(self.device, self.recipe.train.precision, self.recipe.train.channels_last).describe()}"
                  + (f"; run directory: {self.run_dir}" if self.run_dir else ""))
+        self.log(f"recipe: {self.recipe.run.recipe_source or 'built-in defaults (no recipe file)'}")
         for stage in ("build", "premin", "train", "prune", "finetune", "export"):
             getattr(self, f"_{stage}")()
         report = build_report(self.recipe, self.state, self.data)

@@ -23,6 +23,7 @@ def build_report(recipe, state: dict, data) -> dict[str, Any]:
     shrunk_size = m.get("shrunk_size", {})
     return {
         "model": recipe.model.name,
+        "recipe": recipe.run.recipe_source,
         "width": recipe.model.width,
         "dataset": getattr(getattr(data, "info", None), "name", recipe.data.name),
         "test_images": getattr(getattr(data, "test", None), "num_samples", None),
