@@ -271,6 +271,9 @@ def export(
 
     if format_ not in ("onnx", "torchscript"):
         raise ConfigError(f"--format {format_} is not supported; use onnx or torchscript")
+    from .preflight import check_exports
+
+    check_exports([format_], opset=opset)  # a missing package is one line, before anything is written
     model = ckpt.load(checkpoint)
     meta = ckpt.read_metadata(checkpoint)
     data_name = (meta.get("recipe") or {}).get("data", {}).get("name", "fashion-mnist")

@@ -38,6 +38,7 @@ from .engine import (
 from .errors import CheckpointError, ConfigError
 from .models import SPEC_ATTR, create_model, list_models
 from .premin import preminimize
+from .preflight import check_run
 from .pruning import channel_counts, iterative_prune, measure
 from .ranking import NEEDS_GRADIENTS, make_importance
 from .recipe import Recipe
@@ -143,8 +144,9 @@ class Pipeline:
     # ---------------------------------------------------------------------------------- prepare
 
     def prepare(self) -> None:
-        """Validate everything that can fail on user input, then create the run directory."""
+        """Validate everything that can fail on user input or the environment, then create the run directory."""
         r = self.recipe
+        check_run(r, self.run_dir, resume=self.resume)  # device, packages, output folder: before any work
         if self.given_model is None and r.model.name not in list_models():
             from .errors import unknown
 
@@ -169,8 +171,6 @@ class Pipeline:
                 raise ConfigError("resuming is supported for registry models only; start the Python API run again")
             if "premin" not in self.state["completed"]:
                 self.state["completed"] = []  # build + premin are cheap and seeded: redo them together
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise ConfigError(f"{self.run_dir} already exists and is not empty; choose another --out or --resume it")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.run_dir / "recipe.yaml", self.recipe.to_yaml().encode())
         self._save_state()
