@@ -39,7 +39,7 @@ def test_balanced_subset_is_deterministic_and_balanced():
 
 
 def test_loader_order_depends_on_seed_and_epoch_only():
-    images = torch.randint(0, 255, (50, 1, 8, 8), dtype=torch.uint8)
+    images = torch.randint(0, 255, (50, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(50) % 10
     info = INFO["fashion-mnist"]
     mk = lambda: TensorLoader(images, labels, info, batch_size=16, train=True, seed=1)  # noqa: E731
