@@ -1,5 +1,6 @@
 """Preflight: every check fails before any work, with one line naming the problem and the fix."""
 
+import re
 import sys
 
 import pytest
@@ -117,7 +118,7 @@ def test_a_file_in_the_way_is_refused(tmp_path):
     blocker.write_text("")
     with pytest.raises(OutputNotWritableError, match="is a file, not a folder"):
         preflight.check_output_dir(blocker)
-    with pytest.raises(OutputNotWritableError, match=rf"cannot create {blocker}/run: {blocker} is a file"):
+    with pytest.raises(OutputNotWritableError, match=re.escape(f"cannot create {blocker / 'run'}: {blocker} is a file")):
         preflight.check_output_dir(blocker / "run")
 
 

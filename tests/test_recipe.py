@@ -124,13 +124,13 @@ def test_a_run_records_which_recipe_file_it_used(tmp_path, monkeypatch):
     assert shipped.run.recipe_source.endswith(str(Path("convsim_shrink", "recipes", "resnet18.yaml")) + ")")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine.yaml").write_text("model: {name: vgg11_bn}\n")
-    assert resolve("mine.yaml").run.recipe_source == str(tmp_path / "mine.yaml")  # absolute, not as typed
+    assert resolve("mine.yaml").run.recipe_source == str((tmp_path / "mine.yaml").resolve())  # absolute, not as typed
     assert resolve(None).run.recipe_source is None and resolve({"train": {"epochs": 1}}).run.recipe_source is None
     # a resumed run reads its saved recipe.yaml as a mapping: the original source is kept
     assert resolve(yaml.safe_load(shipped.to_yaml())).run.recipe_source == shipped.run.recipe_source
     # a file that claims another source is overruled by the file actually read
     (tmp_path / "claims.yaml").write_text("run: {recipe_source: elsewhere}\n")
-    assert resolve("claims.yaml").run.recipe_source == str(tmp_path / "claims.yaml")
+    assert resolve("claims.yaml").run.recipe_source == str((tmp_path / "claims.yaml").resolve())
 
 
 def test_recipe_names_cannot_escape_the_shipped_folder():
