@@ -257,6 +257,9 @@ def export(
     """Export a saved model to ONNX (checked against onnxruntime) or TorchScript."""
     from .tools import export_file, parse_shape
 
+    from .preflight import check_exports
+
+    check_exports([format_], opset=opset)  # a missing package is one line, before anything is written
     shape = parse_shape(input_shape) if input_shape else None
     done = export_file(checkpoint, format_, out, opset=opset, input_shape=shape)
     if done.onnx_max_abs_diff is not None:

@@ -160,6 +160,18 @@ def _missing(name: str, looked: list[Path], how: str) -> DataNotFoundError:
     return DataNotFoundError(f"{name} not found (looked in {where}); {how}")
 
 
+def _download(fetch, name: str) -> None:
+    """Run a torchvision download; a network or disk failure becomes one line naming the fix."""
+    try:
+        fetch()
+    except (OSError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataNotFoundError(
+            f"downloading {name} into {CACHE_DIR} failed ({first}); check the network connection, "
+            "or put the files in a folder and pass it with --data-dir"
+        ) from None
+
+
 def _load_fashion_mnist(root: Path | None, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
     looked = _candidate_dirs("fashion-mnist", root)
     for folder in looked:
@@ -170,7 +182,7 @@ def _load_fashion_mnist(root: Path | None, split: str, download: bool) -> tuple[
     if download:
         import torchvision
 
-        torchvision.datasets.FashionMNIST(str(CACHE_DIR), train=split == "train", download=True)
+        _download(lambda: torchvision.datasets.FashionMNIST(str(CACHE_DIR), train=split == "train", download=True), "fashion-mnist")
         return _load_fashion_mnist(CACHE_DIR / "FashionMNIST" / "raw", split, download=False)
     raise _missing(
         "fashion-mnist",
@@ -200,7 +212,7 @@ def _load_cifar(name: str, root: Path | None, split: str, download: bool) -> tup
         import torchvision
 
         cls = torchvision.datasets.CIFAR10 if ten else torchvision.datasets.CIFAR100
-        cls(str(CACHE_DIR), train=split == "train", download=True)
+        _download(lambda: cls(str(CACHE_DIR), train=split == "train", download=True), name)
         return _load_cifar(name, CACHE_DIR, split, download=False)
     raise _missing(
         name,
@@ -344,11 +356,15 @@ def _folder_loaders(cfg, batch_size: int, seed: int):
     normalize = T.Normalize(info.mean, info.std)
     train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]) if cfg.augment else T.Compose([T.Resize(256), T.CenterCrop(size), T.ToTensor(), normalize])
     eval_tf = T.Compose([T.Resize(256), T.CenterCrop(size), T.ToTensor(), normalize])
-    train_set = torchvision.datasets.ImageFolder(str(root / "train"), train_tf)
     val_dir = root / "val" if (root / "val").is_dir() else root / "test"
     if not val_dir.is_dir():
         raise DataNotFoundError(f"imagefolder: {root} has train/ but no val/ (or test/) folder")
-    test_set = torchvision.datasets.ImageFolder(str(val_dir), eval_tf)
+    try:
+        train_set = torchvision.datasets.ImageFolder(str(root / "train"), train_tf)
+        test_set = torchvision.datasets.ImageFolder(str(val_dir), eval_tf)
+    except OSError as exc:  # e.g. a class folder without a single image
+        first = str(exc).strip().splitlines()[0]
+        raise DataNotFoundError(f"imagefolder: {first}; every class folder needs at least one image") from None
     info = DataInfo("imagefolder", len(train_set.classes), 3, size, info.mean, info.std, pad=0, classes=tuple(train_set.classes))
     workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
     pin = torch.cuda.is_available()

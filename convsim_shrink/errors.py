@@ -40,6 +40,15 @@ class TrainingDivergedError(ConvSimError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class MissingDependencyError(ConvSimError, ImportError):
+    """A package that a requested feature needs is not installed or does not work; the message names
+    the package and the command that installs it."""
+
+
+class OutputNotWritableError(ConvSimError, OSError):
+    """The run directory cannot be created or written (a file in the way, a read-only or full disk)."""
+
+
 def closest(name: str, choices) -> str | None:
     """The choice closest to ``name`` (for 'did you mean' hints), or None."""
     import difflib

@@ -5,20 +5,30 @@
 A recipe has the sections ``model``, ``data``, ``premin``, ``train``, ``prune``, ``finetune`` and
 ``export``.  Unknown keys are errors that name their dotted path and the closest valid key.  The
 resolved recipe is saved into every run directory (``recipe.yaml``), so a run can be repeated exactly.
+
+The shipped recipes are package data (``convsim_shrink/recipes/*.yaml``), read through
+:mod:`importlib.resources`, so they are found the same way from a source tree, a wheel or an sdist.
 """
 
 from __future__ import annotations
 
 import difflib
+from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, unknown
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+
+def shipped_recipes() -> Traversable:
+    """The folder of shipped recipes inside the installed package."""
+    return resources.files("convsim_shrink") / "recipes"
 
 
 class _Section(BaseModel):
@@ -129,6 +139,7 @@ class RunConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     out: str | None = None
     quiet: bool = False
+    recipe_source: str | None = Field(None, description="the recipe file the run was resolved from (set by the tool; None = built-in defaults)")
 
 
 class Recipe(_Section):
@@ -182,27 +193,51 @@ def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
 # ------------------------------------------------------------------------------------------- loading
 
 
+def _shipped(name: str) -> Traversable | None:
+    if not name or "/" in name or "\\" in name:
+        return None
+    entry = shipped_recipes() / f"{name}.yaml"
+    return entry if entry.is_file() else None
+
+
 def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    """Names of the shipped recipes (``convsim-shrink list recipes``)."""
+    folder = shipped_recipes()
+    if not folder.is_dir():
+        return []
+    return sorted(e.name.removesuffix(".yaml") for e in folder.iterdir() if e.name.endswith(".yaml") and e.is_file())
 
 
-def recipe_path(name_or_path: str | Path) -> Path:
-    """A recipe file: an existing path, or the name of a shipped recipe (``recipes/NAME.yaml``)."""
+def recipe_path(name_or_path: str | Path) -> Path | Traversable:
+    """A recipe file: an existing path, or the name of a shipped recipe (package data).
+
+    Raises :class:`ConfigError` for a path that does not exist and :class:`UnknownNameError` (listing the
+    shipped names) for an unknown name.
+    """
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
+    shipped = _shipped(str(name_or_path))
+    if shipped is not None:
         return shipped
     if path.suffix in (".yaml", ".yml") or "/" in str(name_or_path):
         raise ConfigError(f"recipe file '{name_or_path}' does not exist; give a path to a YAML file or a shipped recipe name")
     raise unknown("recipe", str(name_or_path), list_recipes())
 
 
+def recipe_source(name_or_path: str | Path) -> str:
+    """How a run names the recipe file it used: a user's file by its absolute path, a shipped recipe as
+    ``NAME (shipped: PATH)``.  Raises as :func:`recipe_path`."""
+    found = recipe_path(name_or_path)
+    if isinstance(found, Path) and Path(name_or_path).is_file():
+        return str(found.resolve())
+    return f"{name_or_path} (shipped: {found})"
+
+
 def read_recipe_file(name_or_path: str | Path) -> dict[str, Any]:
     path = recipe_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -263,6 +298,7 @@ def resolve(
     elif recipe is not None:
         source = str(recipe_path(recipe))
         data = _deep_merge(data, read_recipe_file(recipe))
+        data = _deep_merge(data, {"run": {"recipe_source": recipe_source(recipe)}})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     # a target given on the command line replaces the recipe's target of the other kind
     for given, other in (("prune.target_params", "target_macs"), ("prune.target_macs", "target_params")):
@@ -281,8 +317,8 @@ def resolve(
 
 
 def default_recipe_for(model_name: str) -> str | None:
-    """The shipped recipe named after a model (``recipes/<model>.yaml``), if any."""
-    return model_name if (RECIPES_DIR / f"{model_name}.yaml").is_file() else None
+    """The shipped recipe named after a model (``convsim_shrink/recipes/<model>.yaml``), if any."""
+    return model_name if _shipped(model_name) is not None else None
 
 
 def known_keys() -> list[str]:

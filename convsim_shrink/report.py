@@ -27,6 +27,7 @@ def build_report(recipe, state: RunState, data) -> dict[str, Any]:
     shrunk_params = shrunk_size.params if shrunk_size else None
     return {
         "model": recipe.model.name,
+        "recipe": recipe.run.recipe_source,
         "width": recipe.model.width,
         "dataset": getattr(getattr(data, "info", None), "name", recipe.data.name),
         "test_images": getattr(getattr(data, "test", None), "num_samples", None),

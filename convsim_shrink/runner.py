@@ -28,6 +28,7 @@ from .data import DataBundle, DataInfo
 from .errors import CheckpointError, ConfigError, unknown
 from .io import atomic_write_text
 from .models import list_models
+from .preflight import check_run
 from .ranking import get_criterion
 from .recipe import Recipe
 from .report import build_report, write_report
@@ -160,8 +161,9 @@ class Runner:
     # ---------------------------------------------------------------------------------- prepare
 
     def prepare(self) -> None:
-        """Validate everything that can fail on user input, then create the run directory."""
+        """Validate everything that can fail on user input or the environment, then create the run directory."""
         r = self.recipe
+        check_run(r, self.run_dir, resume=self.resume)  # device, packages, output folder: before any work
         if self.given_model is None and r.model.name not in list_models():
             raise unknown("model", r.model.name, list_models())
         get_criterion(r.prune.criterion).create(**r.prune.criterion_options)  # unknown criterion or option fails here
@@ -176,8 +178,6 @@ class Runner:
             if self.given_model is not None:
                 raise ConfigError("resuming is supported for registry models only; start the Python API run again")
             self.state.completed = resumable(self.state.completed)
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise ConfigError(f"{self.run_dir} already exists and is not empty; choose another --out or --resume it")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "recipe.yaml", self.recipe.to_yaml())
         self._save_state()
@@ -270,6 +270,7 @@ class Runner:
         r = self.recipe
         self.log(f"device: {resolve_precision(self.device, r.train.precision, r.train.channels_last).describe()}"
                  + (f"; run directory: {self.run_dir}" if self.run_dir else ""))
+        self.log(f"recipe: {r.run.recipe_source or 'built-in defaults (no recipe file)'}")
         calls: dict[str, Callable[[], float | None]] = {name: getattr(self, f"_{name}") for name in STAGES}
         skipped: dict[str, str] = {}  # slot -> model file of the last finished stage that filled it
         for step in _STEPS:

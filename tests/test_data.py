@@ -39,7 +39,7 @@ def test_balanced_subset_is_deterministic_and_balanced():
 
 
 def test_loader_order_depends_on_seed_and_epoch_only():
-    images = torch.randint(0, 255, (50, 1, 8, 8), dtype=torch.uint8)
+    images = torch.randint(0, 255, (50, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(50) % 10
     info = INFO["fashion-mnist"]
     mk = lambda: TensorLoader(images, labels, info, batch_size=16, train=True, seed=1)  # noqa: E731
@@ -178,3 +178,27 @@ def test_imagefolder(tmp_path):
     assert b.info.num_classes == 2 and b.info.classes == ("cat", "dog")
     x, y = next(iter(b.test))
     assert x.shape == (2, 3, 224, 224)
+
+
+def test_imagefolder_with_an_empty_class_is_a_clear_error(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split / "empty").mkdir(parents=True)
+    with pytest.raises(DataNotFoundError, match="every class folder needs at least one image"):
+        build_data(DataConfig(name="imagefolder", dir=str(tmp_path), workers=0), batch_size=2)
+
+
+def test_a_failed_download_is_a_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    import convsim_shrink.data as data
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    with pytest.raises(DataNotFoundError, match=r"downloading fashion-mnist into .*cache failed \(.*name resolution.*\); check the network"):
+        load_arrays("fashion-mnist", None, download=True)

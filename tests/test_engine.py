@@ -54,7 +54,8 @@ def test_seeded_runs_are_reproducible(tiny):
     fit(a, tiny.train, _cfg(), quiet=True)
     fit(b, tiny.train, _cfg(), quiet=True)
     for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
-        assert torch.equal(pa, pb)
+        # the same seed gives the same run up to round-off (unseeded, weights differ by ~1e-2)
+        assert torch.allclose(pa.float(), pb.float(), rtol=1e-5, atol=1e-6 * (1 + pa.float().abs().max().item()))
 
 
 def test_resume_continues_exactly(tiny, tmp_path):
@@ -184,8 +185,8 @@ def test_distillation_is_zero_against_itself_and_positive_otherwise():
 def test_evaluate_matches_manual_count(tiny):
     model = _model().eval()
     got = evaluate(model, tiny.test)
-    with torch.no_grad():
-        logits = model(torch.cat([x for x, _ in tiny.test]))
+    with torch.no_grad():  # batch by batch as evaluate does: one big batch may round differently and flip a near-tie
+        logits = torch.cat([model(x) for x, _ in tiny.test])
     labels = torch.cat([y for _, y in tiny.test])
     assert got["acc"] == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())
     assert math.isfinite(got["loss"])

@@ -100,7 +100,11 @@ def test_strength_zero_is_the_group_magnitude_order():
     group = _group_for(model, model.features[3])
     ours = ConvSimImportance(strength=0.0)(group)
     l2 = tp.importance.GroupMagnitudeImportance(p=2)(group)
-    assert torch.equal(ours.argsort(), l2.argsort())
+    # removed in the order of the magnitudes: along ours' order they never fall by more than round-off
+    # (argsort itself may swap two magnitudes equal to the last bits, and ours breaks ties at 1e-6)
+    along = l2[ours.argsort()]
+    assert (along[1:] >= along[:-1] - 1e-5 * l2.abs().max()).all()
+    assert (along[1:] - along[:-1]).abs().max() > 0  # and not trivially: the magnitudes differ
 
 
 def test_lamp_scores_match_the_definition_and_keep_the_removal_order():

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -104,3 +106,33 @@ def test_paper_settings_in_cifar_recipe():
     r = resolve("resnet18-cifar10")
     assert (r.train.optimizer, r.train.lr, r.train.momentum, r.train.epochs, r.train.batch_size) == ("sgd", 0.1, 0.9, 200, 128)
     assert read_recipe_file("resnet18-cifar10")["data"]["name"] == "cifar10"
+
+
+def test_shipped_recipes_are_package_data():
+    import convsim_shrink
+    from convsim_shrink.recipe import recipe_path, shipped_recipes
+
+    package = Path(convsim_shrink.__file__).parent
+    assert Path(str(shipped_recipes())) == package / "recipes"  # inside the package, not next to the source tree
+    assert list_recipes() == sorted(p.stem for p in (package / "recipes").glob("*.yaml"))
+    assert Path(str(recipe_path("resnet18"))) == package / "recipes" / "resnet18.yaml"
+
+
+def test_a_run_records_which_recipe_file_it_used(tmp_path, monkeypatch):
+    shipped = resolve("resnet18")
+    assert shipped.run.recipe_source.startswith("resnet18 (shipped: ")
+    assert shipped.run.recipe_source.endswith(str(Path("convsim_shrink", "recipes", "resnet18.yaml")) + ")")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("model: {name: vgg11_bn}\n")
+    assert resolve("mine.yaml").run.recipe_source == str((tmp_path / "mine.yaml").resolve())  # absolute, not as typed
+    assert resolve(None).run.recipe_source is None and resolve({"train": {"epochs": 1}}).run.recipe_source is None
+    # a resumed run reads its saved recipe.yaml as a mapping: the original source is kept
+    assert resolve(yaml.safe_load(shipped.to_yaml())).run.recipe_source == shipped.run.recipe_source
+    # a file that claims another source is overruled by the file actually read
+    (tmp_path / "claims.yaml").write_text("run: {recipe_source: elsewhere}\n")
+    assert resolve("claims.yaml").run.recipe_source == str((tmp_path / "claims.yaml").resolve())
+
+
+def test_recipe_names_cannot_escape_the_shipped_folder():
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve("../recipes/resnet18")

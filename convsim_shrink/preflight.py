@@ -1,0 +1,208 @@
+"""Preflight: what a run needs from the machine and the user, checked before any work is done.
+
+A long run must never die at its end for something knowable at its start.  :func:`check_run` is the
+first thing :meth:`~convsim_shrink.pipeline.Pipeline.prepare` does, before the data is read, the run
+directory is created or a single step is trained.  Each check raises a subclass of
+:class:`~convsim_shrink.errors.ConvSimError` whose message is one line naming the problem and the fix
+(the command line prints it and exits with status 2), and none of them leaves anything behind.
+
+=============  ======================================================================================
+check          what it proves
+=============  ======================================================================================
+device         the device asked for (``run.device``) is there
+precision      the training and fine-tuning precisions run on that device
+exports        every format in ``export.formats`` has its packages (ONNX: onnx, and onnxruntime for
+               the check of the exported file), the opset is one this torch writes, and a tiny model
+               exports and runs through onnxruntime in memory
+report         the packages the report needs (matplotlib) import
+output         the run directory can be created and written (no file in the way, not a non-empty
+               folder unless resuming, the filesystem takes a new entry)
+=============  ======================================================================================
+
+The data is checked right after these, still before anything is written: ``prepare`` reads it
+(:func:`~convsim_shrink.data.build_data`), and reading is the only check that proves it is usable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+from .errors import ConfigError, MissingDependencyError, OutputNotWritableError
+
+#: Python packages (import names) that each export format needs beyond the core dependencies
+EXPORT_PACKAGES: dict[str, tuple[str, ...]] = {
+    "convsim": ("safetensors",),
+    "onnx": ("onnx", "onnxruntime"),
+    "torchscript": (),
+}
+REPORT_PACKAGES = ("matplotlib",)
+
+
+def check_run(recipe, run_dir: str | Path | None, *, resume: bool = False) -> None:
+    """Every check of this module for one run of ``recipe`` (a resolved
+    :class:`~convsim_shrink.recipe.Recipe`) writing to ``run_dir`` (``None``: nothing is written, so
+    the export, report and output checks are skipped).
+
+    Raises :class:`~convsim_shrink.errors.ConfigError` (device, precision, opset, run directory in
+    use), :class:`~convsim_shrink.errors.MissingDependencyError` (a package) or
+    :class:`~convsim_shrink.errors.OutputNotWritableError` (the run directory).
+    """
+    device = check_device(recipe.run.device)
+    check_precision(device, recipe)
+    if run_dir is None:
+        return
+    check_exports(recipe.export.formats, opset=recipe.export.opset)
+    require_packages(REPORT_PACKAGES, "the run report (plots)")
+    check_output_dir(Path(run_dir), resume=resume)
+
+
+# ------------------------------------------------------------------------------------- device
+
+
+def check_device(name: str):
+    """The ``torch.device`` for ``run.device``; raises :class:`ConfigError` when it is not available."""
+    from .engine import resolve_device
+
+    return resolve_device(name)
+
+
+def check_precision(device, recipe) -> None:
+    """Both training stages' precision settings work on ``device`` (fp16 autocast does not on a CPU)."""
+    from .engine import resolve_precision
+
+    for section in ("train", "finetune"):
+        cfg = getattr(recipe, section)
+        try:
+            resolve_precision(device, cfg.precision, cfg.channels_last)
+        except ConfigError as exc:
+            raise ConfigError(f"{section}.precision={cfg.precision}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------ packages
+
+
+def require_packages(packages: tuple[str, ...] | list[str], needed_for: str, *, instead: str = "") -> None:
+    """Import each package; raises :class:`MissingDependencyError` naming the ``pip install`` that fixes
+    it.  A package that is installed but fails to import (a broken build, a missing shared library)
+    counts as missing: it would fail the same way at the end of the run."""
+    missing, broken = [], []
+    for name in packages:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            (missing if getattr(exc, "name", None) == name else broken).append((name, exc))
+        except OSError as exc:  # e.g. a shared library of the package cannot be loaded
+            broken.append((name, exc))
+    if not missing and not broken:
+        return
+    alternative = f", or {instead}" if instead else ""
+    if missing:
+        names = [n for n, _ in missing]
+        are, them = ("is", "it") if len(names) == 1 else ("are", "them")
+        raise MissingDependencyError(
+            f"{needed_for} needs {' and '.join(names)}, which {are} not installed; install {them} with "
+            f"`pip install {' '.join(names)}`{alternative}"
+        )
+    name, exc = broken[0]
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise MissingDependencyError(
+        f"{needed_for} needs {name}, which is installed but does not import ({first}); "
+        f"reinstall it with `pip install --force-reinstall {name}`{alternative}"
+    )
+
+
+def check_exports(formats, *, opset: int = 17) -> None:
+    """Every export format in ``formats`` can be written here; for ONNX also that ``opset`` is one this
+    torch writes and that a tiny model exports and runs through onnxruntime, in memory."""
+    formats = list(formats)
+    for fmt in formats:
+        if fmt not in EXPORT_PACKAGES:
+            raise ConfigError(f"export format '{fmt}' is unknown; use {', '.join(EXPORT_PACKAGES)}")
+        others = [f for f in formats if f != fmt]
+        instead = f"drop it: --set 'export.formats=[{', '.join(others)}]'" if others else ""
+        require_packages(EXPORT_PACKAGES[fmt], f"export format '{fmt}'", instead=instead)
+    if "onnx" in formats:
+        _check_onnx_round_trip(opset)
+
+
+def _max_onnx_opset() -> int | None:
+    import torch.onnx
+
+    constants = getattr(torch.onnx, "_constants", None)
+    return getattr(constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", None)
+
+
+def _check_onnx_round_trip(opset: int) -> None:
+    import torch
+    from torch import nn
+
+    newest = _max_onnx_opset()
+    if newest is not None and opset > newest:
+        raise ConfigError(f"export.opset={opset} is newer than this torch writes (up to {newest}); use --set export.opset={newest}")
+    import onnxruntime as ort
+
+    tiny = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)).eval()
+    x = torch.zeros(2, 1, 8, 8)
+    buffer = io.BytesIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                tiny, (x,), buffer, dynamo=False, opset_version=opset, input_names=["input"], output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
+        session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+        session.run(None, {"input": x.numpy()})
+    except Exception as exc:  # noqa: BLE001 - any failure here would fail the real export at the end
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MissingDependencyError(
+            f"ONNX export does not work here at opset {opset} ({type(exc).__name__}: {first}); "
+            "update onnx and onnxruntime (pip install -U onnx onnxruntime), lower export.opset, "
+            "or drop onnx from export.formats"
+        ) from None
+
+
+# -------------------------------------------------------------------------------------- output
+
+
+def check_output_dir(run_dir: Path, *, resume: bool = False) -> None:
+    """The run directory can be made and written, without leaving anything behind.
+
+    A new run needs ``run_dir`` absent or an empty folder; a resumed one needs it to exist.  The
+    nearest existing folder on the way takes a trial entry (made and removed at once), which is what
+    proves that the filesystem is writable (permissions, read-only mounts, ACLs).
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise OutputNotWritableError(f"{run_dir} is a file, not a folder; choose another --out")
+    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir} already exists and is not empty; choose another --out or --resume it")
+    existing = run_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputNotWritableError(f"cannot create {run_dir}: {existing} is a file, not a folder; choose another --out")
+    try:
+        trial = tempfile.mkdtemp(prefix=".convsim-shrink-preflight-", dir=existing)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputNotWritableError(f"cannot write {run_dir}: {existing} is not writable ({reason}); choose another --out") from None
+    with contextlib.suppress(OSError):
+        os.rmdir(trial)
+
+
+__all__ = [
+    "EXPORT_PACKAGES",
+    "check_device",
+    "check_exports",
+    "check_output_dir",
+    "check_precision",
+    "check_run",
+    "require_packages",
+]

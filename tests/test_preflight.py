@@ -1,0 +1,172 @@
+"""Preflight: every check fails before any work, with one line naming the problem and the fix."""
+
+import re
+import sys
+
+import pytest
+import torch
+
+from convsim_shrink import preflight
+from convsim_shrink.cli import main
+from convsim_shrink.errors import ConfigError, MissingDependencyError, OutputNotWritableError
+from convsim_shrink.recipe import resolve
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.fixture
+def no_onnxruntime(monkeypatch):
+    """As if onnxruntime were not installed (None in sys.modules makes every import of it fail)."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+
+
+# ------------------------------------------------------------------------------------ device
+
+
+def test_a_device_that_is_not_there_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as err:
+        preflight.check_run(resolve(None, sets=["run.device=cuda"]), None)
+    assert "no CUDA GPU is visible; use --device cpu or auto" in _one_line(err)
+    assert preflight.check_device("cpu") == torch.device("cpu")
+
+
+def test_a_precision_the_device_cannot_run_is_refused_for_either_stage():
+    for section in ("train", "finetune"):
+        recipe = resolve(None, sets=["run.device=cpu", f"{section}.precision=fp16"])
+        with pytest.raises(ConfigError, match=rf"^{section}\.precision=fp16: fp16 autocast is not supported on the CPU"):
+            preflight.check_run(recipe, None)
+    preflight.check_run(resolve(None, sets=["run.device=cpu", "finetune.precision=bf16"]), None)
+
+
+# ---------------------------------------------------------------------------------- packages
+
+
+def test_a_missing_package_names_the_install_command(no_onnxruntime):
+    with pytest.raises(MissingDependencyError) as err:
+        preflight.require_packages(["json", "onnxruntime"], "the thing")
+    assert _one_line(err) == "the thing needs onnxruntime, which is not installed; install it with `pip install onnxruntime`"
+    assert isinstance(err.value, ImportError)  # callers that catch ImportError still do
+
+
+def test_an_installed_package_that_does_not_import_is_named_with_the_reason(tmp_path, monkeypatch):
+    (tmp_path / "convsim_fake_native.py").write_text("raise OSError('libfake.so: cannot open shared object file')\n")
+    (tmp_path / "convsim_fake_needy.py").write_text("import convsim_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(MissingDependencyError) as err:
+        preflight.require_packages(["convsim_fake_native"], "x")
+    assert "installed but does not import (libfake.so: cannot open shared object file)" in _one_line(err)
+    with pytest.raises(MissingDependencyError, match="convsim_fake_needy, which is installed but does not import .*convsim_no_such_dependency"):
+        preflight.require_packages(["convsim_fake_needy"], "x")
+
+
+@pytest.mark.parametrize("missing,expected", [
+    (("onnxruntime",), "export format 'onnx' needs onnxruntime, which is not installed; install it with `pip install onnxruntime`"),
+    (("onnx", "onnxruntime"), "export format 'onnx' needs onnx and onnxruntime, which are not installed; install them with "
+                              "`pip install onnx onnxruntime`"),
+])
+def test_onnx_export_needs_onnx_and_onnxruntime(monkeypatch, missing, expected):
+    for name in missing:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(MissingDependencyError) as err:
+        preflight.check_exports(["convsim", "onnx"])
+    assert _one_line(err) == expected + ", or drop it: --set 'export.formats=[convsim]'"
+    preflight.check_exports(["convsim", "torchscript"])  # the other formats need neither
+
+
+def test_onnx_export_is_tried_in_memory_at_the_recipes_opset():
+    preflight.check_exports(["onnx"], opset=17)  # a tiny model through torch.onnx and onnxruntime
+    newest = preflight._max_onnx_opset()
+    if newest is not None:
+        with pytest.raises(ConfigError, match=rf"export.opset={newest + 1} is newer than this torch writes \(up to {newest}\)"):
+            preflight.check_exports(["onnx"], opset=newest + 1)
+
+
+def test_a_failing_trial_export_is_one_line(monkeypatch):
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("exporter exploded\nwith a long second line")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    with pytest.raises(MissingDependencyError) as err:
+        preflight.check_exports(["onnx"], opset=17)
+    assert "ONNX export does not work here at opset 17 (RuntimeError: exporter exploded)" in _one_line(err)
+
+
+# ------------------------------------------------------------------------------------ output
+
+
+def test_a_new_run_directory_is_checked_without_leaving_anything(tmp_path):
+    preflight.check_output_dir(tmp_path / "a" / "b" / "run")
+    assert list(tmp_path.iterdir()) == []  # neither the run directory nor the trial entry
+
+
+def test_a_run_directory_in_use_is_refused_unless_resumed(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already exists and is not empty; choose another --out or --resume it"):
+        preflight.check_output_dir(tmp_path)
+    preflight.check_output_dir(tmp_path, resume=True)
+    preflight.check_output_dir(tmp_path / "empty_is_fine")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_a_file_in_the_way_is_refused(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    with pytest.raises(OutputNotWritableError, match="is a file, not a folder"):
+        preflight.check_output_dir(blocker)
+    with pytest.raises(OutputNotWritableError, match=re.escape(f"cannot create {blocker / 'run'}: {blocker} is a file")):
+        preflight.check_output_dir(blocker / "run")
+
+
+def test_a_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+    # permissions cannot be taken away from root, so the filesystem's refusal is simulated
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(preflight.tempfile, "mkdtemp", refuse)
+    with pytest.raises(OutputNotWritableError) as err:
+        preflight.check_output_dir(tmp_path / "run")
+    assert _one_line(err) == f"cannot write {tmp_path / 'run'}: {tmp_path} is not writable (Permission denied); choose another --out"
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------- where it is called
+
+
+def test_run_without_a_directory_skips_the_checks_of_what_it_would_write(no_onnxruntime):
+    preflight.check_run(resolve(None, sets=["run.device=cpu"]), None)  # the Python API without run_dir exports nothing
+
+
+def test_the_pipeline_checks_before_reading_data_or_writing(tmp_path, monkeypatch, no_onnxruntime):
+    import convsim_shrink.runner as runner
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the data was read before the preflight checks")
+
+    monkeypatch.setattr(runner, "prepare_data", must_not_run)
+    run = runner.Runner(resolve("simple_cnn", sets=["run.device=cpu"]), tmp_path / "run")
+    with pytest.raises(MissingDependencyError, match="pip install onnxruntime"):
+        run.prepare()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_missing_export_package_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, no_onnxruntime):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["simple_cnn", "--set", "data.subset=100", "--device", "cpu"])  # default run directory: runs/...
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "export format 'onnx' needs onnxruntime, which is not installed; install it with `pip install onnxruntime`" in err
+    assert list(tmp_path.iterdir()) == []  # no runs/ folder, no run directory
+
+
+def test_cli_export_command_checks_its_packages_first(tmp_path, capsys, no_onnxruntime):
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(tmp_path / "m.safetensors"), "--format", "onnx"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "pip install onnxruntime" in err and len(err.strip().splitlines()) == 1
