@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from convsim_shrink.data import build_data
-from convsim_shrink.engine import atomic_write_bytes, evaluate, fit, resolve_device, seed_everything
+from convsim_shrink.io import atomic_write_bytes
+from convsim_shrink.train import evaluate, fit, resolve_device, seed_everything
 from convsim_shrink.models import create_model
 from convsim_shrink.premin import filter_norms, preminimize, rescale_filters
 from convsim_shrink.recipe import DataConfig, TrainConfig

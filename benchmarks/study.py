@@ -28,7 +28,8 @@ import torch
 
 import convsim_shrink
 from convsim_shrink.data import build_data
-from convsim_shrink.engine import atomic_write_bytes, evaluate, fit, resolve_device, seed_everything
+from convsim_shrink.io import atomic_write_bytes
+from convsim_shrink.train import evaluate, fit, resolve_device, seed_everything
 from convsim_shrink.models import create_model
 from convsim_shrink.premin import preminimize
 from convsim_shrink.pruning import measure
