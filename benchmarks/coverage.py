@@ -123,13 +123,16 @@ def classification_models() -> list[str]:
 
 
 def _param_count(name: str) -> int:
-    """Parameters of the model with 10 classes, counted on the meta device (nothing allocated)."""
+    """Parameters of the model with 10 classes, counted on the meta device where the builder allows."""
     import torch
     import torchvision
 
-    override = OVERRIDES.get(name, {})
-    with torch.device("meta"):
-        model = torchvision.models.get_model(name, weights=None, num_classes=10, **override.get("kwargs", {}))
+    kwargs = {"weights": None, "num_classes": 10, **OVERRIDES.get(name, {}).get("kwargs", {})}
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(name, **kwargs)
+    except NotImplementedError:  # builders that compute widths with tensors (RegNet): build for real
+        model = torchvision.models.get_model(name, **kwargs)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
