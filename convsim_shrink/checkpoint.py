@@ -53,15 +53,17 @@ def architecture_spec(model: nn.Module) -> dict[str, Any]:
     spec = getattr(model, SPEC_ATTR, None)
     if spec is None:
         raise CheckpointError(
-            "this model was not built by convsim_shrink.create_model, so the pickle-free format cannot rebuild it; "
-            "export it with formats torchscript/onnx, or save_full(..) and load it with trust_pickle=True"
+            "this model was not built by convsim_shrink.create_model or convsim_shrink.sources.resolve_source, so the "
+            "pickle-free format cannot rebuild it; export it with formats torchscript/onnx, or save_full(..) and load it "
+            "with trust_pickle=True"
         )
     layers = {}
     for name, m in model.named_modules():
         attrs = {a: getattr(m, a) for a in _SHAPE_ATTRS if isinstance(getattr(m, a, None), (int, tuple))}
         if attrs:
             layers[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()}
-    return {"name": spec["name"], "kwargs": spec["kwargs"], "layers": layers}
+    # zoo models: {"name", "kwargs"}; other sources add "source" and what rebuilds them (sources.rebuild)
+    return {**{k: v for k, v in spec.items() if k != "layers"}, "layers": layers}
 
 
 def save(
@@ -185,9 +187,16 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu", trust_pi
         raise CheckpointError(f"{path}: the weights are unreadable ({_short(exc)}); the file is corrupt or truncated") from None
     spec = meta["spec"]
     try:
-        model = create_model(spec["name"], **spec["kwargs"])
+        if spec.get("source", "zoo") == "zoo":
+            model = create_model(spec["name"], **spec["kwargs"])
+        else:
+            from .sources import rebuild
+
+            model = rebuild(spec)
     except ConvSimError as exc:
         raise CheckpointError(f"{path} describes a model this version cannot build: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} describes a model this version cannot build ({_short(exc)})") from None
     _apply_shapes(model, spec.get("layers", {}), tensors)
     try:
         model.load_state_dict(tensors, strict=True)

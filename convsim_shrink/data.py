@@ -3,8 +3,11 @@
 ``fashion-mnist`` (the embedded default), ``cifar10`` and ``cifar100`` are read into memory as uint8
 tensors and augmented a batch at a time (random crop with zero padding, horizontal flip), which keeps
 two CPU cores busy with the model instead of with per-image PIL work.  ``imagefolder`` (``train/`` and
-``val/`` folders of class sub-folders) goes through torchvision's ``ImageFolder`` and a ``DataLoader``
-with workers.
+``val/`` folders of class sub-folders) is scanned before training (:func:`scan_image_folder`) and read
+by a ``DataLoader`` with workers in an order that depends only on the seed and the epoch.
+
+A training loader never trains zero steps: it drops the last partial batch only when there is at least
+one full batch besides it.
 
 Nothing here unpickles an untrusted file: IDX and CIFAR binary files are parsed directly, and the CIFAR
 "python version" pickles are read with an unpickler that only admits the few numpy types they hold.
@@ -248,6 +251,12 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0, exclude: torch.
 # ------------------------------------------------------------------------------------------ loaders
 
 
+def _drops(drop_last: bool, n: int, batch_size: int) -> bool:
+    """Drop the last partial batch only when a full batch is left besides it: a training set smaller
+    than one batch trains on that one partial batch instead of silently training zero steps."""
+    return drop_last and n >= batch_size
+
+
 class TensorLoader:
     """Batches from in-memory uint8 images, augmented and normalised a batch at a time.
 
@@ -303,7 +312,7 @@ class TensorLoader:
 
     def __len__(self) -> int:
         n = len(range(self.rank, len(self.labels), self.world_size))
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return n // self.batch_size if _drops(self.drop_last, n, self.batch_size) else -(-n // self.batch_size)
 
     def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -323,7 +332,7 @@ class TensorLoader:
     def __iter__(self):
         idx = self._indices().to(self.device)
         g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch + 1)
-        stop = len(idx) - (len(idx) % self.batch_size if self.drop_last else 0)
+        stop = len(idx) - (len(idx) % self.batch_size if _drops(self.drop_last, len(idx), self.batch_size) else 0)
         for start in range(0, stop, self.batch_size):
             sel = idx[start : start + self.batch_size]
             x = self.images[sel]
@@ -339,44 +348,248 @@ class DataBundle:
     train: object
     val: object | None
     test: object
+    #: what was skipped while reading the data (one line each; for the console and the report)
+    notes: list[str] = field(default_factory=list)
+    scan: "FolderScan | None" = None
 
 
-def _folder_loaders(cfg, batch_size: int, seed: int):
-    import torchvision
-    from torchvision import transforms as T
+# ---------------------------------------------------------------------------------- image folders
 
-    root = Path(cfg.dir) if cfg.dir else None
-    if root is None or not (root / "train").is_dir():
+#: file endings read as images (as torchvision's ImageFolder)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _stray(name: str) -> bool:
+    """Folders that are not classes: hidden ones (``.ipynb_checkpoints``, ``.DS_Store``) and ``__MACOSX``-like."""
+    return name.startswith((".", "__"))
+
+
+def verify_image(path: str | Path) -> str | None:
+    """Why the image at ``path`` cannot be read, or None.  Decodes it (JPEGs at a reduced scale, which
+    still reads every byte), so truncated and corrupt files are found, not only bad headers."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))
+            im.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+        text = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        return text
+    return None
+
+
+@dataclass
+class FolderScan:
+    """What :func:`scan_image_folder` found: the classes (from ``train/``), the readable samples
+    ``(path, class index)`` of each split, and everything it skipped."""
+
+    root: Path
+    val_dir: Path
+    classes: tuple[str, ...]
+    train: list[tuple[str, int]]
+    val: list[tuple[str, int]]
+    stray_folders: list[str] = field(default_factory=list)  # hidden / __MACOSX-like folders, skipped
+    empty_classes: list[str] = field(default_factory=list)  # train/ class folders without readable images, skipped
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, why), skipped
+    other_files: int = 0  # files that are not images, skipped
+
+    def notes(self) -> list[str]:
+        """One line per kind of thing skipped (empty when nothing was)."""
+        out = []
+        if self.stray_folders:
+            out.append(f"imagefolder: skipped {len(self.stray_folders)} folder(s) that are not classes: {_few(self.stray_folders)}")
+        if self.empty_classes:
+            out.append(f"imagefolder: skipped {len(self.empty_classes)} class folder(s) of train/ without readable images: {_few(self.empty_classes)}")
+        if self.unreadable:
+            out.append(f"imagefolder: skipped {len(self.unreadable)} unreadable image(s): "
+                       + _few([f"{p} ({why})" for p, why in self.unreadable]))
+        if self.other_files:
+            out.append(f"imagefolder: skipped {self.other_files} file(s) that are not images ({', '.join(IMAGE_EXTENSIONS)})")
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "classes": list(self.classes), "train_images": len(self.train), "val_images": len(self.val),
+            "stray_folders": self.stray_folders, "empty_classes": self.empty_classes,
+            "unreadable": [{"path": p, "error": why} for p, why in self.unreadable], "other_files": self.other_files,
+        }
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _list_split(folder: Path, root: Path) -> tuple[dict[str, list[Path]], list[str], int]:
+    """Class folder -> image files, stray folders (relative to ``root``), count of non-image files."""
+    classes: dict[str, list[Path]] = {}
+    stray: list[str] = []
+    other = 0
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_dir():
+            continue
+        if _stray(entry.name):
+            stray.append(str(entry.relative_to(root)))
+            continue
+        files = []
+        for dirpath, dirnames, filenames in os.walk(entry, followlinks=True):
+            keep = [d for d in dirnames if not _stray(d)]
+            stray += [str((Path(dirpath) / d).relative_to(root)) for d in dirnames if _stray(d)]
+            dirnames[:] = sorted(keep)
+            for f in sorted(filenames):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append(Path(dirpath) / f)
+                elif not f.startswith("."):
+                    other += 1
+        classes[entry.name] = files
+    return classes, stray, other
+
+
+def scan_image_folder(root: str | Path, *, verify: bool = True, workers: int | None = None) -> FolderScan:
+    """Scan ``root/train`` and ``root/val`` (or ``root/test``) before any training.
+
+    Rules (issue 12): folders whose names start with ``.`` or ``__`` (``.ipynb_checkpoints``,
+    ``__MACOSX``) are not classes and are skipped; class folders of ``train/`` without readable images
+    are skipped (a class without training images cannot be learned) and named in :meth:`FolderScan.notes`;
+    with ``verify`` every image is decoded once (:func:`verify_image`, ``workers`` threads) and
+    unreadable or truncated ones are skipped and listed.  The classes and their indices come from
+    ``train/`` alone, so a class missing from ``val/`` shifts no label.
+
+    Raises :class:`~convsim_shrink.errors.DataNotFoundError` (no ``train/`` or ``val/``) or
+    :class:`~convsim_shrink.errors.ConfigError` (fewer than two classes with images in ``train/``; a
+    class in ``val/`` that ``train/`` lacks; no readable image in ``val/``), each in one line.
+    """
+    root = Path(root).expanduser()
+    train_dir = root / "train"
+    if not train_dir.is_dir():
         raise DataNotFoundError(
-            f"imagefolder needs --data-dir pointing at a folder with train/ and val/ sub-folders of class folders "
-            f"(got {root})"
+            f"imagefolder needs --data-dir pointing at a folder with train/ and val/ sub-folders of class folders (got {root})"
         )
-    info = INFO["imagefolder"]
-    size = 224
-    normalize = T.Normalize(info.mean, info.std)
-    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]) if cfg.augment else T.Compose([T.Resize(256), T.CenterCrop(size), T.ToTensor(), normalize])
-    eval_tf = T.Compose([T.Resize(256), T.CenterCrop(size), T.ToTensor(), normalize])
     val_dir = root / "val" if (root / "val").is_dir() else root / "test"
     if not val_dir.is_dir():
         raise DataNotFoundError(f"imagefolder: {root} has train/ but no val/ (or test/) folder")
-    try:
-        train_set = torchvision.datasets.ImageFolder(str(root / "train"), train_tf)
-        test_set = torchvision.datasets.ImageFolder(str(val_dir), eval_tf)
-    except OSError as exc:  # e.g. a class folder without a single image
-        first = str(exc).strip().splitlines()[0]
-        raise DataNotFoundError(f"imagefolder: {first}; every class folder needs at least one image") from None
-    info = DataInfo("imagefolder", len(train_set.classes), 3, size, info.mean, info.std, pad=0, classes=tuple(train_set.classes))
+    train_files, stray, other = _list_split(train_dir, root)
+    val_files, stray_v, other_v = _list_split(val_dir, root)
+    unreadable: list[tuple[str, str]] = []
+    if verify:
+        every = [p for files in (*train_files.values(), *val_files.values()) for p in files]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+            problems = dict(zip(every, pool.map(verify_image, every)))
+        bad = {p for p, why in problems.items() if why is not None}
+        unreadable = [(str(p.relative_to(root)), problems[p]) for p in every if p in bad]
+        train_files = {c: [p for p in fs if p not in bad] for c, fs in train_files.items()}
+        val_files = {c: [p for p in fs if p not in bad] for c, fs in val_files.items()}
+    classes = tuple(c for c, fs in train_files.items() if fs)
+    empty = [f"train/{c}" for c, fs in train_files.items() if not fs]
+    if len(classes) < 2:
+        raise ConfigError(
+            f"imagefolder: {train_dir} has {len(classes)} class folder(s) with readable images ({', '.join(classes) or 'none'}); "
+            "a classifier needs at least two"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    extra = [c for c, fs in val_files.items() if fs and c not in index]
+    if extra:
+        raise ConfigError(
+            f"imagefolder: {val_dir.name}/ has images of {len(extra)} class(es) that train/ has no images of ({_few(extra)}); "
+            f"add training images or remove {val_dir.name}/{extra[0]}"
+        )
+    val = [(str(p), index[c]) for c, fs in val_files.items() if c in index for p in fs]
+    if not val:
+        raise ConfigError(f"imagefolder: {val_dir} has no readable images in class folders named as in train/")
+    train = [(str(p), index[c]) for c in classes for p in train_files[c]]
+    return FolderScan(root, val_dir, classes, train, val, stray + stray_v, empty, unreadable, other + other_v)
+
+
+class _ImageList(torch.utils.data.Dataset):
+    """``(transform(image), label)`` for a list of ``(path, label)``; images are converted to RGB."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform):
+        self.samples, self.transform = samples, transform
+        self.targets = [label for _, label in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        return self.transform(image), label
+
+
+class FolderLoader:
+    """Batches of an image-folder data set through a ``DataLoader`` with workers, in an order -- and with
+    augmentations -- that depend only on ``seed`` and the epoch (:meth:`set_epoch`), so a resumed run
+    sees the same batches: each epoch a fresh ``DataLoader`` gets the epoch's permutation and a
+    generator seeded from (seed, epoch), from which every worker's seed derives; without workers the
+    transforms run under a random state forked and seeded the same way.  Training drops the last
+    partial batch only when a full batch is left besides it."""
+
+    def __init__(self, dataset, *, batch_size: int, train: bool, seed: int = 0, workers: int = 0,
+                 pin_memory: bool = False, drop_last: bool | None = None):
+        self.dataset, self.batch_size, self.train = dataset, batch_size, train
+        self.seed, self.epoch = seed, 0
+        self.workers, self.pin_memory = workers, pin_memory
+        self.drop_last = train if drop_last is None else drop_last
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if _drops(self.drop_last, n, self.batch_size) else -(-n // self.batch_size)
+
+    def _order(self) -> list[int]:
+        n = len(self.dataset)
+        if not self.train:
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(n, generator=g).tolist()
+
+    def __iter__(self):
+        seed = self.seed * 7919 + self.epoch + 1
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=self._order(), num_workers=self.workers,
+            pin_memory=self.pin_memory, drop_last=_drops(self.drop_last, len(self.dataset), self.batch_size),
+            generator=torch.Generator().manual_seed(seed),
+        )
+        if self.workers:
+            yield from loader
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield from loader
+
+
+def _folder_loaders(cfg, batch_size: int, seed: int, eval_batch_size: int | None = None):
+    from torchvision import transforms as T
+
     workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
-    pin = torch.cuda.is_available()
-    g = torch.Generator().manual_seed(seed)
-    mk = lambda ds, shuffle: torch.utils.data.DataLoader(  # noqa: E731
-        ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, pin_memory=pin,
-        persistent_workers=workers > 0, drop_last=shuffle, generator=g,
-    )
+    scan = scan_image_folder(cfg.dir or "", verify=getattr(cfg, "verify_images", True), workers=max(workers, 1))
+    info = INFO["imagefolder"]
+    size = 224
+    normalize = T.Normalize(info.mean, info.std)
+    eval_tf = T.Compose([T.Resize(256), T.CenterCrop(size), T.ToTensor(), normalize])
+    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]) if cfg.augment else eval_tf
+    train_samples = scan.train
     if cfg.subset:
-        targets = torch.tensor(train_set.targets)
-        train_set = torch.utils.data.Subset(train_set, balanced_subset(targets, cfg.subset, seed).tolist())
-    return DataBundle(info, mk(train_set, True), None, mk(test_set, False))
+        targets = torch.tensor([label for _, label in train_samples])
+        train_samples = [train_samples[i] for i in balanced_subset(targets, cfg.subset, seed).tolist()]
+    if len(train_samples) < 2:
+        raise ConfigError(f"imagefolder: {len(train_samples)} training image(s) is too few to train on; add images or raise data.subset")
+    info = DataInfo("imagefolder", len(scan.classes), 3, size, info.mean, info.std, pad=0, classes=scan.classes)
+    pin = torch.cuda.is_available()
+    train = FolderLoader(_ImageList(train_samples, train_tf), batch_size=batch_size, train=True, seed=seed, workers=workers, pin_memory=pin)
+    test = FolderLoader(_ImageList(scan.val, eval_tf), batch_size=eval_batch_size or batch_size, train=False, workers=workers, pin_memory=pin)
+    return DataBundle(info, train, None, test, notes=scan.notes(), scan=scan)
 
 
 def load_arrays(name: str, root: str | Path | None = None, split: str = "train", download: bool = False):
@@ -396,7 +609,7 @@ def build_data(cfg, *, batch_size: int, seed: int = 0, eval_batch_size: int | No
     if cfg.name not in INFO:
         raise unknown("data set", cfg.name, INFO)
     if cfg.name == "imagefolder":
-        return _folder_loaders(cfg, batch_size, seed)
+        return _folder_loaders(cfg, batch_size, seed, eval_batch_size)
     info = INFO[cfg.name]
     x, y = load_arrays(cfg.name, cfg.dir, "train", cfg.download)
     xt, yt = load_arrays(cfg.name, cfg.dir, "test", cfg.download)
@@ -428,4 +641,4 @@ def sample_batch(loader, n: int) -> torch.Tensor:
     return torch.cat(out)[:n]
 
 
-__all__ = ["INFO", "DataInfo", "DataBundle", "TensorLoader", "build_data", "load_arrays", "list_datasets", "balanced_subset", "read_idx", "sample_batch"]
+__all__ = ["INFO", "DataInfo", "DataBundle", "FolderLoader", "FolderScan", "TensorLoader", "build_data", "scan_image_folder", "verify_image", "load_arrays", "list_datasets", "balanced_subset", "read_idx", "sample_batch"]

@@ -1,4 +1,5 @@
 import gzip
+from pathlib import Path
 import pickle
 import struct
 
@@ -180,13 +181,6 @@ def test_imagefolder(tmp_path):
     assert x.shape == (2, 3, 224, 224)
 
 
-def test_imagefolder_with_an_empty_class_is_a_clear_error(tmp_path):
-    for split in ("train", "val"):
-        (tmp_path / split / "empty").mkdir(parents=True)
-    with pytest.raises(DataNotFoundError, match="every class folder needs at least one image"):
-        build_data(DataConfig(name="imagefolder", dir=str(tmp_path), workers=0), batch_size=2)
-
-
 def test_a_failed_download_is_a_clear_error(tmp_path, monkeypatch):
     import urllib.error
 
@@ -202,3 +196,128 @@ def test_a_failed_download_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
     with pytest.raises(DataNotFoundError, match=r"downloading fashion-mnist into .*cache failed \(.*name resolution.*\); check the network"):
         load_arrays("fashion-mnist", None, download=True)
+
+
+# ------------------------------------------------------------------------- image folders (issue 12)
+
+
+def _image_folder(root, layout, *, size=(12, 16), seed=0):
+    """``layout``: {split: {class: number of images}}; PNG and JPEG files alternate."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, classes in layout.items():
+        for cls, n in classes.items():
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+                img.save(d / (f"{i}.png" if i % 2 else f"{i}.jpg"))
+    return root
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_image_folder_scan_skips_stray_empty_and_unreadable(tmp_path):
+    from convsim_shrink.data import scan_image_folder
+
+    root = _image_folder(tmp_path, {"train": {"a": 3, "b": 3, "c": 2}, "val": {"a": 2, "b": 2, "c": 1}})
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "train" / ".ipynb_checkpoints" / "x-checkpoint.png").write_bytes(b"not an image")
+    (root / "train" / "empty").mkdir()
+    (root / "train" / "a" / "notes.txt").write_text("hello")
+    _truncate(root / "train" / "b" / "0.jpg")
+    scan = scan_image_folder(root)
+    assert scan.classes == ("a", "b", "c")
+    assert scan.stray_folders == ["train/.ipynb_checkpoints"] and scan.empty_classes == ["train/empty"]
+    assert [p for p, _ in scan.unreadable] == ["train/b/0.jpg"] and scan.other_files == 1
+    assert len(scan.train) == 3 + 2 + 2 and len(scan.val) == 5
+    notes = scan.notes()
+    assert len(notes) == 4 and all("\n" not in n for n in notes) and any("train/b/0.jpg" in n for n in notes)
+
+
+def test_image_folder_trains_past_a_truncated_jpeg(tmp_path):
+    root = _image_folder(tmp_path, {"train": {"a": 4, "b": 4}, "val": {"a": 2, "b": 2}})
+    _truncate(root / "train" / "a" / "2.jpg")
+    b = build_data(DataConfig(name="imagefolder", dir=str(root), workers=0), batch_size=3)
+    assert b.train.num_samples == 7 and any("unreadable" in n for n in b.notes)
+    seen = sum(len(y) for _, y in b.train)  # the truncated file never reaches a batch: no OSError mid-training
+    assert seen == 6  # 7 images, batches of 3, last partial batch dropped
+
+
+def test_val_labels_come_from_train_classes(tmp_path):
+    from convsim_shrink.data import scan_image_folder
+
+    root = _image_folder(tmp_path, {"train": {"a": 2, "b": 2, "c": 2}, "val": {"a": 1, "c": 2}})
+    scan = scan_image_folder(root)
+    labels = {Path(p).parent.name: y for p, y in scan.val}
+    assert labels == {"a": 0, "c": 2}  # 'c' keeps train's index although val/ has no 'b'
+    b = build_data(DataConfig(name="imagefolder", dir=str(root), workers=0), batch_size=4)
+    ys = torch.cat([y for _, y in b.test])
+    assert sorted(ys.tolist()) == [0, 2, 2]
+
+
+@pytest.mark.parametrize("layout,message", [
+    ({"train": {"a": 2, "b": 2}, "val": {"a": 1, "d": 1}}, "class(es) that train/ has no images of (d)"),
+    ({"train": {"a": 2, "b": 0}, "val": {"a": 1}}, "at least two"),
+    ({"train": {"a": 2, "b": 2}, "val": {"x": 0}}, "no readable images"),
+])
+def test_image_folder_problems_are_one_line_errors_before_training(tmp_path, layout, message):
+    from convsim_shrink.errors import ConfigError
+
+    root = _image_folder(tmp_path, layout)
+    with pytest.raises(ConfigError) as err:
+        build_data(DataConfig(name="imagefolder", dir=str(root), workers=0), batch_size=4)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_image_folder_without_val_is_a_data_error(tmp_path):
+    root = _image_folder(tmp_path, {"train": {"a": 2, "b": 2}})
+    with pytest.raises(DataNotFoundError, match="no val/"):
+        build_data(DataConfig(name="imagefolder", dir=str(root), workers=0), batch_size=4)
+
+
+def test_training_set_smaller_than_a_batch_still_trains(tmp_path):
+    """24 images with batch 128 trained zero steps (issue 12 item 9): the one partial batch is kept."""
+    root = _image_folder(tmp_path, {"train": {"a": 3, "b": 2}, "val": {"a": 1, "b": 1}})
+    b = build_data(DataConfig(name="imagefolder", dir=str(root), workers=0), batch_size=128)
+    assert len(b.train) == 1
+    assert [len(y) for _, y in b.train] == [5]
+    info = INFO["fashion-mnist"]
+    small = TensorLoader(torch.zeros(24, 1, 8, 8, dtype=torch.uint8), torch.arange(24) % 10, info, batch_size=128, train=True)
+    assert len(small) == 1 and [len(y) for _, y in small] == [24]
+    exact = TensorLoader(torch.zeros(256, 1, 8, 8, dtype=torch.uint8), torch.arange(256) % 10, info, batch_size=128, train=True)
+    assert len(exact) == 2
+
+
+def test_one_training_image_is_refused(tmp_path):
+    from convsim_shrink.errors import ConfigError
+
+    root = _image_folder(tmp_path, {"train": {"a": 1, "b": 1}, "val": {"a": 1, "b": 1}})
+    _truncate(root / "train" / "b" / "0.jpg")
+    with pytest.raises(ConfigError, match="at least two"):
+        build_data(DataConfig(name="imagefolder", dir=str(root), workers=0), batch_size=4)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_folder_order_and_augmentation_restored_on_resume(tmp_path, workers):
+    """A resumed run (a new loader, set to the epoch) sees the same batches, augmentation included."""
+    root = _image_folder(tmp_path, {"train": {"a": 5, "b": 5}, "val": {"a": 1, "b": 1}}, size=(40, 48))
+    cfg = DataConfig(name="imagefolder", dir=str(root), workers=workers)
+    first = build_data(cfg, batch_size=4, seed=7).train
+    resumed = build_data(cfg, batch_size=4, seed=7).train
+    torch.manual_seed(123)  # the global random state must not matter
+    first.set_epoch(3)
+    a = list(first)
+    torch.manual_seed(456)
+    resumed.set_epoch(3)
+    b = list(resumed)
+    assert len(a) == len(b) == 2
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    resumed.set_epoch(4)
+    c = list(resumed)
+    assert not all(torch.equal(ya, yc) and torch.equal(xa, xc) for (xa, ya), (xc, yc) in zip(a, c))

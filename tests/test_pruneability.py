@@ -1,0 +1,391 @@
+"""The kinds of model torch-pruning crashes on or silently breaks (issue 12), as tiny models: each must
+prune without an exception, still run, keep its output shape and its output layer, and say why layers
+were left alone."""
+
+import copy
+import functools
+from collections import namedtuple
+
+import pytest
+import torch
+import torch_pruning as tp
+import torchvision
+from torch import nn
+from torchvision.models.shufflenetv2 import InvertedResidual
+
+from convsim_shrink.errors import ConvSimError, TargetUnreachableError
+from convsim_shrink.pruneability import (
+    IgnorePlan,
+    PruningError,
+    output_signature,
+    plan_ignored_layers,
+    prune_safely,
+    tolerant_tracing,
+    verify_pruned,
+)
+from convsim_shrink.pruning import prune_to_target
+
+X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+class TinyShuffle(nn.Module):
+    """A stem conv and three ShuffleNet units (the smallest input that fails in torch-pruning)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.units = nn.Sequential(InvertedResidual(16, 32, 2), InvertedResidual(32, 32, 1), InvertedResidual(32, 32, 1))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(self.units(self.stem(x)).mean((2, 3)))
+
+
+class SplitCat(nn.Module):
+    """YOLO-style: conv(c -> 2h), chunk in two, a conv on the second half, cat of all three, 1x1 conv."""
+
+    def __init__(self, c=16, h=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.cv1 = nn.Conv2d(c, 2 * h, 1)
+        self.m = nn.Conv2d(h, h, 3, padding=1)
+        self.cv2 = nn.Conv2d(3 * h, c, 1)
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        a, b = self.cv1(self.stem(x)).chunk(2, 1)
+        return self.fc(self.cv2(torch.cat([a, b, self.m(b)], 1)).mean((2, 3)))
+
+
+class PixelShuffleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.ps = nn.PixelShuffle(2)
+        self.c2 = nn.Conv2d(4, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.c2(self.ps(self.c1(x))).mean((2, 3)))
+
+
+class ConvClassifier(nn.Module):
+    """SqueezeNet's kind: the class scores come from a 1x1 conv, not a Linear layer (and no layer is
+    called 'fc' or 'classifier')."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 10, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        )
+
+    def forward(self, x):
+        return torch.flatten(self.body(x), 1)
+
+
+AuxOut = namedtuple("AuxOut", ["logits", "aux"])
+
+
+class AuxHead(nn.Module):
+    """GoogLeNet's kind: an auxiliary head that runs only in training mode, a named tuple out."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.aux = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = self.a(x)
+        logits = self.fc(self.b(h).mean((2, 3)))
+        return AuxOut(logits, self.aux(h)) if self.training else logits
+
+
+class LogitsAndFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 24, 3, padding=1)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        feats = self.c2(torch.relu(self.c1(x))).mean((2, 3))
+        return self.fc(feats), feats
+
+
+class ChannelShuffle(nn.Module):
+    """A hand-written channel shuffle: torch-pruning, tolerant or not, would map channels 1:1 through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.fc(self.c2(x).mean((2, 3)))
+
+
+def _prune(model, ignored_layers, *, global_pruning=False, target=0.5):
+    return prune_to_target(
+        model, X, tp.importance.MagnitudeImportance(), target_params=target, global_pruning=global_pruning,
+        ignored_layers=ignored_layers, warn=False, tolerance=0.05,
+    )
+
+
+def _out_layer(model, name):
+    return dict(model.named_modules())[name]
+
+
+KINDS = [
+    (TinyShuffle, "reshape", "fc"),
+    (SplitCat, "split-cat", "fc"),
+    (PixelShuffleNet, "pixel-shuffle", "fc"),
+    (ConvClassifier, None, "body.6"),
+    (AuxHead, "train-only", "fc"),
+]
+
+
+@pytest.mark.parametrize("make,kind,output_layer", KINDS, ids=[k[0].__name__ for k in KINDS])
+def test_each_failing_kind_prunes_runs_and_keeps_its_outputs(make, kind, output_layer):
+    torch.manual_seed(0)
+    model = make().eval()
+    before = output_signature(model, X)
+    plan = plan_ignored_layers(model, X)
+    assert not plan.refused
+    assert output_layer in plan and plan.entries[0].kind == "output"
+    if kind is not None:
+        assert any(e.kind == kind for e in plan.entries), plan.summary()
+        assert kind in [e.kind for e in plan.left_alone()]
+    assert output_layer in plan.summary() and "\n" not in plan.summary()
+    with tolerant_tracing():
+        result = _prune(model, plan)
+    pruned = result.model
+    assert result.params_ratio <= 0.5
+    verify_pruned(pruned, X, before)  # runs in both modes, same output shapes
+    out_before, out_after = _out_layer(model, output_layer), _out_layer(pruned, output_layer)
+    assert out_after.weight.shape[0] == out_before.weight.shape[0]  # every class score kept
+    # the layers left alone keep every output channel
+    for name in plan.names:
+        assert _out_layer(pruned, name).weight.shape[0] == _out_layer(model, name).weight.shape[0]
+
+
+def test_these_kinds_do_fail_without_a_plan():
+    """The reason the plan exists: torch-pruning raises (or silently changes the outputs) on each kind."""
+    failures = 0
+    for make in (TinyShuffle, SplitCat, PixelShuffleNet):
+        torch.manual_seed(0)
+        model = make().eval()
+        with pytest.raises(Exception):
+            _prune(model, [model.fc])
+        failures += 1
+    torch.manual_seed(0)
+    model = ConvClassifier().eval()
+    result = _prune(model, [])  # the class-score conv is pruned: the output shape changes
+    with pytest.raises(PruningError, match="output shape"):
+        verify_pruned(result.model, X, output_signature(model, X))
+    assert failures == 3
+
+
+def test_global_pruning_also_works_on_the_planned_kinds():
+    for make in (SplitCat, PixelShuffleNet, AuxHead):
+        torch.manual_seed(0)
+        model = make().eval()
+        before = output_signature(model, X)
+        plan = plan_ignored_layers(model, X)
+        with tolerant_tracing():
+            result = _prune(model, plan, global_pruning=True)
+        verify_pruned(result.model, X, before)
+
+
+def test_every_output_tensor_keeps_its_producer():
+    torch.manual_seed(0)
+    model = LogitsAndFeatures().eval()
+    plan = plan_ignored_layers(model, X)
+    assert {"fc", "c2"} <= set(plan.names)  # the features are an output too
+    result = _prune(model, plan, target=0.8)
+    verify_pruned(result.model, X, output_signature(model, X))
+
+
+@pytest.mark.parametrize("make,culprit", [(SplitCat, {"cv1", "m"}), (PixelShuffleNet, {"c1"})])
+def test_trials_alone_find_the_groups_that_crash(make, culprit):
+    """With the static rules off (but the output layers kept), the trials find the crashing group."""
+    torch.manual_seed(0)
+    model = make().eval()
+    plan = plan_ignored_layers(model, X, rules=("output",))
+    trial = [e for e in plan.entries if e.kind == "trial"]
+    assert trial and {e.name for e in trial} <= culprit
+    assert "IndexError" in trial[0].reason  # torch-pruning's own error, as a reason, not a traceback
+    assert plan.trials > 1
+    result = _prune(model, plan)
+    verify_pruned(result.model, X, output_signature(model, X))
+
+
+def test_function_check_catches_channels_wired_to_the_wrong_weights():
+    """Through a channel shuffle torch-pruning prunes without error but removes the wrong input channels
+    of the next conv: only comparing outputs with the removed channels made dead shows it."""
+    torch.manual_seed(0)
+    model = ChannelShuffle().eval()
+    shape_only = plan_ignored_layers(model, X, rules=("output",), check_function=False)
+    assert shape_only.names == ["fc"]  # structurally the pruned model is fine
+    checked = plan_ignored_layers(model, X, rules=("output",))
+    assert "c1" in checked and "kept" in checked.entries[-1].reason
+    assert plan_ignored_layers(model, X).entries[-1].kind == "reshape"  # the static rule knows it upfront
+
+
+class ResidualSE(nn.Module):
+    """What torch-pruning handles: residual blocks, a depthwise conv and squeeze-excitation."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+        from torchvision.ops import SqueezeExcitation
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 16))
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.Hardswish())
+        self.se = SqueezeExcitation(16, 8)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.se(self.dw(self.blocks(self.stem(x)))).mean((2, 3)))
+
+
+def test_function_check_passes_on_models_torch_pruning_handles():
+    torch.manual_seed(0)
+    plan = plan_ignored_layers(ResidualSE().eval(), X)
+    assert plan.trials == 1 and not plan.left_alone(), plan.summary()
+
+
+def test_function_check_follows_norms_cut_by_several_groups():
+    """DenseNet's norms over concatenations lose channels to several groups, each in the indexing the
+    previous ones left: the check must map them back to the original channels."""
+    from torchvision.models.densenet import DenseNet
+
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2, num_classes=10).eval()
+    plan = plan_ignored_layers(model, X)
+    assert plan.trials == 1 and not plan.left_alone(), plan.summary()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_function_check_passes_on_torchvision_models(name):
+    torch.manual_seed(0)
+    plan = plan_ignored_layers(torchvision.models.get_model(name, num_classes=10).eval(), X)
+    assert plan.trials == 1 and not plan.left_alone(), plan.summary()
+
+
+def test_planning_leaves_the_model_unchanged():
+    torch.manual_seed(0)
+    model = AuxHead().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plan_ignored_layers(model, X)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k  # BN running stats untouched by the training-mode passes
+
+
+def test_plan_binds_to_copies_by_name():
+    torch.manual_seed(0)
+    model = SplitCat().eval()
+    plan = plan_ignored_layers(model, X, trials=False)
+    assert [m for m in plan] == [_out_layer(model, n) for n in plan.names]
+    twin = copy.deepcopy(model)
+    bound = plan.for_model(twin)
+    assert all(a is _out_layer(twin, n) for a, n in zip(bound, plan.names))
+    assert bound.to_dict()["ignored"][0] == {"layer": "fc", "rule": "output", "reason": plan.entries[0].reason}
+    assert isinstance(IgnorePlan().summary(), str)
+
+
+def test_verify_pruned_reports_a_model_that_no_longer_runs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(5))
+    model(X)
+    signature = output_signature(model, X)
+    model[0] = nn.Conv2d(3, 2, 3)  # what a mis-mapped prune leaves behind
+    with pytest.raises(PruningError, match="no longer runs") as err:
+        verify_pruned(model, X, signature)
+    assert "\n" not in str(err.value)
+    with pytest.raises(PruningError, match="output shape"):
+        verify_pruned(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4)), X, (1, 5))
+
+
+def test_tolerant_tracing_restores_torch_pruning():
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+    with tolerant_tracing():
+        assert index_mapping.update_reshape_index_mapping is not original
+    assert index_mapping.update_reshape_index_mapping is original
+
+
+def test_prune_safely_turns_torch_pruning_errors_into_one_line():
+    torch.manual_seed(0)
+    model = SplitCat().eval()
+    calls = []
+
+    def broken(ignored_layers):
+        calls.append(len(list(ignored_layers)))
+        # an error from inside torch-pruning's code: a group of the unplanned model
+        tp.pruner.MetaPruner(model, X, tp.importance.MagnitudeImportance(), ignored_layers=[model.fc]).step()
+
+    with pytest.raises(PruningError) as err:
+        prune_safely(copy.deepcopy(model), X, broken)
+    assert isinstance(err.value, ConvSimError) and "IndexError" in str(err.value) and "\n" not in str(err.value)
+    assert len(calls) == 1  # the harsher re-plan found nothing more to leave alone: no blind retry
+
+
+def test_prune_safely_keeps_our_own_bugs_as_tracebacks():
+    torch.manual_seed(0)
+    model = PixelShuffleNet().eval()
+
+    def buggy(ignored_layers):
+        raise TypeError("a bug in the caller, not in torch-pruning")
+
+    with pytest.raises(TypeError):
+        prune_safely(model, X, buggy)
+
+
+def test_prune_safely_passes_user_errors_through_and_returns_the_plan():
+    torch.manual_seed(0)
+    model = PixelShuffleNet().eval()
+    prune = functools.partial(prune_to_target, model, X, tp.importance.MagnitudeImportance(), target_params=0.5, warn=False, tolerance=0.05)
+    result, plan = prune_safely(model, X, prune)
+    assert "c1" in plan and result.params_ratio <= 0.5
+    with pytest.raises(TargetUnreachableError):
+        prune_safely(model, X, functools.partial(prune, target_params=0.001, max_layer_ratio=0.5), plan=plan)
+
+
+def test_prune_safely_retries_with_a_wider_plan():
+    """A failure the first plan missed (its trials pruned gently): the retry's harsher trials find it."""
+    torch.manual_seed(0)
+    model = PixelShuffleNet().eval()
+    plan = plan_ignored_layers(model, X, rules=("output",), trials=False)
+    result, final = prune_safely(model, X, functools.partial(_prune, model), plan=plan, rules=("output",))
+    assert "c1" in final and final.trials > 0
+    verify_pruned(result.model, X, output_signature(model, X))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,global_pruning", [("shufflenet_v2_x0_5", True), ("squeezenet1_1", False), ("googlenet", False)])
+def test_torchvision_models_from_the_issue(name, global_pruning):
+    torch.manual_seed(0)
+    kwargs = {"init_weights": False} if name == "googlenet" else {}
+    model = torchvision.models.get_model(name, num_classes=10, **kwargs).eval()
+    before = output_signature(model, X)
+    prune = functools.partial(
+        prune_to_target, model, X, tp.importance.MagnitudeImportance(), target_params=0.6,
+        global_pruning=global_pruning, warn=False, tolerance=0.05,
+    )
+    result, plan = prune_safely(model, X, prune)
+    verify_pruned(result.model, X, before)
+    assert result.params_ratio <= 0.6
+    assert plan.entries[0].kind == "output" and plan.left_alone()
