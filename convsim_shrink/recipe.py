@@ -87,6 +87,12 @@ class FinetuneConfig(OptimConfig):
 class PruneConfig(_Section):
     target_params: float | None = Field(0.5, gt=0, lt=1, description="keep at most this fraction of parameters")
     target_macs: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of MACs")
+    target_latency: float | None = Field(
+        None, gt=0, lt=1,
+        description="measured latency at most this fraction of the dense model's (combines with a params/MACs target)",
+    )
+    latency_batch: int | None = Field(None, ge=1, description="batch size the latency is measured at (None = finetune.batch_size)")
+    latency_tolerance: float = Field(0.05, gt=0, lt=0.5, description="absolute tolerance below the latency target (timings are noisy)")
     # defaults chosen by validation accuracy in benchmarks/compare.py (docs/BENCHMARKS.md, issue 6)
     criterion: str = "convsim-taylor"
     global_pruning: bool = Field(True, description="rank channels across layers (layer-adaptive) instead of one ratio per layer")
@@ -101,20 +107,30 @@ class PruneConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _macs_replaces_default_params(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("target_macs") is not None and "target_params" not in data:
-            data = {**data, "target_params": None}
+        # a MACs or latency target given without a params target replaces the default params target
+        if isinstance(data, dict) and "target_params" not in data:
+            if data.get("target_macs") is not None or data.get("target_latency") is not None:
+                data = {**data, "target_params": None}
         return data
 
     @model_validator(mode="after")
     def _one_target(self) -> "PruneConfig":
         if self.target_params is not None and self.target_macs is not None:
             raise ValueError("set only one of target_params and target_macs")
+        if self.target_params is None and self.target_macs is None and self.target_latency is None:
+            raise ValueError("set a pruning target: target_params, target_macs or target_latency")
         return self
 
 
+ExportFormat = Literal["convsim", "onnx", "onnx-int8", "pt2", "torchscript"]
+
+
 class ExportConfig(_Section):
-    formats: list[Literal["convsim", "onnx", "torchscript"]] = Field(default_factory=lambda: ["convsim", "onnx"])
+    formats: list[ExportFormat] = Field(default_factory=lambda: ["convsim", "onnx"])
     opset: int = Field(17, ge=11)
+    int8_calibration: int = Field(
+        300, ge=1, description="training images that calibrate the int8 ONNX model's activation ranges (onnx-int8)"
+    )
 
 
 class RunConfig(_Section):
