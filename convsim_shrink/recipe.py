@@ -132,6 +132,12 @@ class ExportConfig(_Section):
         300, ge=1, description="training images that calibrate the int8 ONNX model's activation ranges (onnx-int8)"
     )
 
+    @model_validator(mode="after")
+    def _int8_opset(self) -> "ExportConfig":
+        if "onnx-int8" in self.formats and self.opset < 13:
+            raise ValueError(f"onnx-int8 needs export.opset 13 or newer (per-channel quantization), got {self.opset}")
+        return self
+
 
 class RunConfig(_Section):
     seed: int = 0
