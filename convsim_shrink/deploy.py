@@ -201,6 +201,52 @@ def latency_meter(
     return meter
 
 
+def compare_latency(
+    models: dict[str, nn.Module],
+    inputs: torch.Tensor | Sequence[int],
+    batch_size: int | None = None,
+    *,
+    device: str | torch.device | None = None,
+    precision: str | Precision = "fp32",
+    warmup: int = 3,
+    repeats: int = 20,
+    rounds: int = 4,
+) -> dict[str, Latency]:
+    """Several models timed side by side: ``rounds`` rounds, each timing every model in turn for
+    ``repeats / rounds`` runs, so that drift on a shared machine hits all of them alike. Each model's
+    :class:`Latency` pools its runs from every round (``repeats`` in all, rounded up)."""
+    per_round = max(1, -(-repeats // rounds))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    last: dict[str, Latency] = {}
+    for _ in range(rounds):
+        for name, model in models.items():
+            last[name] = measure_latency(model, inputs, batch_size, device=device, precision=precision, warmup=warmup, repeats=per_round)
+            times[name].extend(last[name].times)
+    return {name: _summarise(times[name], last[name].batch_size, last[name].device, last[name].precision) for name in models}
+
+
+def speed_rows(
+    dense: nn.Module,
+    shrunk: nn.Module,
+    inputs: torch.Tensor | Sequence[int],
+    batch_sizes: Sequence[int] = (1, 128),
+    **kwargs,
+) -> list[dict]:
+    """Dense vs shrunk latency at each batch size (:func:`compare_latency`; keyword arguments go to it),
+    as JSON-ready rows for a report: ``batch``, ``dense_ms``, ``shrunk_ms``, ``speedup`` (dense / shrunk),
+    ``spread`` (the wider of the two) and ``warning`` (a line, or None)."""
+    rows = []
+    for batch in dict.fromkeys(batch_sizes):  # each batch size once, in order
+        lat = compare_latency({"dense": dense, "shrunk": shrunk}, inputs, batch, **kwargs)
+        d, s = lat["dense"], lat["shrunk"]
+        noisier = max(d, s, key=lambda x: x.spread)
+        rows.append({
+            "batch": batch, "dense_ms": d.ms, "shrunk_ms": s.ms, "speedup": d.seconds / s.seconds,
+            "spread": noisier.spread, "device": d.device, "precision": d.precision, "warning": noisier.spread_warning(),
+        })
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- int8 ONNX
 
 
@@ -394,16 +440,35 @@ def onnx_latency(
     warmup: int = 3, repeats: int = 20, threads: int | None = None,
 ) -> Latency:
     """Median seconds per ``session.run`` of an ONNX model on a batch (onnxruntime, CPU provider)."""
-    session = _session(path, threads)
+    return compare_onnx_latency({"model": path}, inputs, batch_size, warmup=warmup, repeats=repeats, rounds=1, threads=threads)["model"]
+
+
+def compare_onnx_latency(
+    paths: dict[str, str | Path],
+    inputs: torch.Tensor | Sequence[int],
+    batch_size: int | None = None,
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    rounds: int = 4,
+    threads: int | None = None,
+) -> dict[str, Latency]:
+    """Several ONNX models timed side by side under onnxruntime (one session each, taking turns for
+    ``rounds`` rounds, as :func:`compare_latency` does for torch models)."""
     x = {"input": make_batch(inputs, batch_size).float().contiguous().numpy()}
-    for _ in range(warmup):
-        session.run(None, x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        session.run(None, x)
-        times.append(time.perf_counter() - t0)
-    return _summarise(times, len(x["input"]), "cpu (onnxruntime)", "onnx")
+    sessions = {name: _session(path, threads) for name, path in paths.items()}
+    for session in sessions.values():
+        for _ in range(warmup):
+            session.run(None, x)
+    per_round = max(1, -(-repeats // rounds))
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                session.run(None, x)
+                times[name].append(time.perf_counter() - t0)
+    return {name: _summarise(t, len(x["input"]), "cpu (onnxruntime)", "onnx") for name, t in times.items()}
 
 
 def qdq_node_counts(path: str | Path) -> dict[str, int]:
@@ -414,6 +479,73 @@ def qdq_node_counts(path: str | Path) -> dict[str, int]:
     for node in onnx.load(str(path)).graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+def calibration_view(loader: Iterable) -> Iterable:
+    """The same images without augmentation, in a fixed order, for calibration: a new ``TensorLoader``
+    in evaluation mode when ``loader`` is an augmenting one, else ``loader`` itself."""
+    from .data import TensorLoader
+
+    if isinstance(loader, TensorLoader) and loader.augment:
+        return TensorLoader(loader.images.cpu(), loader.labels.cpu(), loader.info, batch_size=loader.batch_size, train=False)
+    return loader
+
+
+@dataclass(frozen=True)
+class Int8Export:
+    path: Path  # the int8 ONNX model
+    fp32_path: Path | None  # the fp32 ONNX model it was quantized from, when it was kept
+    top1_fp32: float  # percent, onnxruntime, the test loader
+    top1_int8: float
+    calibration_images: int
+    seconds: float  # wall time of export, quantization and both evaluations
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path), "fp32_path": str(self.fp32_path) if self.fp32_path else None,
+            "top1_fp32": self.top1_fp32, "top1_int8": self.top1_int8, "calibration_images": self.calibration_images,
+            "seconds": self.seconds,
+        }
+
+
+def export_onnx_int8(
+    model: nn.Module,
+    out_dir: str | Path,
+    example_inputs: torch.Tensor,
+    calibration_loader: Iterable,
+    test_loader: Iterable,
+    *,
+    images: int = 300,
+    opset: int = 17,
+    fp32_path: str | Path | None = None,
+    name: str = "model.int8.onnx",
+) -> Int8Export:
+    """The export stage's int8 step: ``out_dir/name`` quantized from the fp32 ONNX model at ``fp32_path``
+    (when the run already wrote one) or from a temporary export of ``model`` (opset ``opset``, at least 13),
+    calibrated on the first ``images`` images of ``calibration_loader`` (unaugmented: :func:`calibration_view`),
+    with both models' top-1 on ``test_loader`` under onnxruntime.
+    """
+    from .checkpoint import export_onnx
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out = out_dir / name
+    arrays = _calibration_arrays(calibration_view(calibration_loader), images)
+    with tempfile.TemporaryDirectory(prefix="convsim-int8-") as tmp:
+        if fp32_path is not None:
+            source = Path(fp32_path)
+        else:
+            was_training = model.training
+            on_cpu = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
+            try:
+                source = export_onnx(on_cpu, Path(tmp) / "fp32.onnx", example_inputs.cpu(), opset=max(opset, 13))
+            finally:
+                model.train(was_training)
+        quantize_onnx_int8(source, out, [torch.from_numpy(a) for a in arrays], images=images)
+        top1_fp32 = evaluate_onnx(source, test_loader)
+    top1_int8 = evaluate_onnx(out, test_loader)
+    used = sum(len(a) for a in arrays)
+    return Int8Export(out, Path(fp32_path) if fp32_path is not None else None, top1_fp32, top1_int8, used, time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------------------------- pt2

@@ -9,7 +9,7 @@ from torch import nn
 
 from convsim_shrink import deploy
 from convsim_shrink.checkpoint import export_onnx
-from convsim_shrink.data import TensorLoader, build_data
+from convsim_shrink.data import build_data
 from convsim_shrink.engine import evaluate, fit
 from convsim_shrink.errors import CheckpointError, ConfigError
 from convsim_shrink.models import create_model
@@ -69,6 +69,28 @@ def test_a_wider_model_is_not_faster():
     assert statistics.median(b) > statistics.median(s)
 
 
+def test_speed_rows_compare_dense_and_shrunk_side_by_side():
+    torch.manual_seed(0)
+    dense = create_model("simple_cnn", in_channels=1, width=0.5)
+    shrunk = create_model("simple_cnn", in_channels=1, width=0.25)
+    rows = deploy.speed_rows(dense, shrunk, (1, 28, 28), (1, 8, 1), warmup=1, repeats=4, rounds=2)
+    assert [r["batch"] for r in rows] == [1, 8]
+    for r in rows:
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["shrunk_ms"]) and r["spread"] >= 0
+        assert r["device"] == "cpu" and r["precision"] == "fp32"
+    lat = deploy.compare_latency({"a": dense, "b": shrunk}, (1, 28, 28), 2, warmup=0, repeats=5, rounds=2)
+    assert [len(v.times) for v in lat.values()] == [6, 6]  # 3 per round, pooled
+
+
+def test_calibration_view_drops_augmentation(fashion_dir):
+    data = build_data(DataConfig(subset=200, test_subset=100), batch_size=50)
+    view = deploy.calibration_view(data.train)
+    assert not view.augment and view is not data.train and deploy.calibration_view(data.test) is data.test
+    first, _ = next(iter(view))
+    again, _ = next(iter(view))
+    assert torch.equal(first, again) and first.shape == (50, 1, 28, 28)
+
+
 def test_bad_repeats_is_a_config_error():
     with pytest.raises(ConfigError, match="repeats >= 1"):
         deploy.measure_latency(create_model("simple_cnn", in_channels=1, width=0.25), X, repeats=0)
@@ -101,13 +123,15 @@ def trained(fashion_dir, tmp_path_factory):
 
 
 def test_int8_keeps_top1_and_is_a_per_channel_qdq_graph(trained, tmp_path):
-    model, data, fp32 = trained
-    calibration = TensorLoader(data.train.images, data.train.labels, data.info, batch_size=64, train=False)
-    out = deploy.quantize_onnx_int8(fp32, tmp_path / "model.int8.onnx", calibration, images=256)
-    assert out.is_file() and not list(tmp_path.glob(".*"))  # nothing left behind
+    model, data, _ = trained
+    # what the export stage has: the model, example inputs, the (augmenting) training loader, the test loader
+    result = deploy.export_onnx_int8(model, tmp_path, X, data.train, data.test, images=256)
+    out = result.path
+    assert out == tmp_path / "model.int8.onnx" and [p.name for p in tmp_path.iterdir()] == ["model.int8.onnx"]
+    assert result.calibration_images == 256 and result.fp32_path is None
     acc_torch = evaluate(model, data.test)["acc"]
-    acc_fp32 = deploy.evaluate_onnx(fp32, data.test)
-    acc_int8 = deploy.evaluate_onnx(out, data.test)
+    acc_fp32, acc_int8 = result.top1_fp32, result.top1_int8
+    assert acc_int8 == deploy.evaluate_onnx(out, data.test)
     assert acc_torch > 60  # it learned something (chance: 10%)
     assert abs(acc_fp32 - acc_torch) <= 0.2  # the fp32 export is the model
     assert abs(acc_int8 - acc_fp32) <= 3.0

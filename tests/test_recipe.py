@@ -133,3 +133,9 @@ def test_bad_latency_and_export_settings(item, msg):
 def test_new_export_formats_are_accepted():
     r = resolve(None, sets=["export.formats=[convsim, onnx-int8, pt2]"])
     assert r.export.formats == ["convsim", "onnx-int8", "pt2"] and r.export.int8_calibration == 300
+
+
+def test_int8_needs_opset_13():
+    with pytest.raises(ConfigError, match="onnx-int8 needs export.opset 13 or newer"):
+        resolve(None, sets=["export.formats=[onnx-int8]", "export.opset=11"])
+    assert resolve(None, sets=["export.formats=[onnx]", "export.opset=11"]).export.opset == 11
