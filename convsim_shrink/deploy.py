@@ -16,8 +16,8 @@ Nothing here changes ``torch.set_num_threads``: the thread count is the user's.
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import io
 import os
 import platform
 import statistics
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .engine import Precision, resolve_precision
+from .engine import Precision, atomic_write_bytes, resolve_precision
 from .errors import CheckpointError, ConfigError
 
 # IQR / median above which a latency is reported as unreliable; on the idle 2-core CPU machine the
@@ -558,7 +558,7 @@ def export_pt2(model: nn.Module, path: str | Path, example_inputs: torch.Tensor,
     The batch dimension is dynamic (``torch.export.Dim``, 1 to 65536) unless ``dynamic_batch`` is
     False; the check runs ``example_inputs`` and, when dynamic, a seeded batch of a different size.
     The program is exported from the model in eval mode (batch norm uses its running statistics), on
-    the model's device. Written atomically (a temporary file, then ``os.replace``).
+    the model's device. Written atomically (``engine.atomic_write_bytes``: a temporary file, then ``os.replace``).
 
     Raises :class:`CheckpointError` when ``torch.export`` cannot capture the model.
     """
@@ -576,15 +576,9 @@ def export_pt2(model: nn.Module, path: str | Path, example_inputs: torch.Tensor,
         except Exception as exc:
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"torch.export cannot capture this model ({type(exc).__name__}: {first}); use the onnx or convsim format") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.pt2")  # torch wants .pt2
-        os.close(fd)
-        try:
-            torch.export.save(program, tmp)
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
         loaded = load_pt2(path)
         checks = [x]
         if dynamic_batch:

@@ -69,6 +69,7 @@ class _CachedImportance(tp.importance.Importance):
 
 
 KINDS = ("params", "macs", "latency")
+POOL = 3  # latency measurements of one channel allocation during the search (the winner gets 2 more)
 _NAMES = {"params": "params", "macs": "MACs", "latency": "latency"}
 
 
@@ -228,10 +229,11 @@ def prune_to_target(
     :class:`~convsim_shrink.deploy.Latency`, whose median and spread are used); the default times
     ``example_inputs`` with :func:`~convsim_shrink.deploy.latency_meter`. Every candidate that meets the
     params/MACs targets is measured in full (no per-layer model); the dense model is measured in the same
-    process before the search (unless ``base_latency``, in seconds, is given). Timings are noisy, so the
-    winner is re-measured twice more, alternating with the dense model, and its latency is the median of its
-    measurements; if that is over the target, the winner counts as too big and the search continues at
-    smaller sizes (twice at most). What still misses, and a wide spread of timings, is said in ``note``.
+    process before the search (unless ``base_latency``, in seconds, is given). Timings are noisy, so a
+    candidate's latency is the median of every measurement of its channel allocation (revisits measure
+    again, up to ``POOL`` times), and the winner is re-measured twice more, alternating with the dense
+    model; if it is then over the target, it counts as too big and the search continues at smaller sizes
+    (twice at most). What still misses, and a wide spread of timings, is said in ``note``.
 
     Raises :class:`ConfigError` for a target outside (0, 1) or none at all, and
     :class:`TargetUnreachableError` when the most pruned allowed model misses a target: the message gives
@@ -292,8 +294,13 @@ def prune_to_target(
         c = _Candidate(pruned, size, {k: v for k, v in fracs.items() if k in targets}, ratio)
         # latency only where it can decide: the cheap targets hold (or the caller wants every number)
         if timer is not None and (all_kinds or all(v <= targets[k] for k, v in c.fracs.items())):
-            c.latencies.append(timer(pruned))
-            c.fracs["latency"] = fracs["latency"] = c.latencies[0] / base_lat()
+            # Candidates with the same channel counts are the same model (the bisection and rounding revisit
+            # them often): they share one list of measurements, measured anew up to POOL times, so that a
+            # noisy reading is outvoted instead of deciding the search alone.
+            c.latencies = pooled.setdefault(_signature(pruned), [])
+            if len(c.latencies) < POOL:
+                c.latencies.append(timer(pruned))
+            c.fracs["latency"] = fracs["latency"] = statistics.median(c.latencies) / base_lat()
         history.append({"channel_ratio": ratio, **{f"{k}_ratio": v for k, v in fracs.items()}})
         return c
 
@@ -317,8 +324,9 @@ def prune_to_target(
     # the model as it is (the base itself, or an earlier step of iterative pruning)
     size = measure(model, example_inputs)
     current = _Candidate(model, size, {k: getattr(size, k) / getattr(base, k) for k in ("params", "macs") if k in targets}, 0.0)
+    pooled: dict[tuple, list[float]] = {}  # latency measurements per channel-count signature
     if timer is not None:
-        current.latencies = list(dense_latencies) if base_latency is None else [timer(model)]
+        current.latencies = pooled[_signature(model)] = dense_latencies if base_latency is None else [timer(model)]
         current.fracs["latency"] = statistics.median(current.latencies) / base_lat()
     if fits(current):
         if in_window(current):

@@ -8,7 +8,7 @@ from torch import nn
 
 from convsim_shrink.errors import ConfigError, TargetUnreachableError
 from convsim_shrink.models import classifier_of, create_model
-from convsim_shrink.pruning import channel_counts, iterative_prune, measure, prune_to_target
+from convsim_shrink.pruning import POOL, channel_counts, iterative_prune, measure, prune_to_target
 from convsim_shrink.ranking import make_importance
 
 X = torch.randn(1, 1, 28, 28)
@@ -150,8 +150,11 @@ def test_latency_target_is_solved_by_the_same_search_as_macs():
     assert channel_counts(by_latency.model) == channel_counts(by_macs.model)
     assert by_latency.latency_ratio == pytest.approx(by_macs.macs_ratio, rel=1e-9)
     assert 0.49 <= by_latency.latency_ratio <= 0.50
-    # every candidate that met the other targets was measured, plus the dense model and two re-measurements each
-    assert by_latency.latency_measurements == 1 + sum("latency_ratio" in h for h in by_latency.history) + 4
+    # the dense model once, each channel allocation the search visited at most POOL times, 2 + 2 re-measurements
+    visits = {}
+    for h in by_latency.history:
+        visits[h["macs_ratio"]] = visits.get(h["macs_ratio"], 0) + 1
+    assert by_latency.latency_measurements == 1 + sum(min(v, POOL) for v in visits.values()) + 4
 
 
 def test_latency_target_with_overhead_global_and_rounded():
@@ -226,6 +229,35 @@ def test_a_lucky_first_timing_is_caught_by_the_re_measurement():
     # without the re-measurement, the first winner would have been over the target
     first_winner = max(h["latency_ratio"] for h in result.history if "latency_ratio" in h and h["latency_ratio"] <= 0.5)
     assert first_winner / 0.88 > 0.5
+
+
+def test_a_revisited_allocation_pools_its_measurements():
+    # with rounding, many channel ratios give the same allocation. Each allocation reads 15% slow the first
+    # time and true afterwards: once it has been visited POOL times its latency is the median, the true one
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", in_channels=1, width=1.0)
+    true = mac_latency(model)
+    calls = {}
+
+    def first_slow(m):
+        key = tuple(channel_counts(m).values())
+        calls[key] = calls.get(key, 0) + 1
+        return true(m) * (1.15 if calls[key] == 1 and m is not model else 1.0)
+
+    result = prune_to_target(model, X, make_importance("l1"), target_latency=0.5, latency_fn=first_slow, round_to=16,
+                             latency_tolerance=0.1, warn=False)
+    assert latency_of(true, result, model) <= 0.5
+    winner = tuple(channel_counts(result.model).values())
+    visits = {}
+    for h in result.history:
+        visits.setdefault(h["macs_ratio"], []).append(h["latency_ratio"])
+    often = [v for v in visits.values() if len(v) >= POOL]
+    assert often, "the search revisited no allocation: the test checks nothing"
+    for readings in often:
+        assert readings[0] == pytest.approx(1.15 * readings[-1], rel=1e-9)  # first reading outvoted
+    dense = tuple(channel_counts(model).values())
+    assert all(n <= POOL for key, n in calls.items() if key not in (winner, dense))
+    assert calls[winner] <= POOL + 2 * 3  # pooled, then re-measured twice per verification (3 at most)
 
 
 def test_noisy_timings_still_meet_the_target_and_a_wide_spread_is_a_note():
