@@ -596,6 +596,9 @@ def export_pt2(model: nn.Module, path: str | Path, example_inputs: torch.Tensor,
 def load_pt2(path: str | Path) -> nn.Module:
     """The callable module of an ExportedProgram saved by :func:`export_pt2` (``torch.export.load``).
 
+    It runs as it was exported (eval mode: batch norm uses its running statistics); torch 2.14 raises
+    ``NotImplementedError`` on ``.eval()``/``.train()`` of such a module, so do not call them.
+
     Raises :class:`CheckpointError` when the file is missing or not a readable ExportedProgram.
     """
     path = Path(path)
