@@ -58,6 +58,7 @@ def _run_pipeline(
     recipe: str | None,
     target_params: float | None,
     target_macs: float | None,
+    target_latency: float | None = None,
     data: str | None,
     data_dir: Path | None,
     epochs: int | None,
@@ -88,12 +89,14 @@ def _run_pipeline(
         return
     _fraction("--target-params", target_params)
     _fraction("--target-macs", target_macs)
+    _fraction("--target-latency", target_latency)
     if recipe is None and model is not None:
         recipe = default_recipe_for(model)
     overrides = {
         "model.name": model,
         "prune.target_params": target_params,
         "prune.target_macs": target_macs,
+        "prune.target_latency": target_latency,
         "data.name": data,
         "data.dir": str(data_dir) if data_dir else None,
         "train.epochs": epochs,
@@ -124,6 +127,7 @@ def _finish(run_dir: Path, print_summary) -> None:
 
 TargetParams = Annotated[Optional[float], typer.Option("--target-params", help="Keep at most this fraction of the parameters (0 < R < 1).")]
 TargetMacs = Annotated[Optional[float], typer.Option("--target-macs", help="Keep at most this fraction of the MACs (0 < R < 1).")]
+TargetLatency = Annotated[Optional[float], typer.Option("--target-latency", help="Shrunk model's measured latency at most this fraction of the dense model's (0 < R < 1); combines with the other targets.")]
 RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", help="Recipe file or shipped recipe name (default: the model's own).")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data set: fashion-mnist, cifar10, cifar100, imagefolder.")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the data set.")]
@@ -143,6 +147,7 @@ def shrink(
     model: Annotated[Optional[str], typer.Argument(help="Model name (see `convsim-shrink list models`).")] = None,
     target_params: TargetParams = None,
     target_macs: TargetMacs = None,
+    target_latency: TargetLatency = None,
     recipe: RecipeOpt = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
@@ -160,7 +165,7 @@ def shrink(
     if model is None and recipe is None and resume is None:
         raise ConfigError("name a model (e.g. `convsim-shrink resnet18`), a --recipe, or a run to --resume")
     _run_pipeline(
-        model, recipe=recipe, target_params=target_params, target_macs=target_macs, data=data, data_dir=data_dir,
+        model, recipe=recipe, target_params=target_params, target_macs=target_macs, target_latency=target_latency, data=data, data_dir=data_dir,
         epochs=epochs, finetune_epochs=finetune_epochs, criterion=criterion, device=device, seed=seed, out=out,
         resume=resume, sets=set_, quiet=quiet,
     )
@@ -171,6 +176,7 @@ def run(
     recipe: Annotated[str, typer.Argument(help="Recipe file or shipped recipe name.")],
     target_params: TargetParams = None,
     target_macs: TargetMacs = None,
+    target_latency: TargetLatency = None,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
@@ -180,7 +186,7 @@ def run(
 ) -> None:
     """Run a recipe file as it is (options and --set still override it)."""
     _run_pipeline(
-        None, recipe=recipe, target_params=target_params, target_macs=target_macs, data=None, data_dir=data_dir,
+        None, recipe=recipe, target_params=target_params, target_macs=target_macs, target_latency=target_latency, data=None, data_dir=data_dir,
         epochs=None, finetune_epochs=None, criterion=None, device=device, seed=seed, out=out, resume=None,
         sets=set_, quiet=quiet,
     )

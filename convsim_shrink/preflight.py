@@ -39,6 +39,8 @@ from .errors import ConfigError, MissingDependencyError, OutputNotWritableError
 EXPORT_PACKAGES: dict[str, tuple[str, ...]] = {
     "convsim": ("safetensors",),
     "onnx": ("onnx", "onnxruntime"),
+    "onnx-int8": ("onnx", "onnxruntime"),
+    "pt2": (),
     "torchscript": (),
 }
 REPORT_PACKAGES = ("matplotlib",)
@@ -127,8 +129,12 @@ def check_exports(formats, *, opset: int = 17) -> None:
         others = [f for f in formats if f != fmt]
         instead = f"drop it: --set 'export.formats=[{', '.join(others)}]'" if others else ""
         require_packages(EXPORT_PACKAGES[fmt], f"export format '{fmt}'", instead=instead)
-    if "onnx" in formats:
+    if "onnx" in formats or "onnx-int8" in formats:
         _check_onnx_round_trip(opset)
+    if "onnx-int8" in formats:
+        from .deploy import check_int8_supported
+
+        check_int8_supported()  # quantizes a one-conv model in memory: int8 works on this platform
 
 
 def _max_onnx_opset() -> int | None:

@@ -3,17 +3,23 @@
 Torch-pruning's ratio is per channel (a 0.3 channel ratio leaves about half the parameters), so the
 channel ratio is solved for by bisection, re-counting parameters (or MACs) with
 ``tp.utils.count_ops_and_params`` on a copy of the model each time, until the measured target holds:
-at most ``target`` and within ``tolerance`` below it.  Importance scores are computed once per group
-and reused across the bisection's trials.  The classifier's outputs are never pruned, and no layer
-loses more than ``max_layer_ratio`` of its channels.
+at most ``target`` and within ``tolerance`` below it.  The same bisection solves a *latency* target by
+timing every candidate (``deploy.latency_meter``), and several targets at once (each must hold; the
+binding one lands in its window).  Importance scores are computed once per group and reused across the
+bisection's trials.  The classifier's outputs are never pruned, and no layer loses more than
+``max_layer_ratio`` of its channels.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import statistics
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -62,6 +68,11 @@ class _CachedImportance(tp.importance.Importance):
         return None if cached is None else cached.clone()
 
 
+KINDS = ("params", "macs", "latency")
+POOL = 3  # latency measurements of one channel allocation during the search (the winner gets 2 more)
+_NAMES = {"params": "params", "macs": "MACs", "latency": "latency"}
+
+
 @dataclass
 class PruneResult:
     model: nn.Module
@@ -70,7 +81,11 @@ class PruneResult:
     channel_ratio: float
     trials: int
     history: list[dict] = field(default_factory=list)
-    note: str | None = None  # set when the size had to land more than the tolerance below the target
+    note: str | None = None  # set when a target had to land more than its tolerance below, or timings were unreliable
+    base_latency: float | None = None  # seconds per batch of the base (dense) model: median of its measurements
+    latency: float | None = None  # seconds per batch of the pruned model: median of its measurements
+    latency_measurements: int = 0  # calls of the latency function
+    latency_seconds: float = 0.0  # wall time spent in them
 
     @property
     def params_ratio(self) -> float:
@@ -80,6 +95,68 @@ class PruneResult:
     def macs_ratio(self) -> float:
         return self.pruned.macs / self.base.macs
 
+    @property
+    def latency_ratio(self) -> float | None:
+        if self.latency is None or not self.base_latency:
+            return None
+        return self.latency / self.base_latency
+
+
+@dataclass
+class _Candidate:
+    model: nn.Module
+    size: Size
+    fracs: dict[str, float]  # measured fraction of the base, per targeted kind (latency only when measured)
+    ratio: float
+    latencies: list[float] = field(default_factory=list)  # seconds, every measurement of this candidate
+
+
+class _Timer:
+    """Calls the latency function, converting what it returns to seconds, and keeps count, wall time and
+    the first spread warning of a :class:`~convsim_shrink.deploy.Latency`."""
+
+    def __init__(self, fn: Callable[[nn.Module], Any]):
+        self.fn, self.count, self.seconds, self.warning = fn, 0, 0.0, None
+
+    def __call__(self, model: nn.Module) -> float:
+        t0 = time.perf_counter()
+        value = self.fn(model)
+        self.seconds += time.perf_counter() - t0
+        self.count += 1
+        if hasattr(value, "spread_warning"):
+            self.warning = self.warning or value.spread_warning()
+            value = value.seconds
+        value = float(value)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"the latency function returned {value}; it must return seconds per batch (> 0)")
+        return value
+
+
+def _signature(model: nn.Module) -> tuple:
+    return tuple(channel_counts(model).values())
+
+
+def _describe(fracs: dict[str, float], kinds) -> str:
+    return ", ".join(f"{fracs[k]:.3f} of the {_NAMES[k]}" for k in kinds if k in fracs)
+
+
+def _unreachable(targets: dict[str, float], probes: list[_Candidate], max_layer_ratio: float, round_to) -> TargetUnreachableError:
+    where = f"(prune.max_layer_ratio={max_layer_ratio}, round_to={round_to})"
+    fix = "raise prune.max_layer_ratio, lower round_to, or raise the target"
+    if len(targets) == 1:
+        ((kind, target),) = targets.items()
+        smallest = min(c.fracs[kind] for c in probes)
+        return TargetUnreachableError(
+            f"target {_NAMES[kind]} {target} is unreachable: the smallest reachable is {smallest:.3f} of the {_NAMES[kind]} {where}; {fix}"
+        )
+    # the most pruned model that comes nearest to meeting every target, and the targets it does meet
+    nearest = min(probes, key=lambda c: max(c.fracs[k] / t for k, t in targets.items()))
+    closest = ", ".join(f"target_{k}={max(t, math.ceil(nearest.fracs[k] * 100) / 100):g}" for k, t in targets.items())
+    asked = ", ".join(f"target_{k}={t:g}" for k, t in targets.items())
+    return TargetUnreachableError(
+        f"the targets {asked} are unreachable together: the most pruned model measures {_describe(nearest.fracs, targets)} "
+        f"{where}; the closest reachable combination is {closest}; {fix}"
+    )
 
 def _group_roots(model, example_inputs, ignored) -> list[str]:
     """Names of the root modules of the model's prunable groups, in network order."""
@@ -127,142 +204,253 @@ def prune_to_target(
     *,
     target_params: float | None = None,
     target_macs: float | None = None,
+    target_latency: float | None = None,
+    latency_fn: Callable[[nn.Module], Any] | None = None,
     base: Size | None = None,
+    base_latency: float | None = None,
     round_to: int | None = None,
     global_pruning: bool = False,
     max_layer_ratio: float = 0.9,
     tolerance: float = 0.01,
+    latency_tolerance: float = 0.05,
     ignored_layers: list[nn.Module] | None = None,
     max_trials: int = 24,
     warn: bool = True,
 ) -> PruneResult:
-    """A pruned copy of ``model`` whose parameter (or MAC) count is at most ``target`` × the count of
-    ``base`` (default: ``model`` itself) and within ``tolerance`` (absolute, in ratio) below it.
+    """A pruned copy of ``model`` that meets every given target, each a fraction of the base model:
+    parameters (``target_params``), MACs (``target_macs``) and measured latency (``target_latency``).
 
-    Raises :class:`TargetUnreachableError` when even the largest allowed channel ratio stays above the
-    target, with the smallest size that is reachable.
+    One bisection on the channel ratio solves them all: a candidate fits when every measured fraction is
+    at most its target, and the search stops when the binding target (the one with the least room) is
+    within its tolerance below it (``tolerance`` for params/MACs, ``latency_tolerance`` for latency, both
+    absolute, in ratio). ``base`` (default: ``model``'s size) is what the fractions are of.
+
+    Latency: ``latency_fn(model)`` returns seconds per batch (a float or a
+    :class:`~convsim_shrink.deploy.Latency`, whose median and spread are used); the default times
+    ``example_inputs`` with :func:`~convsim_shrink.deploy.latency_meter`. Every candidate that meets the
+    params/MACs targets is measured in full (no per-layer model); the dense model is measured in the same
+    process before the search (unless ``base_latency``, in seconds, is given). Timings are noisy, so a
+    candidate's latency is the median of every measurement of its channel allocation (revisits measure
+    again, up to ``POOL`` times), and the winner is re-measured twice more, alternating with the dense
+    model; if it is then over the target, it counts as too big and the search continues at smaller sizes
+    (twice at most). What still misses, and a wide spread of timings, is said in ``note``.
+
+    Raises :class:`ConfigError` for a target outside (0, 1) or none at all, and
+    :class:`TargetUnreachableError` when the most pruned allowed model misses a target: the message gives
+    the smallest reachable size and, for combined targets, the closest reachable combination.
     """
-    if (target_params is None) == (target_macs is None):
-        raise ConfigError("give exactly one of target_params and target_macs")
-    target = target_params if target_params is not None else target_macs
-    if not 0 < target < 1:
-        raise ConfigError(f"the target must be a fraction between 0 and 1 (exclusive), got {target}")
-    kind = "params" if target_params is not None else "macs"
+    targets = {k: t for k, t in zip(KINDS, (target_params, target_macs, target_latency)) if t is not None}
+    if not targets:
+        raise ConfigError("give a pruning target: target_params, target_macs and/or target_latency")
+    for kind, t in targets.items():
+        if not 0 < t < 1:
+            raise ConfigError(f"the {kind} target must be a fraction between 0 and 1 (exclusive), got {t}")
+    tol = {"params": tolerance, "macs": tolerance, "latency": latency_tolerance}
     device = next(model.parameters()).device
     example_inputs = example_inputs.to(device)
     base = base or measure(model, example_inputs)
-    base_value = getattr(base, kind)
+    timer = None
+    dense_latencies: list[float] = []
+    if "latency" in targets:
+        if latency_fn is None:
+            from .deploy import latency_meter
+
+            latency_fn = latency_meter(example_inputs)
+        timer = _Timer(latency_fn)
+        if base_latency is None:
+            dense_latencies.append(timer(model))
+
+    def base_lat() -> float:
+        return base_latency if base_latency is not None else statistics.median(dense_latencies)
+
     ignored = list(ignored_layers or [])
     head = classifier_of(model)
     if head is not None and all(head is not m for m in ignored):
         ignored.append(head)
     cached = _CachedImportance(importance)
     history: list[dict] = []
+    trials = 0
 
-    def trial(ratio: float, overrides: dict[str, float] | None = None, use_global: bool = global_pruning):
+    rejected: set[tuple] = set()  # channel counts whose latency failed its re-measurement
+
+    def fits(c: _Candidate) -> bool:
+        if rejected and _signature(c.model) in rejected:
+            return False
+        return all(k in c.fracs and c.fracs[k] <= t for k, t in targets.items())
+
+    def room(c: _Candidate) -> float:
+        """Room below the binding target, in units of its tolerance (<= 1: in the window)."""
+        return min((t - c.fracs[k]) / tol[k] for k, t in targets.items())
+
+    def in_window(c: _Candidate) -> bool:
+        return fits(c) and room(c) <= 1
+
+    def binding(c: _Candidate) -> str:
+        return min(targets, key=lambda k: (targets[k] - c.fracs[k]) / tol[k])
+
+    def evaluate(pruned: nn.Module, ratio: float, *, all_kinds: bool = False) -> _Candidate:
+        size = measure(pruned, example_inputs)
+        fracs = {"params": size.params / base.params, "macs": size.macs / base.macs}
+        c = _Candidate(pruned, size, {k: v for k, v in fracs.items() if k in targets}, ratio)
+        # latency only where it can decide: the cheap targets hold (or the caller wants every number)
+        if timer is not None and (all_kinds or all(v <= targets[k] for k, v in c.fracs.items())):
+            # Candidates with the same channel counts are the same model (the bisection and rounding revisit
+            # them often): they share one list of measurements, measured anew up to POOL times, so that a
+            # noisy reading is outvoted instead of deciding the search alone.
+            c.latencies = pooled.setdefault(_signature(pruned), [])
+            if len(c.latencies) < POOL:
+                c.latencies.append(timer(pruned))
+            c.fracs["latency"] = fracs["latency"] = statistics.median(c.latencies) / base_lat()
+        history.append({"channel_ratio": ratio, **{f"{k}_ratio": v for k, v in fracs.items()}})
+        return c
+
+    def trial(ratio: float, overrides: dict[str, float] | None = None, *, use_global: bool = global_pruning, all_kinds: bool = False):
+        nonlocal trials
         pruned = _prune_copy(
             model, example_inputs, cached, ratio, round_to=round_to, global_pruning=use_global,
             max_layer_ratio=max_layer_ratio, ignored=ignored, overrides=overrides,
         )
-        size = measure(pruned, example_inputs)
-        frac = getattr(size, kind) / base_value
-        history.append({"channel_ratio": ratio, f"{kind}_ratio": frac})
-        return pruned, size, frac
+        trials += 1
+        return evaluate(pruned, ratio, all_kinds=all_kinds)
 
-    current = getattr(measure(model, example_inputs), kind) / base_value
-    if current <= target:
-        if current >= target - tolerance:
-            return PruneResult(copy.deepcopy(model), base, measure(model, example_inputs), 0.0, 0, history)
-        raise TargetUnreachableError(f"the model is already at {current:.3f} of the base {kind}, below the target {target}")
+    def result(c: _Candidate, note: str | None = None) -> PruneResult:
+        lat = statistics.median(c.latencies) if c.latencies else None
+        return PruneResult(
+            c.model, base, c.size, c.ratio, trials, history, note,
+            base_latency=base_lat() if timer is not None else None, latency=lat,
+            latency_measurements=timer.count if timer else 0, latency_seconds=timer.seconds if timer else 0.0,
+        )
 
-    # bisection on the channel ratio: find the smallest ratio whose measured size is <= target.
+    # the model as it is (the base itself, or an earlier step of iterative pruning)
+    size = measure(model, example_inputs)
+    current = _Candidate(model, size, {k: getattr(size, k) / getattr(base, k) for k in ("params", "macs") if k in targets}, 0.0)
+    pooled: dict[tuple, list[float]] = {}  # latency measurements per channel-count signature
+    if timer is not None:
+        current.latencies = pooled[_signature(model)] = dense_latencies if base_latency is None else [timer(model)]
+        current.fracs["latency"] = statistics.median(current.latencies) / base_lat()
+    if fits(current):
+        if in_window(current):
+            current.model = copy.deepcopy(model)
+            return result(current)
+        raise TargetUnreachableError(
+            f"the model is already at {_describe(current.fracs, targets)} of the base, below the target "
+            + ", ".join(f"{_NAMES[k]} {t}" for k, t in targets.items())
+        )
+
     # The upper end first: with rounding, a layer whose kept channels would round to zero is left whole,
-    # so the largest ratio is not always the smallest size; step down until the target holds.
-    trials = 0
-    smallest = float("inf")
+    # so the largest ratio is not always the smallest size; step down until the targets hold.
+    probes: list[_Candidate] = []
     found = None
     hi_ratio = max_layer_ratio
     while hi_ratio > 0.05:
-        pruned, size, frac = trial(hi_ratio)
-        trials += 1
-        smallest = min(smallest, frac)
-        if frac <= target:
-            found = (pruned, size, frac, hi_ratio)
+        c = trial(hi_ratio, all_kinds=True)
+        probes.append(c)
+        if fits(c):
+            found = c
             break
         if round_to is None:
             break  # without rounding the size falls monotonically with the ratio
         hi_ratio = round(hi_ratio - 0.1, 6)
     if found is None:
-        raise TargetUnreachableError(
-            f"target {kind} {target} is unreachable: the smallest reachable is {smallest:.3f} of the {kind} "
-            f"(prune.max_layer_ratio={max_layer_ratio}, round_to={round_to}); raise prune.max_layer_ratio, "
-            "lower round_to, or raise the target"
-        )
-    best = found
-    lo_ratio = 0.0
-    while trials < max_trials and best[2] < target - tolerance:
-        mid = 0.5 * (lo_ratio + hi_ratio)
-        pruned, size, frac = trial(mid)
-        trials += 1
-        if frac <= target:
-            hi_ratio = mid
-            best = (pruned, size, frac, mid)
-        else:
-            lo_ratio = mid
-        if hi_ratio - lo_ratio < 1e-4:
-            break
-    if best[2] < target - tolerance and not global_pruning:
-        # Every group steps at once under a uniform ratio, so the size can jump over the window. Refine:
-        # the groups take the larger ratio one at a time (deepest first), bisecting on how many do.
-        roots = list(reversed(_group_roots(model, example_inputs, ignored)))
-        lo_k, hi_k = 0, len(roots)
-        while hi_k - lo_k > 1 and trials < max_trials + 12:
-            k = (lo_k + hi_k) // 2
-            pruned, size, frac = trial(lo_ratio, {name: hi_ratio for name in roots[:k]})
-            trials += 1
-            if frac <= target:
-                hi_k = k
-                if frac > best[2]:
-                    best = (pruned, size, frac, hi_ratio)
-                if frac >= target - tolerance:
-                    break
+        raise _unreachable(targets, probes, max_layer_ratio, round_to)
+
+    def bisect(lo: float, hi: float, best: _Candidate, budget: int) -> tuple[float, float, _Candidate]:
+        """The smallest channel ratio whose candidate fits, until the binding target is in its window."""
+        while trials < budget and not in_window(best):
+            mid = 0.5 * (lo + hi)
+            c = trial(mid)
+            if fits(c):
+                hi, best = mid, c
             else:
-                lo_k = k
-    if best[2] < target - tolerance and global_pruning:
+                lo = mid
+            if hi - lo < 1e-4:
+                break
+        return lo, hi, best
+
+    def refine(lo: float, hi: float, best: _Candidate) -> _Candidate:
+        if in_window(best):
+            return best
+        if not global_pruning:
+            # Every group steps at once under a uniform ratio, so the size can jump over the window. Refine:
+            # the groups take the larger ratio one at a time (deepest first), bisecting on how many do.
+            roots = list(reversed(_group_roots(model, example_inputs, ignored)))
+            lo_k, hi_k = 0, len(roots)
+            while hi_k - lo_k > 1 and trials < max_trials + 12:
+                k = (lo_k + hi_k) // 2
+                c = trial(lo, {name: hi for name in roots[:k]})
+                if fits(c):
+                    hi_k = k
+                    if room(c) < room(best):
+                        c.ratio, best = hi, c
+                    if in_window(c):
+                        break
+                else:
+                    lo_k = k
+            return best
+        if binding(best) == "latency":
+            return best  # one group's round_to channels move the latency by less than its noise
         # One more kept channel (or round_to of them) in a large, residual-coupled group can move the size
         # by a few percent at once. Refine: start from the allocation that fits and give channels back,
-        # round_to at a time, to the most-pruned groups first while the target still holds.
+        # round_to at a time, to the most-pruned groups first while the targets still hold.
         roots = _group_roots(model, example_inputs, ignored)
         full = channel_counts(model)
-        counts_now = channel_counts(best[0])
+        counts_now = channel_counts(best.model)
         kept = {r: counts_now[r] for r in roots}
         step = round_to or 1
 
         def local_ratios(counts):
             return {r: 1 - (counts[r] + 0.5) / full[r] for r in roots}
 
-        while best[2] < target - tolerance and trials < max_trials + 48:
+        while not in_window(best) and trials < max_trials + 48:
             order = sorted((r for r in roots if kept[r] + step <= full[r]), key=lambda r: kept[r] / full[r])
             for r in order:
                 counts = {**kept, r: kept[r] + step}
-                pruned, size, frac = trial(0.0, local_ratios(counts), use_global=False)
-                trials += 1
-                if frac <= target:
-                    kept = counts
-                    best = (pruned, size, frac, best[3])
+                c = trial(0.0, local_ratios(counts), use_global=False)
+                if fits(c):
+                    kept, c.ratio, best = counts, best.ratio, c
                     break
             else:
                 break  # no group can take channels back without overshooting
-    pruned, size, frac, ratio = best
-    note = None
-    if frac < target - tolerance:
-        note = (
-            f"pruned to {frac:.4f} of the base {kind}: the nearest channel count below {target} (round_to={round_to}) "
-            f"is more than {tolerance} below the target"
+        return best
+
+    lo_ratio, hi_ratio, best = bisect(0.0, found.ratio, found, max_trials)
+    best = refine(lo_ratio, hi_ratio, best)
+    notes = []
+    retries = 0
+    while timer is not None:
+        # re-measure the winner (alternating with the dense model, so drift hits both) before trusting it
+        for _ in range(2):
+            if base_latency is None:
+                dense_latencies.append(timer(model))
+            best.latencies.append(timer(best.model))
+        best.fracs["latency"] = statistics.median(best.latencies) / base_lat()
+        if best.fracs["latency"] <= targets["latency"]:
+            break
+        if retries == 2:
+            notes.append(
+                f"the pruned model's latency re-measured at {best.fracs['latency']:.3f} of the dense model's, above the "
+                f"target {targets['latency']}: the timings vary more than the search can resolve"
+            )
+            break
+        retries += 1
+        # it was under the target by chance: count it (and any path to the same channel counts) as too big,
+        # and search the sizes below it
+        rejected.add(_signature(best.model))
+        lo_ratio = max(lo_ratio, best.ratio)
+        lo_ratio, hi_ratio, best = bisect(lo_ratio, found.ratio, found, trials + 6)
+        best = refine(lo_ratio, hi_ratio, best)
+    if fits(best) and not in_window(best):
+        k = binding(best)
+        notes.append(
+            f"pruned to {best.fracs[k]:.4f} of the base {_NAMES[k]}: the nearest channel count below {targets[k]} "
+            f"(round_to={round_to}) is more than {tol[k]} below the target"
         )
-        if warn:
-            warnings.warn(note, stacklevel=2)
-    return PruneResult(pruned, base, size, ratio, trials, history, note)
+    if timer is not None and timer.warning:
+        notes.append(timer.warning)
+    note = "; ".join(notes) or None
+    if note and warn:
+        warnings.warn(note, stacklevel=2)
+    return result(best, note)
 
 
 def iterative_prune(
@@ -275,26 +463,39 @@ def iterative_prune(
     before_scoring: Callable[[nn.Module], None] | None = None,
     target_params: float | None = None,
     target_macs: float | None = None,
+    target_latency: float | None = None,
+    latency_fn: Callable[[nn.Module], Any] | None = None,
     **kwargs,
 ) -> PruneResult:
-    """Prune in ``steps`` stages to intermediate targets (linear in the kept fraction), calling
-    ``between(model, step)`` (e.g. fine-tuning) after every stage but the last.  ``before_scoring``
-    runs before each stage's scoring (e.g. to accumulate gradients for Taylor importance)."""
-    target = target_params if target_params is not None else target_macs
-    key = "target_params" if target_params is not None else "target_macs"
-    base = measure(model, example_inputs.to(next(model.parameters()).device))
+    """Prune in ``steps`` stages to intermediate targets (linear in the kept fraction, for every given
+    target), calling ``between(model, step)`` (e.g. fine-tuning) after every stage but the last.
+    ``before_scoring`` runs before each stage's scoring (e.g. to accumulate gradients for Taylor importance).
+    With a latency target and several steps, the dense model's latency (median of 3 measurements) is the
+    base of every stage. Other keyword arguments go to :func:`prune_to_target`."""
+    targets = {k: t for k, t in zip(KINDS, (target_params, target_macs, target_latency)) if t is not None}
+    x = example_inputs.to(next(model.parameters()).device)
+    base = measure(model, x)
+    if target_latency is not None and latency_fn is None:
+        from .deploy import latency_meter
+
+        latency_fn = latency_meter(x)
+    base_latency = None
+    if target_latency is not None and steps > 1:
+        timer = _Timer(latency_fn)
+        base_latency = statistics.median(timer(model) for _ in range(3))
     result = None
     for step in range(1, steps + 1):
-        stage_target = 1 - (1 - target) * step / steps
+        stage = {f"target_{k}": 1 - (1 - t) * step / steps for k, t in targets.items()}
         if before_scoring is not None:
             before_scoring(model)
-        result = prune_to_target(model, example_inputs, make_importance(), base=base, **{key: stage_target}, **kwargs)
+        result = prune_to_target(
+            model, example_inputs, make_importance(), base=base, base_latency=base_latency, latency_fn=latency_fn, **stage, **kwargs
+        )
         model = result.model
         if between is not None and step < steps:
             between(model, step)
     assert result is not None
     return result
-
 
 def channel_counts(model: nn.Module) -> dict[str, int]:
     """Output channels of every conv (and output features of every linear layer), by name."""

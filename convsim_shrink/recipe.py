@@ -101,6 +101,12 @@ class FinetuneConfig(OptimConfig):
 class PruneConfig(_Section):
     target_params: float | None = Field(0.5, gt=0, lt=1, description="keep at most this fraction of parameters")
     target_macs: float | None = Field(None, gt=0, lt=1, description="keep at most this fraction of MACs")
+    target_latency: float | None = Field(
+        None, gt=0, lt=1,
+        description="measured latency at most this fraction of the dense model's (combines with a params/MACs target)",
+    )
+    latency_batch: int | None = Field(None, ge=1, description="batch size the latency is measured at (None = finetune.batch_size)")
+    latency_tolerance: float = Field(0.05, gt=0, lt=0.5, description="absolute tolerance below the latency target (timings are noisy)")
     # defaults chosen by validation accuracy in benchmarks/compare.py (docs/BENCHMARKS.md, issue 6)
     criterion: str = "convsim-taylor"
     criterion_options: dict[str, float | bool] = Field(
@@ -118,20 +124,36 @@ class PruneConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _macs_replaces_default_params(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("target_macs") is not None and "target_params" not in data:
-            data = {**data, "target_params": None}
+        # a MACs or latency target given without a params target replaces the default params target
+        if isinstance(data, dict) and "target_params" not in data:
+            if data.get("target_macs") is not None or data.get("target_latency") is not None:
+                data = {**data, "target_params": None}
         return data
 
     @model_validator(mode="after")
     def _one_target(self) -> "PruneConfig":
         if self.target_params is not None and self.target_macs is not None:
             raise ValueError("set only one of target_params and target_macs")
+        if self.target_params is None and self.target_macs is None and self.target_latency is None:
+            raise ValueError("set a pruning target: target_params, target_macs or target_latency")
         return self
 
 
+ExportFormat = Literal["convsim", "onnx", "onnx-int8", "pt2", "torchscript"]
+
+
 class ExportConfig(_Section):
-    formats: list[Literal["convsim", "onnx", "torchscript"]] = Field(default_factory=lambda: ["convsim", "onnx"])
+    formats: list[ExportFormat] = Field(default_factory=lambda: ["convsim", "onnx"])
     opset: int = Field(17, ge=11)
+    int8_calibration: int = Field(
+        300, ge=1, description="training images that calibrate the int8 ONNX model's activation ranges (onnx-int8)"
+    )
+
+    @model_validator(mode="after")
+    def _int8_opset(self) -> "ExportConfig":
+        if "onnx-int8" in self.formats and self.opset < 13:
+            raise ValueError(f"onnx-int8 needs export.opset 13 or newer (per-channel quantization), got {self.opset}")
+        return self
 
 
 class RunConfig(_Section):
@@ -300,10 +322,10 @@ def resolve(
         data = _deep_merge(data, read_recipe_file(recipe))
         data = _deep_merge(data, {"run": {"recipe_source": recipe_source(recipe)}})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    # a target given on the command line replaces the recipe's target of the other kind
-    for given, other in (("prune.target_params", "target_macs"), ("prune.target_macs", "target_params")):
-        if given in overrides and f"prune.{other}" not in overrides:
-            data = _deep_merge(data, {"prune": {other: None}})
+    # targets given on the command line replace the recipe's targets (those given together combine)
+    targets = ("target_params", "target_macs", "target_latency")
+    if any(f"prune.{t}" in overrides for t in targets):
+        data = _deep_merge(data, {"prune": {t: None for t in targets if f"prune.{t}" not in overrides}})
     for key, value in overrides.items():
         data = _deep_merge(data, _nest(key.split("."), value))
     for item in sets or []:

@@ -56,7 +56,25 @@ def build_report(recipe, state: RunState, data) -> dict[str, Any]:
         "total_seconds": round(sum(state.seconds.values()), 1),
         "exports": dict(state.exports),
         "onnx_max_abs_diff": m.onnx_max_abs_diff,
+        "pt2_max_abs_diff": m.pt2_max_abs_diff,
+        "int8": m.int8,
+        "speed": m.speed,
+        "target_latency": recipe.prune.target_latency,
     }
+
+
+def _speed_lines(report: dict) -> list[str]:
+    """One line per measured batch size: dense vs shrunk latency (and the int8 ONNX model's top-1)."""
+    out = [
+        f"Latency at batch {r['batch']} ({r['device']}, {r['precision']}, median): dense {r['dense_ms']:.2f} ms, "
+        f"shrunk {r['shrunk_ms']:.2f} ms, {r['speedup']:.2f}x faster" + (f" ({r['warning']})" if r.get("warning") else "")
+        for r in report.get("speed") or []
+    ]
+    q = report.get("int8")
+    if q:
+        out.append(f"int8 ONNX (onnxruntime): top-1 {q['top1_int8']:.2f}% vs {q['top1_fp32']:.2f}% for the fp32 ONNX model "
+                   f"({q['calibration_images']} calibration images)")
+    return out
 
 
 def _fmt(v, spec=",", none="–"):
@@ -86,6 +104,8 @@ def write_report(report: dict, state: RunState, run_dir: Path) -> None:
         "",
         "Convolutional Similarity (normalized, summed over conv layers): "
         + ", ".join(f"{k.replace('_', ' ')} {_fmt(v, '.4g')}" for k, v in report["cs"].items() if k != "definition"),
+        "",
+        *[line + "  " for line in _speed_lines(report)],
         "",
         "Seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in report["stages"].items()) + f" (total {report['total_seconds']})",
         "",
@@ -174,5 +194,7 @@ def print_summary(report: dict) -> None:
         + ", ".join(f"{k.replace('_', ' ')} {_fmt(v, '.4g')}" for k, v in cs.items() if k != "definition")
         + f"  |  {report['total_seconds']} s in all"
     )
+    for line in _speed_lines(report):
+        console.print(line, soft_wrap=True)
     for name, path in report.get("exports", {}).items():
         console.print(f"  {name}: {path}")

@@ -254,13 +254,22 @@ class Runner:
         return None
 
     def _export(self) -> float | None:
+        if self.dense is not None:  # every run reports speed: dense vs shrunk, batch 1 and the latency batch
+            from .deploy import speed_rows
+
+            pr, ft = self.recipe.prune, self.recipe.finetune
+            rows = speed_rows(self.dense, self.model, tuple(self.example_inputs.shape[1:]), (1, pr.latency_batch or ft.batch_size), device=self.device)
+            self.state.metrics.speed = rows
+            for row in rows:
+                self.log(f"speed at batch {row['batch']}: dense {row['dense_ms']:.2f} ms, shrunk {row['shrunk_ms']:.2f} ms ({row['speedup']:.2f}x)"
+                         + (f"; {row['warning']}" if row.get("warning") else ""))
         out = export_stage(
             self.model, self.recipe.export, self.run_dir, example_inputs=self.example_inputs,
-            recipe=self.recipe.to_dict(), metrics=self.state.metrics.to_dict(),
+            recipe=self.recipe.to_dict(), metrics=self.state.metrics.to_dict(), data=self.data,
         )
         self.state.exports = out.exports
-        if out.onnx_max_abs_diff is not None:
-            self.state.metrics.onnx_max_abs_diff = out.onnx_max_abs_diff
+        m = self.state.metrics
+        m.onnx_max_abs_diff, m.pt2_max_abs_diff, m.int8 = out.onnx_max_abs_diff, out.pt2_max_abs_diff, out.int8
         return None
 
     # -------------------------------------------------------------------------------------- run

@@ -206,12 +206,19 @@ def prune_stage(
     def calibrate(model: nn.Module) -> None:
         accumulate_gradients(model, data.train, cfg.calibration_batches)
 
+    latency_fn = None
+    if cfg.target_latency is not None:
+        # measured on the run's device, in fp32 as the exported model runs, at the latency batch
+        from .deploy import latency_meter
+
+        latency_fn = latency_meter(tuple(example_inputs.shape[1:]), cfg.latency_batch or ft.batch_size, device=device)
     # calibration writes gradients and BN statistics: only then work on a copy of the dense model
     source = copy.deepcopy(dense) if criterion.needs_gradients else dense
     result = iterative_prune(
         source, example_inputs, lambda: criterion.create(**options), steps=cfg.iterative_steps,
         between=between, before_scoring=calibrate if criterion.needs_gradients else None,
-        target_params=cfg.target_params, target_macs=cfg.target_macs, round_to=cfg.round_to,
+        target_params=cfg.target_params, target_macs=cfg.target_macs, target_latency=cfg.target_latency,
+        latency_fn=latency_fn, latency_tolerance=cfg.latency_tolerance, round_to=cfg.round_to,
         global_pruning=cfg.global_pruning, max_layer_ratio=cfg.max_layer_ratio, tolerance=cfg.tolerance, warn=False,
     )
     model = result.model.to(device)
@@ -269,6 +276,8 @@ def finetune_stage(
 class ExportOutcome:
     exports: dict[str, str] = field(default_factory=dict)  # format -> file
     onnx_max_abs_diff: float | None = None
+    pt2_max_abs_diff: float | None = None
+    int8: dict | None = None  # deploy.Int8Export.to_dict(): both models' top-1 under onnxruntime
 
 
 def export_stage(
@@ -279,11 +288,19 @@ def export_stage(
     example_inputs: torch.Tensor,
     recipe: dict | None = None,
     metrics: dict | None = None,
+    data: DataBundle | None = None,
 ) -> ExportOutcome:
     """Write ``model`` into the folder ``out`` in every format of ``cfg.formats``: ``convsim``
     (``model.safetensors`` with ``recipe``, ``metrics`` and the input shape in its header; a model from
     outside the registry becomes a full pickle ``model.pt``), ``onnx`` (checked against onnxruntime when
-    it is installed) and ``torchscript``.  The model ends on the device it started on."""
+    it is installed), ``onnx-int8`` (static int8 quantization with onnxruntime, calibrated on
+    ``cfg.int8_calibration`` training images of ``data``, both models' top-1 measured on ``data.test``),
+    ``pt2`` (a ``torch.export`` program, checked against the eager model) and ``torchscript``.  The model
+    ends on the device it started on.
+
+    Raises:
+        ConfigError: ``onnx-int8`` without ``data``.
+    """
     out = Path(out)
     device = _device_of(model)
     model = model.cpu().eval()
@@ -304,6 +321,20 @@ def export_stage(
                     outcome.onnx_max_abs_diff = ckpt.onnx_max_difference(model, path, torch.randn(4, *x.shape[1:]))
                 except ImportError:
                     pass
+            elif fmt == "onnx-int8":
+                from .deploy import export_onnx_int8
+
+                if data is None:
+                    raise ConfigError("the onnx-int8 export needs training images to calibrate on and a test set; pass data")
+                fp32 = outcome.exports.get("onnx")
+                done = export_onnx_int8(model, out, x, data.train, data.test, images=cfg.int8_calibration, opset=cfg.opset, fp32_path=fp32)
+                outcome.exports["onnx-int8"] = str(done.path)
+                outcome.int8 = done.to_dict()
+            elif fmt == "pt2":
+                from .deploy import export_pt2
+
+                outcome.pt2_max_abs_diff = export_pt2(model, out / "model.pt2", x)
+                outcome.exports["pt2"] = str(out / "model.pt2")
             elif fmt == "torchscript":
                 outcome.exports["torchscript"] = str(ckpt.export_torchscript(model, out / "model.ts", x))
     finally:

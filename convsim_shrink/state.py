@@ -45,6 +45,9 @@ class Metrics:
     shrunk_accuracy: float | None = None  # finetune
     cs_shrunk: float | None = None
     onnx_max_abs_diff: float | None = None  # export
+    pt2_max_abs_diff: float | None = None
+    int8: dict[str, Any] | None = None  # onnx-int8: top-1 of the fp32 and int8 ONNX models under onnxruntime
+    speed: list[dict[str, Any]] | None = None  # dense vs shrunk latency rows (deploy.speed_rows)
 
     def to_dict(self) -> dict[str, Any]:
         """The measured values only (the form stored in state.json and in exported models' headers)."""

@@ -136,3 +136,38 @@ def test_a_run_records_which_recipe_file_it_used(tmp_path, monkeypatch):
 def test_recipe_names_cannot_escape_the_shipped_folder():
     with pytest.raises(ConfigError, match="does not exist"):
         resolve("../recipes/resnet18")
+
+
+def test_latency_target_alone_replaces_the_default_params_target():
+    r = resolve({"prune": {"target_latency": 0.6}})
+    assert (r.prune.target_latency, r.prune.target_params, r.prune.target_macs) == (0.6, None, None)
+    assert r.prune.latency_batch is None  # the stage measures at finetune.batch_size
+    # given together, both hold
+    r = resolve({"prune": {"target_latency": 0.6, "target_params": 0.5, "latency_batch": 64}})
+    assert (r.prune.target_latency, r.prune.target_params, r.prune.latency_batch) == (0.6, 0.5, 64)
+    r = resolve({"prune": {"target_latency": 0.6, "target_macs": 0.4}})
+    assert (r.prune.target_latency, r.prune.target_params, r.prune.target_macs) == (0.6, None, 0.4)
+
+
+@pytest.mark.parametrize("item,msg", [
+    ("prune.target_latency=1.2", "prune.target_latency = 1.2 is invalid"),
+    ("prune.target_latency=0", "prune.target_latency = 0 is invalid"),
+    ("prune.latency_batch=0", "prune.latency_batch = 0 is invalid"),
+    ("prune.target_params=null", "set a pruning target"),
+    ("export.formats=[onnx, int8]", "export.formats.1 = 'int8' is invalid"),
+    ("export.int8_calibration=0", "export.int8_calibration = 0 is invalid"),
+])
+def test_bad_latency_and_export_settings(item, msg):
+    with pytest.raises(ConfigError, match=msg):
+        resolve(None, sets=[item])
+
+
+def test_new_export_formats_are_accepted():
+    r = resolve(None, sets=["export.formats=[convsim, onnx-int8, pt2]"])
+    assert r.export.formats == ["convsim", "onnx-int8", "pt2"] and r.export.int8_calibration == 300
+
+
+def test_int8_needs_opset_13():
+    with pytest.raises(ConfigError, match="onnx-int8 needs export.opset 13 or newer"):
+        resolve(None, sets=["export.formats=[onnx-int8]", "export.opset=11"])
+    assert resolve(None, sets=["export.formats=[onnx]", "export.opset=11"]).export.opset == 11
