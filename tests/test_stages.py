@@ -156,3 +156,26 @@ def test_export_stage_pickles_a_model_outside_the_registry(tmp_path):
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
     out = export_stage(model, ExportConfig(formats=["convsim"]), tmp_path, example_inputs=X)
     assert list(out.exports) == ["pickle"] and out.exports["pickle"].endswith("model.pt")
+
+
+def test_prune_stage_meets_a_combined_params_and_latency_target(data, dense):
+    cfg = PruneConfig(target_params=0.5, target_latency=0.95, latency_batch=8, latency_tolerance=0.4, criterion="l1",
+                      global_pruning=False, bn_recalibration=0)
+    out = prune_stage(dense, data, cfg, example_inputs=X)
+    r = out.result
+    assert r.params_ratio <= 0.5  # both targets hold: params by count ...
+    assert r.latency is not None and r.base_latency is not None and r.latency_measurements > 0  # ... latency measured
+    assert r.latency / r.base_latency <= 0.95 + 1e-9  # by the search's own (median) measurements
+
+
+def test_export_stage_writes_int8_onnx_and_pt2_with_their_checks(tmp_path, data, dense):
+    cfg = ExportConfig(formats=["onnx", "onnx-int8", "pt2"], int8_calibration=64)
+    out = export_stage(dense, cfg, tmp_path, example_inputs=X, data=data)
+    assert set(out.exports) == {"onnx", "onnx-int8", "pt2"} and all((tmp_path / p).is_file() for p in out.exports.values())
+    assert out.pt2_max_abs_diff is not None and out.pt2_max_abs_diff < 1e-3
+    q = out.int8
+    assert q["calibration_images"] == 64 and abs(q["top1_int8"] - q["top1_fp32"]) <= 5.0
+    fp32 = evaluate(dense, data.test, FP32)["acc"]
+    assert q["top1_fp32"] == pytest.approx(fp32, abs=1.0)  # the fp32 ONNX model is the model
+    with pytest.raises(ConfigError, match="needs training images"):
+        export_stage(dense, ExportConfig(formats=["onnx-int8"]), tmp_path / "b", example_inputs=X)
