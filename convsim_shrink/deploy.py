@@ -34,8 +34,9 @@ from .io import atomic_write_bytes
 from .train import Precision, resolve_precision
 from .errors import CheckpointError, ConfigError
 
-# IQR / median above which a latency is reported as unreliable; on the idle 2-core CPU machine the
-# spread of a 20-repeat measurement of ResNet18 width 0.25 is a few per cent (benchmarks/bench_deploy.py)
+# IQR / median above which a latency is reported as unreliable. A judgement, not yet checked on an idle
+# machine: on the shared 2-core CPU under load (load average 9-14, 2026-11-29, benchmarks/bench_deploy.py on
+# ResNet18 width 0.25) onnxruntime's timings spread 7-10% with one thread, torch's 5-90%.
 SPREAD_LIMIT = 0.15
 
 
