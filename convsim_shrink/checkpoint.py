@@ -209,6 +209,10 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu", trust_pi
 def _load_zip(path: Path, map_location, trust_pickle: bool) -> nn.Module:
     with zipfile.ZipFile(path) as z:
         names = z.namelist()
+    if any(n.endswith("/archive_format") for n in names):  # a torch.export program (pt2)
+        from .deploy import load_pt2
+
+        return load_pt2(path)  # runs as exported (eval); torch 2.14 refuses .eval() on it
     if any(n.endswith("constants.pkl") or "/code/" in n for n in names):  # a TorchScript archive
         try:
             return torch.jit.load(str(path), map_location=map_location).eval()

@@ -179,3 +179,11 @@ def test_export_stage_writes_int8_onnx_and_pt2_with_their_checks(tmp_path, data,
     assert q["top1_fp32"] == pytest.approx(fp32, abs=1.0)  # the fp32 ONNX model is the model
     with pytest.raises(ConfigError, match="needs training images"):
         export_stage(dense, ExportConfig(formats=["onnx-int8"]), tmp_path / "b", example_inputs=X)
+
+
+def test_a_pt2_export_loads_back_with_load_without_pickle(tmp_path):
+    model = create_model("simple_cnn", in_channels=1, width=0.25).eval()
+    out = export_stage(model, ExportConfig(formats=["pt2"]), tmp_path, example_inputs=X)
+    loaded = ckpt.load(out.exports["pt2"])  # no trust_pickle needed: torch.export programs are not pickles
+    with torch.no_grad():
+        assert torch.allclose(loaded(X), model(X), atol=1e-5)
