@@ -32,7 +32,7 @@ from pathlib import Path
 
 #: models that need another input size or constructor arguments at a small input
 OVERRIDES: dict[str, dict] = {
-    "inception_v3": {"size": 96},  # at least 75x75
+    "inception_v3": {"size": 299},  # its auxiliary head (training mode) needs the 17x17 grid of a 299x299 input
     "maxvit_t": {"size": 224, "kwargs": {"input_size": (224, 224)}},  # partitions of 7 at every stage
     "vit_b_16": {"kwargs": {"image_size": 64}},
     "vit_b_32": {"kwargs": {"image_size": 64}},
