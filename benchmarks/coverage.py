@@ -55,7 +55,7 @@ def run_one(name: str, *, size: int = 64, criterion: str = "convsim-taylor", tar
     from convsim_shrink.errors import ConvSimError
     from convsim_shrink.pruneability import plan_ignored_layers, prune_safely
     from convsim_shrink.pruning import measure, prune_to_target
-    from convsim_shrink.ranking import NEEDS_GRADIENTS, make_importance
+    from convsim_shrink.ranking import get_criterion
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -73,7 +73,7 @@ def run_one(name: str, *, size: int = 64, criterion: str = "convsim-taylor", tar
         row["plan_seconds"] = round(time.perf_counter() - t_plan, 1)
         row["trials"] = plan.trials
         source = copy.deepcopy(model)
-        if criterion in NEEDS_GRADIENTS:  # task-loss gradients on two random batches
+        if get_criterion(criterion).needs_gradients:  # task-loss gradients on two random batches
             source.train()
             g = torch.Generator().manual_seed(seed + 1)
             for _ in range(2):
@@ -82,7 +82,7 @@ def run_one(name: str, *, size: int = 64, criterion: str = "convsim-taylor", tar
                 F.cross_entropy(logits_of(source(xb)), yb).backward()
             source.eval()
         prune = functools.partial(
-            prune_to_target, source, x, make_importance(criterion), target_params=target,
+            prune_to_target, source, x, get_criterion(criterion).create(), target_params=target,
             global_pruning=global_pruning, max_layer_ratio=0.9, tolerance=0.01, warn=False,
         )
         result, plan = prune_safely(source, x, prune, plan=plan.for_model(source))
