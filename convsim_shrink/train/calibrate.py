@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .device import Precision, resolve_precision, to_device
 
 
@@ -20,6 +21,9 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50, prec: 
     dense model no longer describe the pruned model's activations; without this, accuracy right after
     pruning says more about stale statistics than about which channels were kept.  Returns the number
     of batches used (0 if the model has no batch norm).
+
+    Under ``torchrun`` every rank reads ``batches`` batches of its shard and the statistics are then
+    averaged over the ranks (each rank's batches weigh the same), so every rank holds the same model.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
@@ -45,12 +49,17 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50, prec: 
         for m, (momentum, _) in zip(norms, saved):
             m.momentum = momentum
         model.train(was_training)
+    distributed.average_buffers(model)
     return used
 
 
 def accumulate_gradients(model: nn.Module, loader: Iterable, batches: int, prec: Precision | None = None) -> int:
     """Task-loss gradients summed over the first ``batches`` batches of ``loader`` (train mode, fp32),
-    for data-driven importance criteria (Taylor).  Clears old gradients first; returns the batches used."""
+    for data-driven importance criteria (Taylor).  Clears old gradients first; returns the batches used.
+
+    Under ``torchrun`` each rank sums over its own shard and the gradients are then averaged over the
+    ranks: with the global batch split over the ranks, that is the single-process sum, and every rank
+    scores channels on the same gradients."""
     prec = prec or resolve_precision(next(model.parameters()).device, "fp32", False)
     model.zero_grad(set_to_none=True)
     model.train()
@@ -61,4 +70,5 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, batches: int, prec:
         x, y = to_device(x, y, prec)
         F.cross_entropy(model(x), y).backward()
         used += 1
+    distributed.average_gradients(model)
     return used

@@ -5,8 +5,11 @@
 * A checkpoint is written atomically after every epoch (model, optimizer, step, epoch, RNG states,
   history, settings); ``resume=True`` continues from it.  A non-finite loss stops with
   :class:`~convsim_shrink.errors.TrainingDivergedError` and leaves the last good checkpoint in place.
-* Ready for ``torchrun``: with an initialised process group the model is wrapped in
-  DistributedDataParallel, loaders shard by rank, and only rank 0 shows progress or writes files.
+* Under ``torchrun`` (an initialised process group, :mod:`.distributed`) the model is trained under
+  DistributedDataParallel (SyncBatchNorm with ``sync_bn``) on loaders sharded by rank; losses,
+  accuracies and a non-finite loss are summed / agreed over the ranks, every rank evaluates on its
+  share of the test set and the sums are all-reduced, and only rank 0 shows progress or writes files.
+* The checkpoint also holds the AMP gradient scaler's state (fp16), so a resumed run keeps its scale.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 from ..errors import CheckpointError, TrainingDivergedError
 from ..io import atomic_torch_save
 from .device import Precision, resolve_precision, to_device
+from . import distributed
 from .distributed import is_main_process, unwrap, world_size
 from .losses import LossTerm, cs_regularizer
 from .optim import Schedule, make_optimizer, make_schedule
@@ -73,7 +77,7 @@ def train_one_epoch(
         for (k, t), v in zip(run.items(), values):
             totals[k] += v
             t.zero_()
-        if bool(bad):
+        if distributed.any_rank(bad):  # every rank stops together
             raise TrainingDivergedError(
                 f"the loss became non-finite by step {last_step} (lr {lr:.3g}); lower the learning rate "
                 f"(train.lr / finetune.lr) or the CS weight; the last good checkpoint is kept"
@@ -127,6 +131,10 @@ def train_one_epoch(
             drain(step - 1)
     if pending:
         drain(step - 1)
+    if world_size() > 1:  # the epoch's numbers over all ranks' images
+        totals = dict(zip(totals, distributed.all_reduce_sum(list(totals.values()))))
+        for k in names:
+            totals[k] /= world_size()
     seen = max(totals["seen"], 1)
     metrics = {
         "train_loss": totals["loss"] / seen,
@@ -140,7 +148,8 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, prec: Precision | None = None) -> dict[str, float]:
-    """Top-1 accuracy (percent) and mean cross-entropy over ``loader``."""
+    """Top-1 accuracy (percent) and mean cross-entropy over ``loader``; under ``torchrun`` over the
+    union of every rank's ``loader`` (the sums are all-reduced), the same numbers on every rank."""
     prec = prec or resolve_precision(next(model.parameters()).device, "fp32", False)
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
@@ -221,13 +230,13 @@ def fit(
             raise CheckpointError(f"{ckpt} belongs to stage '{state.get('stage')}', not '{stage}'")
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         result.history = list(state["history"])
         result.resumed_from_epoch = start_epoch
         torch.set_rng_state(state["rng"]["torch"])
-    train_model: nn.Module = model
-    if world_size() > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = distributed.wrap(model, device, sync_bn=getattr(cfg, "sync_bn", False))
     if cfg.compile:
         train_model = torch.compile(train_model)
 
@@ -253,6 +262,7 @@ def fit(
                 task=task,
             )
             metrics["epoch"] = epoch + 1
+            distributed.broadcast_buffers(model)  # every rank evaluates and saves rank 0's BN statistics
             if eval_loader is not None:
                 ev = evaluate(model, eval_loader, prec)
                 metrics["val_acc"], metrics["val_loss"] = ev["acc"], ev["loss"]
@@ -269,12 +279,15 @@ def fit(
                         "history": result.history,
                         "settings": settings,
                         "rng": {"torch": torch.get_rng_state()},
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "world_size": world_size(),
                     },
                     ckpt,
                 )
             if on_epoch is not None:
                 on_epoch(epoch + 1, metrics)
     result.seconds = time.perf_counter() - t0
+    distributed.unwrap_after_training(model)
     result.final = result.history[-1] if result.history else {}
     if prec.channels_last:
         model.to(memory_format=torch.contiguous_format)
