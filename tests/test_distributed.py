@@ -350,3 +350,28 @@ def test_pruning_keeps_the_same_channels_on_every_rank(train_and_prune):
     kept0, kept1 = _kept_channels(r0["trained"], r0["pruned"]), _kept_channels(r1["trained"], r1["pruned"])
     assert kept0 == kept1 and len(kept0) < 8
     assert all(torch.equal(r0["pruned"][k], r1["pruned"][k]) for k in r0["pruned"]) and r0["pruned_acc"] == r1["pruned_acc"]
+
+
+@pytest.mark.slow
+def test_cli_nproc_runs_torchrun_end_to_end_and_resumes(tmp_path, fashion_dir):
+    """``convsim-shrink MODEL --nproc 2`` as a user types it (torchrun underneath), then ``--resume``."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "convsim_shrink"]
+    sets = [a for s in PIPELINE for a in ("--set", s)]
+    done = subprocess.run([*base, "simple_cnn", "--nproc", "2", "--out", str(out), *sets], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2 and report["global_batch"] == 32
+    assert done.stderr.count("report:") == 1  # rank 0 alone prints
+    state = json.loads((out / "state.json").read_text())
+    state["completed"] = ["build", "premin", "train"]
+    (out / "state.json").write_text(json.dumps(state))
+    again = subprocess.run([*base, "--resume", str(out), "--nproc", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((out / "state.json").read_text())["completed"][-1] == "export"
+    bad = subprocess.run([*base, "simple_cnn", "--nproc", "2", "--out", str(out), *sets], env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "already exists" in bad.stderr and "Traceback" not in bad.stderr
