@@ -507,8 +507,8 @@ def scan_image_folder(root: str | Path, *, verify: bool = True, workers: int | N
     Rules (issue 12): folders whose names start with ``.`` or ``__`` (``.ipynb_checkpoints``,
     ``__MACOSX``) are not classes and are skipped; class folders of ``train/`` without readable images
     are skipped (a class without training images cannot be learned) and named in :meth:`FolderScan.notes`;
-    with ``verify`` every image is decoded once (:func:`verify_image`, ``workers`` threads) and
-    unreadable or truncated ones are skipped and listed.  The classes and their indices come from
+    with ``verify`` every image is decoded once (:func:`verify_image`, ``workers`` threads; under
+    ``torchrun`` each process decodes its share) and unreadable or truncated ones are skipped and listed.  The classes and their indices come from
     ``train/`` alone, so a class missing from ``val/`` shifts no label.
 
     Raises :class:`~convsim_shrink.errors.DataNotFoundError` (no ``train/`` or ``val/``) or
@@ -531,10 +531,15 @@ def scan_image_folder(root: str | Path, *, verify: bool = True, workers: int | N
         every = [p for files in (*train_files.values(), *val_files.values()) for p in files]
         from concurrent.futures import ThreadPoolExecutor
 
+        from .train import distributed
+
+        # under torchrun each process decodes its share and the (few) problems are gathered
+        mine = every[distributed.rank() :: distributed.world_size()]
         with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-            problems = dict(zip(every, pool.map(verify_image, every)))
-        bad = {p for p, why in problems.items() if why is not None}
-        unreadable = [(str(p.relative_to(root)), problems[p]) for p in every if p in bad]
+            found = [[str(p), why] for p, why in zip(mine, pool.map(verify_image, mine)) if why is not None]
+        problems = {p: why for part in distributed.all_gather_json(found) for p, why in part}
+        bad = {p for p in every if str(p) in problems}
+        unreadable = [(str(p.relative_to(root)), problems[str(p)]) for p in every if p in bad]
         train_files = {c: [p for p in fs if p not in bad] for c, fs in train_files.items()}
         val_files = {c: [p for p in fs if p not in bad] for c, fs in val_files.items()}
     classes = tuple(c for c, fs in train_files.items() if fs)

@@ -170,8 +170,24 @@ def _state_of(model: nn.Module) -> dict[str, torch.Tensor]:
 def _two_process_worker(rank: int, out: str) -> None:
     """Everything the two-process tests look at, in one start of two processes."""
     _failing_worker(rank, out)
+    _folder_worker(rank, out)
     _train_and_prune(rank, 2, out)
     _pipeline_worker(rank, out, PIPELINE)
+
+
+def _folder_worker(rank: int, out: str) -> None:
+    """An image folder with one truncated JPEG, read by two processes at 32 px."""
+    from convsim_shrink.recipe import DataConfig
+
+    with distributed.session(torch.device("cpu")):
+        data = build_data(DataConfig(name="imagefolder", dir=str(Path(out) / "images"), workers=0, image_size=32), batch_size=4,
+                          rank=distributed.rank(), world_size=distributed.world_size())
+        data.train.set_epoch(1)
+        shapes = [list(x.shape) for x, _ in data.train]
+        labels = [y.tolist() for _, y in data.test]
+    record = {"train": data.train._order(), "test": data.test._order(), "unreadable": data.scan.unreadable, "shapes": shapes,
+              "labels": labels, "train_images": data.train.num_samples}
+    (Path(out) / f"folder{rank}.json").write_text(json.dumps(record))
 
 
 def _failing_worker(rank: int, out: str) -> None:
@@ -220,6 +236,10 @@ def _pipeline_worker(rank: int, out: str, sets: list[str]) -> None:
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, fashion_dir) -> Path:
     out = tmp_path_factory.mktemp("ddp")
+    from test_data import _image_folder, _truncate
+
+    _image_folder(out / "images", {"train": {"a": 5, "b": 5}, "val": {"a": 3, "b": 2}}, size=(40, 48))
+    _truncate(out / "images" / "train" / "b" / "2.jpg")
     _spawn(_two_process_worker, str(out))
     return out
 
@@ -231,7 +251,7 @@ def two_process_pipeline(two_processes) -> Path:
 
 def test_two_processes_write_one_run_directory_and_report(two_process_pipeline):
     out = two_process_pipeline
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["run"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["images", "run"]  # the images are the test's own
     assert not list((out / "run").glob(".*.tmp"))
     report = json.loads((out / "run" / "report.json").read_text())
     assert report["world_size"] == 2 and report["global_batch"] == 32 and report["per_process_batch"] == 16
@@ -249,6 +269,15 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(two_processes):
     assert outcomes[0] == ["OutputNotWritableError", "process 1: cannot write /x: read-only file system"]
     assert outcomes[1] == ["OutputNotWritableError", "cannot write /x: read-only file system"]
     assert not (two_processes / "failed").exists()  # nothing written
+
+
+def test_image_folder_is_dealt_out_by_rank(two_processes):
+    r0, r1 = (json.loads((two_processes / f"folder{r}.json").read_text()) for r in (0, 1))
+    assert r0["unreadable"] == r1["unreadable"] and [p for p, _ in r0["unreadable"]] == ["train/b/2.jpg"]
+    assert r0["train_images"] == 9 and len(r0["train"]) == len(r1["train"]) == 5  # 9 images padded to 10
+    assert set(r0["train"]) | set(r1["train"]) == set(range(9))
+    assert r0["shapes"] == r1["shapes"] == [[2, 3, 32, 32]] * 2  # global batch 4 = 2 per process, at data.image_size
+    assert sorted(r0["test"] + r1["test"]) == list(range(5)) and sum(map(len, r0["labels"] + r1["labels"])) == 5
 
 
 def test_two_processes_end_with_identical_models(two_process_pipeline):
