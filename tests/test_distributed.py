@@ -119,6 +119,13 @@ def test_setup_checks_batch_and_sync_bn():
     distributed.check_setup(resolve(None, sets=["train.sync_bn=true"]), torch.device("cpu"), 1)  # one process: nothing to sync
 
 
+def test_imagenet_recipe_splits_its_batch_over_8_gpus():
+    r = resolve("resnet50-imagenet")
+    assert r.data.name == "imagefolder" and r.data.image_size == 224 and r.model.small_input is False
+    distributed.check_setup(r, torch.device("cuda"), 8)  # 1024 = 8 x 128
+    assert "--nproc 8" in r.description and "nproc_per_node=8" in r.description
+
+
 def test_revert_sync_batchnorm_keeps_the_tensors():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     weight = model[1].weight
