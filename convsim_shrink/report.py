@@ -195,12 +195,8 @@ def print_summary(report: dict) -> None:
     table.add_row("[bold]shrunk", _fmt(s["params"]), _fmt(s["macs"]), f"[bold]{_fmt(s['accuracy'], '.2f')}")
     table.add_row("ratio / change", _fmt(report["params_ratio"], ".4f"), _fmt(report["macs_ratio"], ".4f"), _fmt(report["accuracy_delta"], "+.2f"))
     console.print(table)
-    cs = report["cs"]
-    console.print(
-        "CS (normalized): "
-        + ", ".join(f"{k.replace('_', ' ')} {_fmt(v, '.4g')}" for k, v in cs.items() if k != "definition")
-        + f"  |  {report['total_seconds']} s in all"
-    )
+    cs = ", ".join(f"{k.replace('_', ' ')} {_fmt(v, '.4g')}" for k, v in report["cs"].items() if k != "definition")
+    console.print((f"CS (normalized): {cs}  |  " if cs else "") + f"{report['total_seconds']} s in all")
     for line in _speed_lines(report):
         console.print(line, soft_wrap=True)
     for name, path in report.get("exports", {}).items():
