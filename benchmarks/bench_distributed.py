@@ -47,6 +47,8 @@ def run_once(start: str, args, out: Path) -> dict:
            "--out", str(out), "-q", *[a for s in sets for a in ("--set", s)]]
     if args.recipe:
         cmd += ["--recipe", args.recipe]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
     if nproc:
         cmd += ["--nproc", str(nproc)]
     t0 = time.perf_counter()
@@ -75,6 +77,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch", type=int, default=128, help="global batch")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=None, help="folder of the data set (default: where the recipe's data set is found)")
     p.add_argument("--starts", nargs="+", default=["0", "0:1", "1", "2"], help="N or N:T (see the module docstring)")
     args = p.parse_args()
     rows = []
