@@ -411,3 +411,43 @@ def test_cli_nproc_runs_torchrun_end_to_end_and_resumes(tmp_path, fashion_dir):
     assert json.loads((out / "state.json").read_text())["completed"][-1] == "export"
     bad = subprocess.run([*base, "simple_cnn", "--nproc", "2", "--out", str(out), *sets], env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "already exists" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------------ the command line
+
+
+def _main_exit(args) -> int:
+    from convsim_shrink.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    return e.value.code
+
+
+def test_nproc_hands_the_command_line_to_torchrun_with_one_run_directory(monkeypatch, tmp_path):
+    import convsim_shrink.train.distributed as dist_module
+
+    seen = {}
+
+    def fake_launch(nproc, args):
+        seen.update(nproc=nproc, args=args)
+        return 0
+
+    monkeypatch.setattr(dist_module, "launch", fake_launch)
+    monkeypatch.chdir(tmp_path)
+    assert _main_exit(["simple_cnn", "--nproc", "2", "--set", "train.batch_size=64", "-q"]) == 0
+    assert seen["nproc"] == 2 and "--nproc" not in seen["args"] and seen["args"][:5] == ["simple_cnn", "--set", "train.batch_size=64", "-q", "--out"]
+    assert seen["args"][5].startswith(str(Path("runs") / "simple_cnn-"))  # every process gets the same name
+
+
+def test_nproc_mistakes_are_one_line_before_anything_starts(monkeypatch, capsys):
+    import convsim_shrink.train.distributed as dist_module
+
+    monkeypatch.setattr(dist_module, "launch", lambda *a: pytest.fail("launched"))
+    assert _main_exit(["simple_cnn", "--nproc", "2", "--set", "train.batch_size=63"]) == 2
+    assert "train.batch_size=63 is the global batch" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    for key, value in (("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(key, value)
+    assert _main_exit(["simple_cnn", "--nproc", "2"]) == 2
+    assert "under torchrun leave it out" in capsys.readouterr().err
