@@ -322,7 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=args, prog_name="convsim-shrink")
     except ConvSimError as exc:
-        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)  # '[timm]' in a pip command is not markup
         raise SystemExit(2) from None
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 from torch import nn
 
 from . import checkpoint as ckpt
@@ -199,7 +200,7 @@ class Runner:
         if hasattr(self.data.train, "__len__") and len(self.data.train) == 0:
             raise ConfigError("the training data gives no batch (empty, or smaller than one batch with drop_last); add images or lower the batch size")
         for note in self.data.notes:  # what was skipped while reading the data: also under --quiet
-            console.print(f"note: {note}", soft_wrap=True)
+            console.print(f"note: {escape(note)}", soft_wrap=True)
         if self.example_inputs is None:
             self.example_inputs = example_inputs_for(self.data.info)
         if self.given_model is None and not zoo:
@@ -294,7 +295,7 @@ class Runner:
         )
         result = out.result
         if result.note:  # one clean line, also under --quiet, instead of Python's warning format
-            console.print(f"note: {result.note}")
+            console.print(f"note: {escape(result.note)}")
             self.state.metrics.prune_note = result.note
         if out.hint:
             self.log(f"note: {out.hint}")
@@ -307,7 +308,7 @@ class Runner:
         if out.plan is not None:
             m.pruning_plan = out.plan.to_dict()
             if out.plan.left_alone():  # layers a user would not expect to stay whole: one line, also under --quiet
-                console.print(f"note: {out.plan.summary()}", soft_wrap=True)
+                console.print(f"note: {escape(out.plan.summary())}", soft_wrap=True)
             else:
                 self.log(f"pruning: {out.plan.summary()}")
         m.pruned_accuracy, m.channel_ratio = out.accuracy, result.channel_ratio
