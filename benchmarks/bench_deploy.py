@@ -31,7 +31,7 @@ import convsim_shrink
 from convsim_shrink import deploy
 from convsim_shrink.checkpoint import export_onnx, read_metadata
 from convsim_shrink.data import build_data
-from convsim_shrink.engine import evaluate
+from convsim_shrink.train import evaluate
 from convsim_shrink.pruning import measure
 from convsim_shrink.recipe import DataConfig
 

@@ -209,12 +209,8 @@ def print_summary(report: dict) -> None:
     console.print(table)
     if d.get("note"):
         console.print(f"dense row: {d['note']}", soft_wrap=True)
-    cs = report["cs"]
-    console.print(
-        "CS (normalized): "
-        + ", ".join(f"{k.replace('_', ' ')} {_fmt(v, '.4g')}" for k, v in cs.items() if k != "definition")
-        + f"  |  {report['total_seconds']} s in all"
-    )
+    cs = ", ".join(f"{k.replace('_', ' ')} {_fmt(v, '.4g')}" for k, v in report["cs"].items() if k != "definition")
+    console.print((f"CS (normalized): {cs}  |  " if cs else "") + f"{report['total_seconds']} s in all")
     for line in _speed_lines(report):
         console.print(line, soft_wrap=True)
     for name, path in report.get("exports", {}).items():

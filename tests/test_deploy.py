@@ -10,7 +10,7 @@ from torch import nn
 from convsim_shrink import deploy
 from convsim_shrink.checkpoint import export_onnx
 from convsim_shrink.data import build_data
-from convsim_shrink.engine import evaluate, fit
+from convsim_shrink.train import evaluate, fit
 from convsim_shrink.errors import CheckpointError, ConfigError
 from convsim_shrink.models import create_model
 from convsim_shrink.pruning import prune_to_target

@@ -1,0 +1,40 @@
+"""The run summary printed at the end of a run (report.print_summary)."""
+
+from __future__ import annotations
+
+import pytest
+
+from convsim_shrink.console import console
+from convsim_shrink.report import print_summary
+
+
+def _report(cs: dict) -> dict:
+    return {
+        "model": "tiny", "dataset": "synthetic", "criterion": "lamp",
+        "dense": {"params": 1000, "macs": 20000, "accuracy": 90.0},
+        "shrunk": {"params": 500, "macs": 12000, "accuracy_before_finetune": 80.0, "accuracy": 89.5},
+        "params_ratio": 0.5, "macs_ratio": 0.6, "accuracy_delta": -0.5, "cs": cs, "total_seconds": 12.5,
+        "speed": [{"batch": 1, "device": "cpu", "precision": "fp32", "dense_ms": 2.0, "shrunk_ms": 1.0, "speedup": 2.0}],
+        "exports": {"onnx": "run/model.onnx"},
+    }
+
+
+def _printed(report: dict) -> list[str]:
+    with console.capture() as cap:
+        print_summary(report)
+    return cap.get().splitlines()
+
+
+def test_summary_names_cs_values_and_the_total_time():
+    lines = _printed(_report({"definition": "normalized", "after_premin": 0.25, "shrunk": 1.5}))
+    cs = [line for line in lines if line.startswith("CS (normalized):")]
+    assert len(cs) == 1 and "after premin 0.25" in cs[0] and "shrunk 1.5" in cs[0] and cs[0].endswith("12.5 s in all")
+    assert any("Latency at batch 1" in line and "2.00x faster" in line for line in lines)
+    assert any("run/model.onnx" in line for line in lines)
+
+
+@pytest.mark.parametrize("cs", [{}, {"definition": "normalized"}])
+def test_summary_without_cs_values_prints_no_empty_cs_field(cs):
+    lines = _printed(_report(cs))
+    assert not any("CS (normalized)" in line for line in lines)
+    assert [line for line in lines if line.strip().startswith("12.5 s in all")], lines
