@@ -42,11 +42,11 @@ _SYNC_EVERY = 32
 LOGITS_FIX = "a wrapper module whose forward returns the class scores as one (N, classes) tensor"
 
 
-class _Diverged(Exception):
-    """Raised inside an epoch; :func:`fit` turns it into a TrainingDivergedError that names the stage."""
+class _Diverged(TrainingDivergedError):
+    """Raised inside an epoch (what and at which step); :func:`fit` adds the stage and epoch."""
 
     def __init__(self, reason: str, step: int, lr: float):
-        super().__init__(reason)
+        super().__init__(f"{reason} by step {step} (lr {lr:.3g}); lower the learning rate (train.lr / finetune.lr) or the CS weight")
         self.reason, self.step, self.lr = reason, step, lr
 
 
@@ -92,7 +92,7 @@ def train_one_epoch(
             totals[k] += v
             t.zero_()
         if bool(bad):
-            raise _Diverged("the loss or the model's outputs became non-finite or blew up", last_step, lr)
+            raise _Diverged("the loss blew up, or the loss or the model's outputs became non-finite", last_step, lr)
         weights = nonfinite_tensors(model)
         if weights:
             raise _Diverged(f"weights became non-finite ({', '.join(weights)})", last_step, lr)
