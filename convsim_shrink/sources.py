@@ -532,6 +532,28 @@ def checkpoint_file(path: str | Path) -> Path:
     return path
 
 
+def is_checkpoint_spec(spec: str) -> bool:
+    """Whether ``spec`` names a checkpoint (a ``.safetensors`` path or an existing file or folder) rather
+    than a zoo name, ``torchvision:``/``timm:`` model or import string."""
+    spec = str(spec).strip()
+    if not spec or spec.startswith(("torchvision:", "timm:")):
+        return False
+    path = Path(spec).expanduser()
+    return spec.endswith(".safetensors") or path.is_dir() or path.is_file()
+
+
+def checkpoint_data(spec: str) -> dict[str, Any] | None:
+    """The data set a checkpoint's header records (``{"name", "dir"}``, from the recipe it was made
+    with), for a ``spec`` that names a checkpoint; None for other specs or a header without one.
+    Raises :class:`~convsim_shrink.errors.CheckpointError` for a missing or unreadable checkpoint."""
+    if not is_checkpoint_spec(spec):
+        return None
+    from .checkpoint import read_metadata
+
+    data = (read_metadata(checkpoint_file(spec)).get("recipe") or {}).get("data") or {}
+    return {"name": data["name"], "dir": data.get("dir")} if data.get("name") else None
+
+
 def _checkpoint(path: Path, num_classes: int | None, in_channels: int | None, weights: str | None) -> Source:
     from .checkpoint import load, read_metadata
 
@@ -562,4 +584,4 @@ def _spec_io(spec: dict[str, Any]) -> tuple[int | None, int | None]:
     return classes, channels
 
 
-__all__ = ["Source", "adapt_input_channels", "checkpoint_file", "read_state_dict", "rebuild", "resolve_source", "torchvision_models", "TIMM_INSTALL"]
+__all__ = ["Source", "adapt_input_channels", "checkpoint_data", "checkpoint_file", "is_checkpoint_spec", "read_state_dict", "rebuild", "resolve_source", "torchvision_models", "TIMM_INSTALL"]
