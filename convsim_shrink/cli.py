@@ -92,13 +92,13 @@ def _run_pipeline(
     _fraction("--target-macs", target_macs)
     _fraction("--target-latency", target_latency)
     if recipe is None and model is not None:
-        recipe = default_recipe_for(model)
-    if model is not None and data is None:
-        from .sources import checkpoint_data
+        from .sources import checkpoint_recipe
 
-        recorded = checkpoint_data(model)  # a checkpoint's data set is the default
-        if recorded:
-            data, data_dir = recorded["name"], data_dir or (Path(recorded["dir"]) if recorded["dir"] else None)
+        # a checkpoint is shrunk again with the recipe it was made with (its data set included), a zoo
+        # model with its shipped recipe; --recipe, options and --set override either
+        recipe = checkpoint_recipe(model) or default_recipe_for(model)
+        if isinstance(recipe, dict) and data is not None and data != (recipe.get("data") or {}).get("name"):
+            recipe.pop("data", None)  # another data set: none of the recorded data settings apply
     overrides = {
         "model.name": model,
         "model.weights": weights,

@@ -97,6 +97,7 @@ def test_checkpoint_round_trip(tv_run, tmp_path, capsys):
     assert _main([str(tv_run / "dense.safetensors"), "--target-params", "0.3", "--out", str(out), *SMALL]) == 0
     report, first = _report(out), _report(tv_run)
     assert report["dataset"] == "fashion-mnist" and report["source"].startswith("checkpoint ")
+    assert report["recipe"].startswith("the recipe recorded in ")  # the first run's settings carry over
     assert report["dense"]["params"] == first["dense"]["params"] and 0.29 <= report["params_ratio"] <= 0.3
     assert "dense row is this model evaluated" in report["dense"]["note"]
     assert _state(out)["history_train"] == [] and report["cs"]["after_premin"] == report["cs"]["init"]
