@@ -59,6 +59,7 @@ def _run_pipeline(
     target_params: float | None,
     target_macs: float | None,
     target_latency: float | None = None,
+    weights: str | None = None,
     data: str | None,
     data_dir: Path | None,
     epochs: int | None,
@@ -72,7 +73,7 @@ def _run_pipeline(
     quiet: bool,
     nproc: int | None = None,
 ) -> None:
-    from .recipe import default_recipe_for, read_recipe_file, resolve
+    from .recipe import default_recipe_for, parse_set, read_recipe_file, resolve
     from .report import print_summary
     from .runner import Runner, default_run_dir
 
@@ -98,9 +99,16 @@ def _run_pipeline(
     _fraction("--target-macs", target_macs)
     _fraction("--target-latency", target_latency)
     if recipe is None and model is not None:
-        recipe = default_recipe_for(model)
+        from .sources import checkpoint_recipe
+
+        # a checkpoint is shrunk again with the recipe it was made with (its data set included), a zoo
+        # model with its shipped recipe; --recipe, options and --set override either
+        recipe = checkpoint_recipe(model) or default_recipe_for(model)
+        if isinstance(recipe, dict) and data is not None and data != (recipe.get("data") or {}).get("name"):
+            recipe.pop("data", None)  # another data set: none of the recorded data settings apply
     overrides = {
         "model.name": model,
+        "model.weights": weights,
         "prune.target_params": target_params,
         "prune.target_macs": target_macs,
         "prune.target_latency": target_latency,
@@ -116,8 +124,9 @@ def _run_pipeline(
     }
     resolved = resolve(recipe, overrides=overrides, sets=sets)
     run_dir = Path(resolved.run.out) if resolved.run.out else default_run_dir(resolved.model.name)
+    asked = epochs if epochs is not None else next((v for k, v in map(parse_set, sets or []) if k == ["train", "epochs"]), None)
     try:
-        result = Runner(resolved, run_dir).run()
+        result = Runner(resolved, run_dir, epochs_asked=asked).run()
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished epochs are checkpointed; continue with `convsim-shrink --resume {run_dir}`")
         raise typer.Exit(130) from None
@@ -164,7 +173,8 @@ TargetLatency = Annotated[Optional[float], typer.Option("--target-latency", help
 RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", help="Recipe file or shipped recipe name (default: the model's own).")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data set: fashion-mnist, cifar10, cifar100, imagefolder.")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the data set.")]
-EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=0, help="Training epochs of the dense model.")]
+EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=0, help="Training epochs of the dense model (a model with trained weights: train it this much more; default none).")]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="DEFAULT or a torchvision weights name (downloads), or a state-dict file (.safetensors, or a torch file read with weights_only).")]
 FtEpochsOpt = Annotated[Optional[int], typer.Option("--finetune-epochs", min=0, help="Fine-tuning epochs after pruning.")]
 CriterionOpt = Annotated[Optional[str], typer.Option("--criterion", help="Channel ranking: convsim-taylor, convsim, l1, l2, taylor, fpgm, lamp, bn-scale, random (see 'list criteria').")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")]
@@ -180,10 +190,11 @@ NprocOpt = Annotated[Optional[int], typer.Option(
 
 @app.command()
 def shrink(
-    model: Annotated[Optional[str], typer.Argument(help="Model name (see `convsim-shrink list models`).")] = None,
+    model: Annotated[Optional[str], typer.Argument(help="A zoo name (see `convsim-shrink list models`), torchvision:NAME, timm:NAME, package.module:function, or a checkpoint (.safetensors file or run directory).")] = None,
     target_params: TargetParams = None,
     target_macs: TargetMacs = None,
     target_latency: TargetLatency = None,
+    weights: WeightsOpt = None,
     recipe: RecipeOpt = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
@@ -198,12 +209,15 @@ def shrink(
     quiet: QuietOpt = False,
     nproc: NprocOpt = None,
 ) -> None:
-    """Run the whole pipeline: build, CS pre-minimisation, train, rank, prune, fine-tune, export."""
+    """Run the whole pipeline: build, CS pre-minimisation, train, rank, prune, fine-tune, export.
+
+    A model with trained weights (a checkpoint, --weights) skips pre-minimisation and dense training
+    unless --epochs is given; its checkpoint's data set is the default --data."""
     if model is None and recipe is None and resume is None:
         raise ConfigError("name a model (e.g. `convsim-shrink resnet18`), a --recipe, or a run to --resume")
     _run_pipeline(
-        model, recipe=recipe, target_params=target_params, target_macs=target_macs, target_latency=target_latency, data=data, data_dir=data_dir,
-        epochs=epochs, finetune_epochs=finetune_epochs, criterion=criterion, device=device, seed=seed, out=out,
+        model, recipe=recipe, target_params=target_params, target_macs=target_macs, target_latency=target_latency, weights=weights,
+        data=data, data_dir=data_dir, epochs=epochs, finetune_epochs=finetune_epochs, criterion=criterion, device=device, seed=seed, out=out,
         resume=resume, sets=set_, quiet=quiet, nproc=nproc,
     )
 
@@ -357,7 +371,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=args, prog_name="convsim-shrink")
     except ConvSimError as exc:
-        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)  # '[timm]' in a pip command is not markup
         raise SystemExit(2) from None
 
 

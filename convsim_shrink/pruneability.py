@@ -73,7 +73,7 @@ _OPS = {
     "split-cat": "a channel split whose pieces are concatenated again",
 }
 REASONS = {
-    "output": "produces the model's output (pruning it would change the output shape)",
+    "output": "produces the model's output; pruning it would change the output shape",
     **{kind: f"feeds {what}, which torch-pruning cannot map" for kind, what in _OPS.items()},
     "train-only": "feeds a layer that runs only in training mode (e.g. an auxiliary head), which torch-pruning does not trace",
 }

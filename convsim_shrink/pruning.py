@@ -13,6 +13,7 @@ bisection's trials.  The classifier's outputs are never pruned, and no layer los
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import statistics
 import time
@@ -86,6 +87,7 @@ class PruneResult:
     latency: float | None = None  # seconds per batch of the pruned model: median of its measurements
     latency_measurements: int = 0  # calls of the latency function
     latency_seconds: float = 0.0  # wall time spent in them
+    plan: Any = None  # the pruneability.IgnorePlan the pruning honoured (iterative_prune with a plan)
 
     @property
     def params_ratio(self) -> float:
@@ -465,13 +467,19 @@ def iterative_prune(
     target_macs: float | None = None,
     target_latency: float | None = None,
     latency_fn: Callable[[nn.Module], Any] | None = None,
+    plan=None,
     **kwargs,
 ) -> PruneResult:
     """Prune in ``steps`` stages to intermediate targets (linear in the kept fraction, for every given
     target), calling ``between(model, step)`` (e.g. fine-tuning) after every stage but the last.
     ``before_scoring`` runs before each stage's scoring (e.g. to accumulate gradients for Taylor importance).
     With a latency target and several steps, the dense model's latency (median of 3 measurements) is the
-    base of every stage. Other keyword arguments go to :func:`prune_to_target`."""
+    base of every stage. Other keyword arguments go to :func:`prune_to_target`.
+
+    ``plan``: an :class:`~convsim_shrink.pruneability.IgnorePlan` of the layers to leave alone; every
+    stage then runs through :func:`~convsim_shrink.pruneability.prune_safely` (the plan rebound to that
+    stage's model, the pruned model verified, torch-pruning's errors turned into one-line
+    :class:`~convsim_shrink.pruneability.PruningError`), and ``result.plan`` is the plan used last."""
     targets = {k: t for k, t in zip(KINDS, (target_params, target_macs, target_latency)) if t is not None}
     x = example_inputs.to(next(model.parameters()).device)
     base = measure(model, x)
@@ -488,9 +496,17 @@ def iterative_prune(
         stage = {f"target_{k}": 1 - (1 - t) * step / steps for k, t in targets.items()}
         if before_scoring is not None:
             before_scoring(model)
-        result = prune_to_target(
-            model, example_inputs, make_importance(), base=base, base_latency=base_latency, latency_fn=latency_fn, **stage, **kwargs
+        prune = functools.partial(
+            prune_to_target, model, example_inputs, make_importance(), base=base, base_latency=base_latency, latency_fn=latency_fn,
+            **stage, **kwargs,
         )
+        if plan is None:
+            result = prune()
+        else:
+            from .pruneability import prune_safely
+
+            result, plan = prune_safely(model, x, prune, plan=plan.for_model(model))
+            result.plan = plan
         model = result.model
         if between is not None and step < steps:
             between(model, step)

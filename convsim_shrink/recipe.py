@@ -36,9 +36,15 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = "resnet18"
-    width: float = Field(1.0, gt=0, le=16, description="multiplies every layer's channels")
-    small_input: bool = Field(True, description="3x3 stride-1 stem, no max-pool: for 28-64 px images")
+    name: str = Field(
+        "resnet18",
+        description="zoo name, torchvision:NAME, timm:NAME, package.module:function, or a checkpoint (.safetensors or run directory)",
+    )
+    weights: str | None = Field(
+        None, description="DEFAULT or a torchvision weights name (downloaded), or a state-dict file (safetensors, or torch read with weights_only)",
+    )
+    width: float = Field(1.0, gt=0, le=16, description="multiplies every layer's channels (zoo models)")
+    small_input: bool = Field(True, description="3x3 stride-1 stem, no max-pool: for 28-64 px images (zoo models)")
 
 
 class DataConfig(_Section):

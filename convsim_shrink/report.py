@@ -25,8 +25,10 @@ def build_report(recipe, state: RunState, data) -> dict[str, Any]:
     dense_size, shrunk_size = m.dense_size, m.shrunk_size
     dense_params = dense_size.params if dense_size else None
     shrunk_params = shrunk_size.params if shrunk_size else None
+    plan = m.pruning_plan or {}
     return {
         "model": recipe.model.name,
+        "source": m.source,
         "recipe": recipe.run.recipe_source,
         "width": recipe.model.width,
         "dataset": getattr(getattr(data, "info", None), "name", recipe.data.name),
@@ -35,7 +37,8 @@ def build_report(recipe, state: RunState, data) -> dict[str, Any]:
         "global_pruning": recipe.prune.global_pruning,
         "distill": recipe.finetune.distill,
         "target": {"params": recipe.prune.target_params, "macs": recipe.prune.target_macs},
-        "dense": {"params": dense_params, "macs": dense_size.macs if dense_size else None, "accuracy": m.dense_accuracy},
+        "dense": {"params": dense_params, "macs": dense_size.macs if dense_size else None, "accuracy": m.dense_accuracy,
+                  "note": m.dense_note},
         "shrunk": {
             "params": shrunk_params,
             "macs": shrunk_size.macs if shrunk_size else None,
@@ -60,11 +63,22 @@ def build_report(recipe, state: RunState, data) -> dict[str, Any]:
         "int8": m.int8,
         "speed": m.speed,
         "target_latency": recipe.prune.target_latency,
+        "ignored_layers": plan.get("ignored", []),
+        "data_notes": list(getattr(data, "notes", None) or []),
+        "notes": [n for n in (m.dtype_note, m.prune_note) if n],
         # processes of the (latest) start and the batch they shared: train.batch_size is the global batch
         "world_size": state.processes.get("world_size", 1),
         "global_batch": state.processes.get("global_batch", recipe.train.batch_size),
         "per_process_batch": state.processes.get("per_process_batch", recipe.train.batch_size),
     }
+
+
+def _ignored_lines(report: dict) -> list[str]:
+    """report.md's list of the layers left unpruned, with their reasons."""
+    ignored = report.get("ignored_layers") or []
+    if not ignored:
+        return []
+    return ["Layers left unpruned:", "", *[f"- `{e['layer']}` ({e['rule']}): {e['reason']}" for e in ignored], ""]
 
 
 def _speed_lines(report: dict) -> list[str]:
@@ -99,6 +113,10 @@ def write_report(report: dict, state: RunState, run_dir: Path) -> None:
         f"target {_target_text(report['target'])}, fine-tuning distillation {report.get('distill', 0)}. Accuracy is top-1 on "
         f"{report['test_images'] or 'the'} test images.",
         "",
+        *([f"Model: {report['source']}.", ""] if report.get("source") else []),
+        *([f"Dense row: {d['note']}.", ""] if d.get("note") else []),
+        *[f"Note: {n}  " for n in (*report.get("data_notes", []), *report.get("notes", []))],
+        "",
         "| | params | MACs | accuracy % |",
         "|---|---|---|---|",
         f"| dense | {_fmt(d['params'])} | {_fmt(d['macs'])} | {_fmt(d['accuracy'], '.2f')} |",
@@ -111,6 +129,7 @@ def write_report(report: dict, state: RunState, run_dir: Path) -> None:
         "",
         *[line + "  " for line in _speed_lines(report)],
         "",
+        *_ignored_lines(report),
         "Seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in report["stages"].items()) + f" (total {report['total_seconds']})",
         "",
         f"Processes: {report.get('world_size', 1)}; global batch {report.get('global_batch')} "
@@ -195,6 +214,8 @@ def print_summary(report: dict) -> None:
     table.add_row("[bold]shrunk", _fmt(s["params"]), _fmt(s["macs"]), f"[bold]{_fmt(s['accuracy'], '.2f')}")
     table.add_row("ratio / change", _fmt(report["params_ratio"], ".4f"), _fmt(report["macs_ratio"], ".4f"), _fmt(report["accuracy_delta"], "+.2f"))
     console.print(table)
+    if d.get("note"):
+        console.print(f"dense row: {d['note']}", soft_wrap=True)
     cs = ", ".join(f"{k.replace('_', ' ')} {_fmt(v, '.4g')}" for k, v in report["cs"].items() if k != "definition")
     console.print((f"CS (normalized): {cs}  |  " if cs else "") + f"{report['total_seconds']} s in all")
     for line in _speed_lines(report):

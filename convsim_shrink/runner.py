@@ -9,6 +9,15 @@ and saves the model it made into the run directory.  A resumed run skips the fin
 reloads the last model each left on disk; training stages checkpoint every epoch, so an interrupted
 run loses at most one epoch.  :func:`shrink` is the Python API's entry point to the same runner.
 
+Where the model comes from (``model.name``): a zoo name, ``torchvision:NAME``, ``timm:NAME``, an import
+string ``package.module:function`` or a checkpoint (:func:`~convsim_shrink.sources.resolve_source`),
+or any ``nn.Module`` given to the Python API.  It is resolved in :meth:`Runner.prepare`, before anything
+is written.  A model that arrives with trained weights (a checkpoint, ``model.weights``, the Python
+API's ``pretrained=True``) skips pre-minimisation and dense training unless epochs were asked for
+(:func:`~convsim_shrink.adapt.dense_stages`); the decision is written into the run's ``recipe.yaml``
+(``premin.steps``/``train.epochs``), so a resumed run follows it.  A half-precision model is trained,
+pruned and exported in float32; the Python API hands the shrunk model back in its own dtype.
+
 Under ``torchrun`` every process runs every stage on its shard of the data (:mod:`.train.distributed`):
 an error while preparing on any rank stops all of them with its message; after each stage that changes
 the model every rank is checked to hold the same architecture and given rank 0's values; only rank 0
@@ -25,9 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 from torch import nn
 
 from . import checkpoint as ckpt
+from .adapt import dense_stages, restore_dtype, to_float32
 from .console import console
 from .data import DataBundle, DataInfo
 from .errors import CheckpointError, ConfigError, ConvSimError, unknown
@@ -51,7 +62,7 @@ from .stages import (
     train_stage,
 )
 from .state import ModelSize, RunState
-from .train import resolve_device, resolve_precision
+from .train import resolve_device, resolve_precision, seed_everything
 
 
 @dataclass(frozen=True)
@@ -99,8 +110,14 @@ class ShrinkResult:
 
 
 def default_run_dir(model_name: str) -> Path:
+    """``runs/<model>-<timestamp>``; a path or ``source:NAME`` becomes a plain folder name
+    (``runs/dense-...`` for ``runs/x/dense.safetensors``, ``runs/torchvision-resnet18-...``)."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{model_name}-{stamp}"
+    name = model_name.rstrip("/\\")
+    if "/" in name or "\\" in name or name.endswith(".safetensors"):
+        name = Path(name).stem or "model"
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in name).strip("-.") or "model"
+    return Path("runs") / f"{name}-{stamp}"
 
 
 class Runner:
@@ -120,7 +137,12 @@ class Runner:
         data: DataBundle | None = None,
         resume: bool = False,
         example_inputs: torch.Tensor | None = None,
+        pretrained: bool = False,
+        epochs_asked: int | None = None,
     ):
+        """``pretrained``: the given ``model`` arrives with trained weights (models the recipe names say
+        so themselves).  ``epochs_asked``: dense training epochs the user asked for explicitly (``--epochs``),
+        which a pretrained model then trains for; otherwise it is not trained before pruning."""
         self.recipe = recipe
         self.quiet = recipe.run.quiet
         self.run_dir = Path(run_dir) if run_dir else (Path(recipe.run.out) if recipe.run.out else None)
@@ -132,6 +154,10 @@ class Runner:
         self.device = distributed.bind_device(resolve_device(recipe.run.device))  # cuda:LOCAL_RANK under torchrun
         self.model: nn.Module | None = None  # the model the next stage works on
         self.dense: nn.Module | None = None  # the trained dense model (the teacher)
+        self.pretrained = pretrained
+        self.epochs_asked = epochs_asked
+        self.source = None  # sources.Source of a model the recipe names outside the zoo's random weights
+        self.dtype: torch.dtype | None = None  # the given model's half dtype, restored on the returned model
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -185,15 +211,30 @@ class Runner:
 
     def _validate(self) -> None:
         r = self.recipe
-        check_run(r, self.run_dir, resume=self.resume)
-        distributed.check_setup(r, self.device)  # device, packages, output folder: before any work
-        if self.given_model is None and r.model.name not in list_models():
-            raise unknown("model", r.model.name, list_models())
+        check_run(r, self.run_dir, resume=self.resume)  # device, packages, output folder: before any work
+        distributed.check_setup(r, self.device)  # the global batch divides by the processes
+        name = r.model.name
+        zoo = self.given_model is None and r.model.weights is None and name in list_models()
+        if self.given_model is None and not zoo and ":" not in name and not name.endswith(".safetensors") and not Path(name).exists():
+            raise unknown("model", name, list_models())  # a typo of a zoo name: before the data is read
         get_criterion(r.prune.criterion).create(**r.prune.criterion_options)  # unknown criterion or option fails here
         if self.data is None:
             self.data = prepare_data(r)
+        if hasattr(self.data.train, "__len__") and len(self.data.train) == 0:
+            raise ConfigError("the training data gives no batch (empty, or smaller than one batch with drop_last); add images or lower the batch size")
+        for note in self.data.notes:  # what was skipped while reading the data: also under --quiet
+            console.print(f"note: {escape(note)}", soft_wrap=True)
         if self.example_inputs is None:
             self.example_inputs = example_inputs_for(self.data.info)
+        if self.given_model is None and not zoo:
+            from .sources import resolve_source
+
+            info = self.data.info
+            seed_everything(r.run.seed)
+            self.source = resolve_source(name, num_classes=info.num_classes or None, in_channels=info.in_channels, weights=r.model.weights)
+            self.pretrained = self.pretrained or self.source.pretrained
+        if not self.resume:
+            self._dense_rule()
         if self.run_dir is None:
             return
         if self.resume:
@@ -202,15 +243,40 @@ class Runner:
                 raise ConfigError("resuming is supported for registry models only; start the Python API run again")
             self.state.completed = resumable(self.state.completed)
 
+    def _dense_rule(self) -> None:
+        """A pretrained model skips pre-minimisation and dense training unless epochs were asked for
+        (:func:`~convsim_shrink.adapt.dense_stages`); the recipe is changed to say so."""
+        r = self.recipe
+        if not self.pretrained:
+            return
+        rule = dense_stages(True, epochs=self.epochs_asked, recipe_epochs=r.train.epochs, premin_steps=r.premin.steps)
+        self.recipe = r.model_copy(update={
+            "premin": r.premin.model_copy(update={"steps": 0}),
+            "train": r.train.model_copy(update={"epochs": self.epochs_asked if rule.train else 0}),
+        })
+        self.state.metrics.dense_note = rule.note
+
     # ------------------------------------------------------------------------------ stage calls
     # Each hands a stage its inputs and records its outcome; it returns the seconds to record when
     # they differ from the call's wall time.
 
     def _build(self) -> float | None:
         r = self.recipe
+        given = self.given_model if self.given_model is not None else (self.source.model if self.source else None)
+        m = self.state.metrics
+        m.source = self.source.description if self.source else ("the given model" + (", trained" if self.pretrained else "")
+                                                             if self.given_model is not None else f"zoo model {r.model.name}, random weights")
+        self.log(f"model: {m.source}")
+        if given is not None:
+            self.dtype = to_float32(given)
+            if self.dtype is not None:
+                m.dtype_note = f"the model came in {str(self.dtype).removeprefix('torch.')}: trained, pruned and exported in float32"
+                console.print(f"note: {m.dtype_note}")
+        if m.dense_note:
+            self.log(f"note: {m.dense_note}")
         out = build_stage(
             r.model, self.data.info, seed=r.run.seed, example_inputs=self.example_inputs, device=self.device,
-            model=self.given_model,
+            model=given,
         )
         self.model = out.model
         self.state.metrics.dense_size = ModelSize(out.size.params, out.size.macs)
@@ -249,7 +315,7 @@ class Runner:
         )
         result = out.result
         if result.note:  # one clean line, also under --quiet, instead of Python's warning format
-            console.print(f"note: {result.note}")
+            console.print(f"note: {escape(result.note)}")
             self.state.metrics.prune_note = result.note
         if out.hint:
             self.log(f"note: {out.hint}")
@@ -259,6 +325,12 @@ class Runner:
         )
         self.model = out.model
         m = self.state.metrics
+        if out.plan is not None:
+            m.pruning_plan = out.plan.to_dict()
+            if out.plan.left_alone():  # layers a user would not expect to stay whole: one line, also under --quiet
+                console.print(f"note: {escape(out.plan.summary())}", soft_wrap=True)
+            else:
+                self.log(f"pruning: {out.plan.summary()}")
         m.pruned_accuracy, m.channel_ratio = out.accuracy, result.channel_ratio
         m.shrunk_size = ModelSize(result.pruned.params, result.pruned.macs)
         return None
@@ -335,6 +407,9 @@ class Runner:
         report = build_report(r, self.state, self.data) if is_main_process() else None
         if self.run_dir is not None and is_main_process():
             write_report(report, self.state, self.run_dir)
+        if self.dtype is not None:  # the Python API gets the model back in the dtype it came in
+            for model in {id(m): m for m in (self.model, self.dense) if m is not None}.values():
+                restore_dtype(model, self.dtype)
         report = distributed.broadcast_json(report)  # the others wait here for rank 0's files
         return ShrinkResult(self.model, self.dense, report, self.run_dir)
 
@@ -344,23 +419,34 @@ Pipeline = Runner
 
 
 def shrink(
-    model: nn.Module,
+    model: nn.Module | str,
     train_data,
     val_data,
     *,
     target_params: float | None = None,
     target_macs: float | None = None,
+    pretrained: bool = False,
+    epochs: int | None = None,
+    weights: str | None = None,
     recipe: Recipe | dict | str | None = None,
     example_inputs: torch.Tensor | None = None,
     run_dir: str | Path | None = None,
     num_classes: int | None = None,
 ) -> ShrinkResult:
-    """Shrink any ``nn.Module``: CS pre-minimisation, training, ranking, pruning and fine-tuning as the
-    recipe says, on your own loaders (iterables of ``(images, labels)`` batches).
+    """Shrink any ``nn.Module`` on your own loaders (iterables of ``(images, labels)`` batches): CS
+    pre-minimisation, training, ranking, pruning and fine-tuning as the recipe says.
 
-    ``val_data`` is used for the reported accuracies.  With ``recipe`` None the built-in defaults are
-    used (``premin.steps``/``train.epochs`` of 0 skip those stages for an already trained model).
-    Returns the shrunk model and the report (``result.report``).
+    ``model``: the module, or what the command line takes (a zoo name, ``torchvision:NAME``,
+    ``timm:NAME``, ``package.module:function``, a checkpoint path; ``weights`` as ``--weights``), built
+    for ``num_classes`` classes (needed except for checkpoints) and the inputs' channels.
+    ``pretrained=True``: the module is already trained, so pre-minimisation (which rewrites trained
+    kernels) and dense training are skipped, and the report's dense row is the model evaluated on
+    ``val_data``; ``epochs`` trains it that many epochs first anyway.  Checkpoints and ``weights`` are
+    pretrained by themselves.  A float16/bfloat16 module is trained and pruned in float32 and handed back
+    in its dtype.  ``val_data`` is used for the reported accuracies.  With ``recipe`` None the built-in
+    defaults are used.  Returns the shrunk model and the report (``result.report``).
+
+    Raises :class:`~convsim_shrink.errors.ConvSimError` subclasses (one line) for what the user can fix.
     """
     from .recipe import resolve
 
@@ -369,10 +455,20 @@ def shrink(
         overrides["prune.target_params"] = target_params
     if target_macs is not None:
         overrides["prune.target_macs"] = target_macs
+    if epochs is not None:
+        overrides["train.epochs"] = epochs
+    if isinstance(model, str):
+        overrides["model.name"], overrides["model.weights"] = model, weights
+    elif weights is not None:
+        raise ConfigError("weights= names weights for a model given by name; load them into your module yourself")
     resolved = resolve(recipe.to_dict() if isinstance(recipe, Recipe) else recipe, overrides=overrides)
     if example_inputs is None:
         x, _ = next(iter(val_data))
         example_inputs = x[:1]
+    if isinstance(model, str) and num_classes is None and not model.endswith(".safetensors") and not Path(model).exists():
+        raise ConfigError(f"give num_classes= to build '{model}' for your data")
     info = DataInfo("custom", num_classes or 0, example_inputs.shape[1], example_inputs.shape[-1], (), (), pad=0)
     bundle = DataBundle(info, train_data, None, val_data)
-    return Runner(resolved, run_dir, model=model, data=bundle, example_inputs=example_inputs).run()
+    given = model if isinstance(model, nn.Module) else None
+    return Runner(resolved, run_dir, model=given, data=bundle, example_inputs=example_inputs, pretrained=pretrained,
+                  epochs_asked=epochs).run()

@@ -532,6 +532,50 @@ def checkpoint_file(path: str | Path) -> Path:
     return path
 
 
+def is_checkpoint_spec(spec: str) -> bool:
+    """Whether ``spec`` names a checkpoint (a ``.safetensors`` path or an existing file or folder) rather
+    than a zoo name, ``torchvision:``/``timm:`` model or import string."""
+    spec = str(spec).strip()
+    if not spec or spec.startswith(("torchvision:", "timm:")):
+        return False
+    path = Path(spec).expanduser()
+    return spec.endswith(".safetensors") or path.is_dir() or path.is_file()
+
+
+def checkpoint_data(spec: str) -> dict[str, Any] | None:
+    """The data set a checkpoint's header records (``{"name", "dir"}``, from the recipe it was made
+    with), for a ``spec`` that names a checkpoint; None for other specs or a header without one.
+    Raises :class:`~convsim_shrink.errors.CheckpointError` for a missing or unreadable checkpoint."""
+    if not is_checkpoint_spec(spec):
+        return None
+    from .checkpoint import read_metadata
+
+    data = (read_metadata(checkpoint_file(spec)).get("recipe") or {}).get("data") or {}
+    return {"name": data["name"], "dir": data.get("dir")} if data.get("name") else None
+
+
+def checkpoint_recipe(spec: str) -> dict[str, Any] | None:
+    """The recipe a checkpoint's header records (the resolved recipe of the run that made it), as the
+    base recipe for shrinking that checkpoint again: its data set, pruning, fine-tuning and export settings
+    carry over; ``run.out`` is dropped (a new run gets a new folder) and ``run.recipe_source`` names the
+    checkpoint.  None for specs that are not checkpoints, or a header without a recipe (a file saved by
+    :func:`convsim_shrink.save` outside a run).
+    Raises :class:`~convsim_shrink.errors.CheckpointError` for a missing or unreadable checkpoint."""
+    if not is_checkpoint_spec(spec):
+        return None
+    from .checkpoint import read_metadata
+
+    file = checkpoint_file(spec)
+    recipe = read_metadata(file).get("recipe")
+    if not isinstance(recipe, dict) or not recipe:
+        return None
+    recipe = {k: (dict(v) if isinstance(v, dict) else v) for k, v in recipe.items()}
+    run = recipe.setdefault("run", {})
+    run.pop("out", None)
+    run["recipe_source"] = f"the recipe recorded in {file}"
+    return recipe
+
+
 def _checkpoint(path: Path, num_classes: int | None, in_channels: int | None, weights: str | None) -> Source:
     from .checkpoint import load, read_metadata
 
@@ -562,4 +606,4 @@ def _spec_io(spec: dict[str, Any]) -> tuple[int | None, int | None]:
     return classes, channels
 
 
-__all__ = ["Source", "adapt_input_channels", "checkpoint_file", "read_state_dict", "rebuild", "resolve_source", "torchvision_models", "TIMM_INSTALL"]
+__all__ = ["Source", "adapt_input_channels", "checkpoint_data", "checkpoint_file", "checkpoint_recipe", "is_checkpoint_spec", "read_state_dict", "rebuild", "resolve_source", "torchvision_models", "TIMM_INSTALL"]

@@ -26,6 +26,7 @@ from .data import DataBundle, DataInfo, build_data
 from .errors import ConfigError
 from .models import SPEC_ATTR, create_model
 from .premin import PreminResult, preminimize
+from .pruneability import IgnorePlan, PruningError, plan_ignored_layers
 from .pruning import PruneResult, Size, channel_counts, iterative_prune, measure
 from .ranking import Criterion, get_criterion
 from .recipe import ExportConfig, FinetuneConfig, ModelConfig, PreminConfig, PruneConfig, Recipe, TrainConfig
@@ -166,6 +167,7 @@ class PruneOutcome:
     accuracy: float  # after BN re-calibration, before fine-tuning
     bn_batches: int
     hint: str | None = None  # the criterion does not suit the pruning mode
+    plan: IgnorePlan | None = None  # the layers left unpruned, each with its reason
 
 
 def criterion_hint(criterion: Criterion, global_pruning: bool) -> str | None:
@@ -188,6 +190,11 @@ def prune_stage(
 ) -> PruneOutcome:
     """A pruned copy of ``dense`` at ``cfg``'s measured target (``dense`` is left as it was).
 
+    First the layers torch-pruning cannot prune safely are planned
+    (:func:`~convsim_shrink.pruneability.plan_ignored_layers`: the output layers, channel shuffles,
+    split/concatenate blocks, pixel shuffles, and whatever fails a trial pruning); every pruning step
+    leaves them alone and is verified (:func:`~convsim_shrink.pruneability.prune_safely`), so
+    torch-pruning's own errors become one-line :class:`~convsim_shrink.pruneability.PruningError`.
     Criteria that need gradients score a copy after ``cfg.calibration_batches`` batches of task-loss
     gradients; with ``cfg.iterative_steps > 1`` the model is fine-tuned ``cfg.steps_epochs`` epochs
     (``finetune``'s settings) between steps.  Batch-norm statistics are then re-estimated on
@@ -219,12 +226,16 @@ def prune_stage(
         latency_fn = from_rank0(latency_meter(tuple(example_inputs.shape[1:]), cfg.latency_batch or ft.batch_size, device=device))
     # calibration writes gradients and BN statistics: only then work on a copy of the dense model
     source = copy.deepcopy(dense) if criterion.needs_gradients else dense
+    plan = plan_ignored_layers(source, example_inputs.to(device))
+    if plan.refused:
+        raise PruningError(plan.summary())
     result = iterative_prune(
         source, example_inputs, lambda: criterion.create(**options), steps=cfg.iterative_steps,
         between=between, before_scoring=calibrate if criterion.needs_gradients else None,
         target_params=cfg.target_params, target_macs=cfg.target_macs, target_latency=cfg.target_latency,
         latency_fn=latency_fn, latency_tolerance=cfg.latency_tolerance, round_to=cfg.round_to,
         global_pruning=cfg.global_pruning, max_layer_ratio=cfg.max_layer_ratio, tolerance=cfg.tolerance, warn=False,
+        plan=plan,
     )
     model = result.model.to(device)
     model.zero_grad(set_to_none=True)
@@ -232,7 +243,7 @@ def prune_stage(
     if cfg.bn_recalibration:
         bn_batches = recalibrate_bn(model, data.train, cfg.bn_recalibration, resolve_precision(device, ft.precision, ft.channels_last))
     accuracy = evaluate(model, data.test, _eval_precision(device, ft))["acc"]
-    return PruneOutcome(model, result, accuracy, bn_batches, criterion_hint(criterion, cfg.global_pruning))
+    return PruneOutcome(model, result, accuracy, bn_batches, criterion_hint(criterion, cfg.global_pruning), result.plan)
 
 
 @dataclass

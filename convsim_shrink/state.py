@@ -32,6 +32,9 @@ class Metrics:
     """Scalar results by stage; ``None`` = not measured (yet).  Accuracies are top-1 percent on the
     test split in fp32; CS values are the normalized Convolutional Similarity summed over conv layers."""
 
+    source: str | None = None  # build: where the model came from, one line
+    dense_note: str | None = None  # a pretrained model: which dense stages were skipped, and why
+    dtype_note: str | None = None  # a half-precision model: trained in float32
     dense_size: ModelSize | None = None  # build
     cs_init: float | None = None
     cs_after_premin: float | None = None  # premin
@@ -39,6 +42,7 @@ class Metrics:
     dense_accuracy: float | None = None  # train
     cs_after_train: float | None = None
     prune_note: str | None = None  # prune
+    pruning_plan: dict[str, Any] | None = None  # pruneability.IgnorePlan.to_dict(): the layers left unpruned, with reasons
     pruned_accuracy: float | None = None
     shrunk_size: ModelSize | None = None
     channel_ratio: float | None = None

@@ -27,6 +27,7 @@ SETS = [
 REPORT_KEYS = {
     "model", "recipe", "width", "dataset", "test_images", "criterion", "global_pruning", "distill", "target", "dense", "shrunk",
     "params_ratio", "macs_ratio", "accuracy_delta", "cs", "stages", "total_seconds", "exports", "onnx_max_abs_diff", "pt2_max_abs_diff", "int8", "speed", "target_latency",
+    "source", "ignored_layers", "data_notes", "notes",
     "world_size", "global_batch", "per_process_batch",
 }
 
@@ -138,5 +139,5 @@ def test_report_reads_the_typed_state():
                                 "metrics": {"dense_size": {"params": 100, "macs": 400}, "cs_init": 2.0}})
     report = build_report(resolve(None), state, None)
     assert set(report) == REPORT_KEYS
-    assert report["dense"] == {"params": 100, "macs": 400, "accuracy": None} and report["params_ratio"] is None
+    assert report["dense"] == {"params": 100, "macs": 400, "accuracy": None, "note": None} and report["params_ratio"] is None
     assert report["cs"]["init"] == 2.0 and report["stages"] == {"build": 0.25} and report["total_seconds"] == 0.2

@@ -292,3 +292,19 @@ def test_timm_model_round_trip(tmp_path):
     path = ckpt.save(src.model, tmp_path / "model.safetensors")
     assert _same_outputs(src.model, ckpt.load(path), X1)
     assert timm.is_model("test_resnet")
+
+
+def test_checkpoint_recipe_is_the_recorded_recipe_for_a_new_run(tmp_path):
+    """Shrinking a run's checkpoint again starts from the recipe it was made with, in a new folder."""
+    from convsim_shrink.recipe import resolve
+    from convsim_shrink.sources import checkpoint_recipe
+
+    recorded = resolve(None, sets=["data.subset=640", "finetune.epochs=7", "prune.round_to=8", "run.out=/old/run"]).to_dict()
+    path = ckpt.save(create_model("simple_cnn", num_classes=10, in_channels=1), tmp_path / "dense.safetensors", recipe=recorded)
+    recipe = checkpoint_recipe(str(path))
+    assert recipe["data"]["subset"] == 640 and recipe["finetune"]["epochs"] == 7 and recipe["prune"]["round_to"] == 8
+    assert "out" not in recipe["run"] and str(path) in recipe["run"]["recipe_source"]
+    again = resolve(recipe, overrides={"prune.target_params": 0.3})
+    assert again.run.out is None and again.finetune.epochs == 7 and again.prune.target_params == 0.3
+    bare = ckpt.save(create_model("simple_cnn", num_classes=10, in_channels=1), tmp_path / "bare.safetensors")
+    assert checkpoint_recipe(str(bare)) is None and checkpoint_recipe("resnet18") is None

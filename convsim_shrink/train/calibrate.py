@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapt import logits_of
+from ..errors import ConfigError
 from . import distributed
 from .device import Precision, resolve_precision, to_device
 
@@ -68,7 +70,9 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, batches: int, prec:
         if used >= batches:
             break
         x, y = to_device(x, y, prec)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(logits_of(model(x)).float(), y).backward()
         used += 1
+    if used == 0:
+        raise ConfigError("the training data gave no batch to compute the criterion's gradients on; add images or lower the batch size")
     distributed.average_gradients(model)
     return used

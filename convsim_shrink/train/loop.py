@@ -3,12 +3,20 @@
 * Extra loss terms (the CS regulariser, distillation; :mod:`.losses`) are added to the task loss,
   computed outside autocast.
 * A checkpoint is written atomically after every epoch (model, optimizer, step, epoch, RNG states,
-  history, settings); ``resume=True`` continues from it.  A non-finite loss stops with
-  :class:`~convsim_shrink.errors.TrainingDivergedError` and leaves the last good checkpoint in place.
+  history, settings); ``resume=True`` continues from it.
+* The logits are taken from the model's output by :func:`~convsim_shrink.adapt.logits_of`'s rule (a
+  tensor, a ``logits`` field, or the first element of a tuple: GoogLeNet's training-mode named tuple,
+  ``(logits, features)`` pairs).
+* Divergence stops training where it happens, with :class:`~convsim_shrink.errors.TrainingDivergedError`
+  saying what diverged (a non-finite or exploding loss, non-finite outputs, non-finite weights) and
+  where (stage, epoch, step); the last good checkpoint stays in place.  A pruned model that cannot take
+  its first step is reported as a bug in the pruning.  Training data that gives no batch is refused
+  before the first step (never zero steps in silence).
 * Under ``torchrun`` (an initialised process group, :mod:`.distributed`) the model is trained under
   DistributedDataParallel (SyncBatchNorm with ``sync_bn``) on loaders sharded by rank; losses,
-  accuracies and a non-finite loss are summed / agreed over the ranks, every rank evaluates on its
-  share of the test set and the sums are all-reduced, and only rank 0 shows progress or writes files.
+  accuracies and divergence are summed / agreed over the ranks (every rank stops together), every rank
+  evaluates on its share of the test set and the sums are all-reduced, and only rank 0 shows progress
+  or writes files.
 * The checkpoint also holds the AMP gradient scaler's state (fp16), so a resumed run keeps its scale.
 """
 
@@ -23,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, TrainingDivergedError
+from ..adapt import diverged_loss_limit, divergence, logits_of, nonfinite_tensors
+from ..errors import CheckpointError, ConfigError, TrainingDivergedError
 from ..io import atomic_torch_save
 from .device import Precision, resolve_precision, to_device
 from . import distributed
@@ -34,6 +43,16 @@ from .progress import make_progress
 
 #: steps between host syncs of the running loss/accuracy on accelerators
 _SYNC_EVERY = 32
+#: what to do when the logits cannot be found in a model's output
+LOGITS_FIX = "a wrapper module whose forward returns the class scores as one (N, classes) tensor"
+
+
+class _Diverged(TrainingDivergedError):
+    """Raised inside an epoch (what and at which step); :func:`fit` adds the stage and epoch."""
+
+    def __init__(self, reason: str, step: int, lr: float):
+        super().__init__(f"{reason} by step {step} (lr {lr:.3g}); lower the learning rate (train.lr / finetune.lr) or the CS weight")
+        self.reason, self.step, self.lr = reason, step, lr
 
 
 def train_one_epoch(
@@ -78,10 +97,10 @@ def train_one_epoch(
             totals[k] += v
             t.zero_()
         if distributed.any_rank(bad):  # every rank stops together
-            raise TrainingDivergedError(
-                f"the loss became non-finite by step {last_step} (lr {lr:.3g}); lower the learning rate "
-                f"(train.lr / finetune.lr) or the CS weight; the last good checkpoint is kept"
-            )
+            raise _Diverged("the loss blew up, or the loss or the model's outputs became non-finite", last_step, lr)
+        weights = nonfinite_tensors(model)
+        if weights:
+            raise _Diverged(f"weights became non-finite ({', '.join(weights)})", last_step, lr)
         if progress is not None:
             elapsed = time.perf_counter() - t0
             progress.update(
@@ -98,16 +117,22 @@ def train_one_epoch(
         for group in optimizer.param_groups:
             group["lr"] = lr
         with prec.autocast():
-            logits = model(x)
+            logits = logits_of(model(x), option=LOGITS_FIX)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         total = task_weight * loss
         for name, term in zip(names, extra):
             value = term(model, x, y, logits)
             run[name] += value.detach().float()
             total = total + value
-        bad |= ~torch.isfinite(total.detach())
-        if sync_every == 1 and bool(bad):
-            drain(step)
+        if sync_every == 1:  # the CPU: check every step, and say exactly what diverged
+            reason = divergence(float(loss.detach()), num_classes=logits.shape[-1], logits=logits.detach())
+            if reason is None and not bool(torch.isfinite(total.detach())):
+                reason = f"an extra loss term ({', '.join(names)}) became non-finite"
+            if reason is not None:
+                raise _Diverged(reason, step, lr)
+        else:
+            limit = diverged_loss_limit(logits.shape[-1])
+            bad |= ~torch.isfinite(total.detach()) | (loss.detach() > limit) | ~torch.isfinite(logits.detach()).all()
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(total).backward()
@@ -146,6 +171,17 @@ def train_one_epoch(
     return metrics, step
 
 
+def _diverged_message(stage: str, epoch: int, d: _Diverged, *, first_step: bool) -> str:
+    """One line: what diverged, where, and what to do about it."""
+    where = f"{stage} diverged at epoch {epoch}, step {d.step} (lr {d.lr:.3g}): {d.reason}"
+    if first_step and (stage == "finetune" or stage.startswith("prune-step")):
+        return (f"{where}; the pruned model cannot take its first training step, which is a bug in the pruning, "
+                "not in your settings: please report it with the model")
+    if first_step:
+        return f"{where}; the model cannot take its first training step: check its outputs and the learning rate"
+    return f"{where}; lower the learning rate (train.lr / finetune.lr) or the CS weight; the last good checkpoint is kept"
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, prec: Precision | None = None) -> dict[str, float]:
     """Top-1 accuracy (percent) and mean cross-entropy over ``loader``; under ``torchrun`` over the
@@ -156,7 +192,7 @@ def evaluate(model: nn.Module, loader: Iterable, prec: Precision | None = None) 
     for x, y in loader:
         x, y = to_device(x, y, prec)
         with prec.autocast():
-            logits = model(x).float()
+            logits = logits_of(model(x), option=LOGITS_FIX).float()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
@@ -240,27 +276,35 @@ def fit(
     if cfg.compile:
         train_model = torch.compile(train_model)
 
+    if cfg.epochs > start_epoch and hasattr(train_loader, "__len__") and len(train_loader) == 0:
+        raise ConfigError(f"{stage}: the training data gives no batch (is it empty, or smaller than a batch with drop_last?); add images or lower the batch size")
     t0 = time.perf_counter()
     with make_progress(quiet) as progress:
         for epoch in range(start_epoch, cfg.epochs):
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
             task = progress.add_task(f"{stage} {epoch + 1}/{cfg.epochs}", total=len(train_loader), info="")
-            metrics, step = train_one_epoch(
-                train_model,
-                train_loader,
-                optimizer,
-                schedule,
-                prec=prec,
-                step=step,
-                label_smoothing=cfg.label_smoothing,
-                task_weight=task_weight,
-                extra=extra,
-                grad_clip=cfg.grad_clip,
-                scaler=scaler,
-                progress=progress,
-                task=task,
-            )
+            first = step
+            try:
+                metrics, step = train_one_epoch(
+                    train_model,
+                    train_loader,
+                    optimizer,
+                    schedule,
+                    prec=prec,
+                    step=step,
+                    label_smoothing=cfg.label_smoothing,
+                    task_weight=task_weight,
+                    extra=extra,
+                    grad_clip=cfg.grad_clip,
+                    scaler=scaler,
+                    progress=progress,
+                    task=task,
+                )
+            except _Diverged as d:
+                raise TrainingDivergedError(_diverged_message(stage, epoch + 1, d, first_step=d.step == 0)) from None
+            if step == first:
+                raise ConfigError(f"{stage}: epoch {epoch + 1} took no training step (the training data gave no batch); add images or lower the batch size")
             metrics["epoch"] = epoch + 1
             distributed.broadcast_buffers(model)  # every rank evaluates and saves rank 0's BN statistics
             if eval_loader is not None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapt import logits_of
 from ..similarity import model_conv_similarity
 from .distributed import unwrap
 
@@ -43,7 +44,7 @@ def distillation(teacher: nn.Module, weight: float, temperature: float = 4.0) ->
 
     def term(model, x, y, logits):
         with torch.no_grad():
-            t_logits = teacher(x).float()
+            t_logits = logits_of(teacher(x)).float()
         t = temperature
         kl = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(t_logits / t, 1), log_target=True, reduction="batchmean")
         return weight * t * t * kl
