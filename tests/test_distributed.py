@@ -152,9 +152,23 @@ def test_single_process_helpers_do_nothing():
 
 
 def _free_port() -> int:
+    """A port with the next 16 free as well (the parts of the two-process worker use one each)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 65000 and all(_port_free(port + i) for i in range(1, 16)):
+            return port
+    raise RuntimeError("no 16 free ports in a row")
+
+
+def _port_free(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _spawn(fn, *args, nprocs: int = 2) -> None:
@@ -175,11 +189,15 @@ def _state_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _two_process_worker(rank: int, out: str) -> None:
-    """Everything the two-process tests look at, in one start of two processes."""
-    _failing_worker(rank, out)
-    _folder_worker(rank, out)
-    _train_and_prune(rank, 2, out)
-    _pipeline_worker(rank, out, PIPELINE)
+    """Everything the two-process tests look at, in one start of two processes.  Each part starts its
+    own process group (as a program under torchrun does), each on its own port: a rank that finished
+    a part early must not reach the previous group's store, still open in rank 0."""
+    base = int(os.environ["MASTER_PORT"])
+    parts = [lambda: _failing_worker(rank, out), lambda: _folder_worker(rank, out), lambda: _train_and_prune(rank, 2, out),
+             lambda: _pipeline_worker(rank, out, PIPELINE, base + 10)]
+    for i, part in enumerate(parts):
+        os.environ["MASTER_PORT"] = str(base + i)
+        part()
 
 
 def _folder_worker(rank: int, out: str) -> None:
@@ -221,7 +239,7 @@ def _failing_worker(rank: int, out: str) -> None:
     (Path(out) / f"failed{rank}.json").write_text(json.dumps(outcome))
 
 
-def _pipeline_worker(rank: int, out: str, sets: list[str]) -> None:
+def _pipeline_worker(rank: int, out: str, sets: list[str], port: int) -> None:
     from convsim_shrink.runner import Runner
     from convsim_shrink.state import RunState
 
@@ -230,12 +248,14 @@ def _pipeline_worker(rank: int, out: str, sets: list[str]) -> None:
     dense = _state_of(result.dense_model)
     torch.save({"model": _state_of(result.model), "dense": dense, "report": result.report}, out / f"rank{rank}.pt")
     # resume under torchrun: forget the fine-tuning; it resumes from finetune.pt on every rank
+    os.environ["MASTER_PORT"] = str(port)
     with distributed.session(torch.device("cpu")):
         if rank == 0:
             state = RunState.load(out / "run" / "state.json")
             state.completed = ["build", "premin", "train", "prune"]
             state.save(out / "run" / "state.json")
         distributed.barrier()
+    os.environ["MASTER_PORT"] = str(port + 1)
     again = Runner(resolve(None, sets=sets), out / "run", resume=True).run()
     torch.save({"model": _state_of(again.model), "dense": _state_of(again.dense_model), "report": again.report}, out / f"resumed{rank}.pt")
 

@@ -139,6 +139,8 @@ def session(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Itera
     console.quiet = quiet or not is_main_process()
     try:
         yield
+        # leave together, so that no rank starts another group while one still holds this one's store
+        torch.distributed.barrier()
     finally:
         console.quiet = quiet
         torch.distributed.destroy_process_group()
