@@ -71,10 +71,17 @@ def _run_pipeline(
     resume: Path | None,
     sets: list[str] | None,
     quiet: bool,
+    nproc: int | None = None,
 ) -> None:
     from .recipe import default_recipe_for, parse_set, read_recipe_file, resolve
     from .report import print_summary
     from .runner import Runner, default_run_dir
+
+    if nproc is not None:
+        for name, value in (("--target-params", target_params), ("--target-macs", target_macs), ("--target-latency", target_latency)):
+            _fraction(name, value)
+        _launch(nproc, model, recipe=recipe, resume=resume, out=out, sets=sets)
+        return
 
     if resume is not None:
         recipe_file = resume / "recipe.yaml"
@@ -126,8 +133,34 @@ def _run_pipeline(
     _finish(result.run_dir, print_summary)
 
 
+def _launch(nproc: int, model: str | None, *, recipe: str | None, resume: Path | None, out: Path | None, sets: list[str] | None) -> None:
+    """``--nproc N``: this command line again in N processes under torchrun (the recipe checked here
+    first, so a mistake is one line before anything starts)."""
+    from .recipe import default_recipe_for, resolve
+    from .runner import default_run_dir
+    from .train import resolve_device
+    from .train.distributed import check_setup, launch, launched, strip_option
+
+    if launched():
+        raise ConfigError("--nproc starts torchrun itself; under torchrun leave it out (torchrun's --nproc-per-node says how many)")
+    args = strip_option(_ARGS if _ARGS is not None else sys.argv[1:], "--nproc")
+    if resume is None:
+        resolved = resolve(recipe or (default_recipe_for(model) if model else None), overrides={"model.name": model}, sets=sets)
+        check_setup(resolved, resolve_device(resolved.run.device), nproc)
+        if out is None and not resolved.run.out:  # one name for every process
+            args += ["--out", str(default_run_dir(resolved.model.name))]
+    code = launch(nproc, args)
+    if code:
+        raise typer.Exit(code)
+
+
 def _finish(run_dir: Path, print_summary) -> None:
     import json
+
+    from .train.distributed import launched_rank
+
+    if launched_rank() != 0:  # under torchrun rank 0 prints the summary
+        return
 
     report = json.loads((Path(run_dir) / "report.json").read_text())
     print_summary(report)
@@ -150,6 +183,9 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run directory (de
 ResumeOpt = Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any recipe field: --set train.lr=0.05 (repeatable).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+NprocOpt = Annotated[Optional[int], typer.Option(
+    "--nproc", min=1, help="Run in N processes on this machine (torchrun --standalone --nproc-per-node N; one GPU each on CUDA); train.batch_size is the global batch.",
+)]
 
 
 @app.command()
@@ -171,6 +207,7 @@ def shrink(
     resume: ResumeOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    nproc: NprocOpt = None,
 ) -> None:
     """Run the whole pipeline: build, CS pre-minimisation, train, rank, prune, fine-tune, export.
 
@@ -181,7 +218,7 @@ def shrink(
     _run_pipeline(
         model, recipe=recipe, target_params=target_params, target_macs=target_macs, target_latency=target_latency, weights=weights,
         data=data, data_dir=data_dir, epochs=epochs, finetune_epochs=finetune_epochs, criterion=criterion, device=device, seed=seed, out=out,
-        resume=resume, sets=set_, quiet=quiet,
+        resume=resume, sets=set_, quiet=quiet, nproc=nproc,
     )
 
 
@@ -197,12 +234,13 @@ def run(
     out: OutOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    nproc: NprocOpt = None,
 ) -> None:
     """Run a recipe file as it is (options and --set still override it)."""
     _run_pipeline(
         None, recipe=recipe, target_params=target_params, target_macs=target_macs, target_latency=target_latency, data=None, data_dir=data_dir,
         epochs=None, finetune_epochs=None, criterion=None, device=device, seed=seed, out=out, resume=None,
-        sets=set_, quiet=quiet,
+        sets=set_, quiet=quiet, nproc=nproc,
     )
 
 
@@ -312,9 +350,20 @@ def inspect(
     console.print(f"{result.params:,} parameters; normalized CS summed over convs: {result.total_cs:.4g}")
 
 
+#: the command line as given, for ``--nproc`` to start again under torchrun
+_ARGS: list[str] | None = None
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``convsim-shrink MODEL ...`` is short for ``convsim-shrink shrink MODEL ...``."""
+    """Entry point: ``convsim-shrink MODEL ...`` is short for ``convsim-shrink shrink MODEL ...``.
+    Under ``torchrun`` only rank 0 prints (progress, summary and errors)."""
+    global _ARGS
     args = list(sys.argv[1:] if argv is None else argv)
+    _ARGS = list(args)
+    import os
+
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        console.quiet = True
     if args and not args[0].startswith("-") and args[0] not in SUBCOMMANDS:
         args.insert(0, "shrink")
     elif args and args[0].startswith("--") and args[0] not in ("--help", "--version"):

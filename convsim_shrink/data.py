@@ -6,6 +6,14 @@ two CPU cores busy with the model instead of with per-image PIL work.  ``imagefo
 ``val/`` folders of class sub-folders) is scanned before training (:func:`scan_image_folder`) and read
 by a ``DataLoader`` with workers in an order that depends only on the seed and the epoch.
 
+Several processes (``torchrun``): every loader takes ``rank``/``world_size``.  Training loaders draw
+their order from :class:`torch.utils.data.DistributedSampler` (one permutation per epoch, seeded by the
+seed and the epoch, the same on every rank, padded to a multiple of the processes and dealt out
+round-robin), so every rank runs the same number of steps and the ranks' batches ``j`` together are
+exactly the single-process batch ``j`` of the global batch.  Evaluation loaders deal the images out
+round-robin without padding, so that every image is counted exactly once when the sums are
+all-reduced.  :meth:`DataBundle.unsharded` gives rank 0 the whole data back (exports, int8 calibration).
+
 A training loader never trains zero steps: it drops the last partial batch only when there is at least
 one full batch besides it.
 
@@ -15,6 +23,7 @@ Nothing here unpickles an untrusted file: IDX and CIFAR binary files are parsed 
 
 from __future__ import annotations
 
+import copy
 import gzip
 import os
 import pickle
@@ -257,11 +266,34 @@ def _drops(drop_last: bool, n: int, batch_size: int) -> bool:
     return drop_last and n >= batch_size
 
 
+def _train_order(n: int, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
+    """This rank's share of the epoch's training order: ``DistributedSampler``'s permutation of
+    ``range(n)`` seeded by ``seed * 100_003 + epoch`` (with one process: that permutation itself)."""
+    sampler = torch.utils.data.DistributedSampler(
+        range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed * 100_003, drop_last=False
+    )
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def _shard_len(n: int, train: bool, rank: int, world_size: int) -> int:
+    """Images one rank sees per epoch: training pads to a multiple of the processes, evaluation does not."""
+    return -(-n // world_size) if train else len(range(rank, n, world_size))
+
+
+def _check_shard(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+
+
 class TensorLoader:
     """Batches from in-memory uint8 images, augmented and normalised a batch at a time.
 
     Iteration order depends only on ``seed`` and the epoch (``set_epoch``), so a resumed run sees the
-    same batches.  ``rank``/``world_size`` shard the data for DistributedDataParallel.
+    same batches.  ``rank``/``world_size`` shard the data for DistributedDataParallel (module
+    docstring); ``batch_size`` is then this process's share of the global batch.  Augmentations are
+    drawn for the whole global batch and each rank takes its images' draws, so the ranks together see
+    exactly what one process with the global batch sees.
     """
 
     def __init__(
@@ -282,6 +314,7 @@ class TensorLoader:
         self.batch_size, self.train, self.augment = batch_size, train, augment and train
         self.seed, self.epoch = seed, 0
         self.drop_last = train if drop_last is None else drop_last
+        _check_shard(rank, world_size)
         self.rank, self.world_size = rank, world_size
         self.mean = torch.tensor(info.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std).view(1, -1, 1, 1)
@@ -301,31 +334,42 @@ class TensorLoader:
     def num_samples(self) -> int:
         return len(self.labels)
 
+    def sharded(self, rank: int, world_size: int) -> "TensorLoader":
+        """A copy for ``rank`` of ``world_size`` (sharing the images), its batch this rank's share of
+        the same global batch."""
+        out = copy.copy(self)
+        out.batch_size = self.batch_size * self.world_size // world_size if self.train else self.batch_size
+        _check_shard(rank, world_size)
+        out.rank, out.world_size = rank, world_size
+        return out
+
     def _indices(self) -> torch.Tensor:
         n = len(self.labels)
         if self.train:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            idx = torch.randperm(n, generator=g)
-        else:
-            idx = torch.arange(n)
-        return idx[self.rank :: self.world_size]
+            return torch.tensor(_train_order(n, self.seed, self.epoch, self.rank, self.world_size), dtype=torch.long)
+        return torch.arange(n)[self.rank :: self.world_size]
 
     def __len__(self) -> int:
-        n = len(range(self.rank, len(self.labels), self.world_size))
+        n = _shard_len(len(self.labels), self.train, self.rank, self.world_size)
         return n // self.batch_size if _drops(self.drop_last, n, self.batch_size) else -(-n // self.batch_size)
 
     def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         b, c, h, w = x.shape
         p = self.info.pad
+        mine = slice(self.rank, None, self.world_size)  # this rank's images of the global batch
+
+        def draw(fn):  # one draw per image of the global batch; this rank keeps its own
+            return fn(b * self.world_size)[mine][:b].to(x.device)
+
         if p:
             padded = torch.nn.functional.pad(x, (p, p, p, p))
-            oy = torch.randint(0, 2 * p + 1, (b,), generator=g).to(x.device)
-            ox = torch.randint(0, 2 * p + 1, (b,), generator=g).to(x.device)
+            oy = draw(lambda k: torch.randint(0, 2 * p + 1, (k,), generator=g))
+            ox = draw(lambda k: torch.randint(0, 2 * p + 1, (k,), generator=g))
             rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
             cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
             x = padded[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
         if self.info.flip:
-            flip = (torch.rand(b, generator=g) < 0.5).to(x.device).view(-1, 1, 1, 1)
+            flip = draw(lambda k: torch.rand(k, generator=g) < 0.5).view(-1, 1, 1, 1)
             x = torch.where(flip, x.flip(-1), x)
         return x
 
@@ -351,6 +395,18 @@ class DataBundle:
     #: what was skipped while reading the data (one line each; for the console and the report)
     notes: list[str] = field(default_factory=list)
     scan: "FolderScan | None" = None
+
+    def unsharded(self) -> "DataBundle":
+        """The same data as one process sees it (rank 0 of 1, the whole global batch): for work that
+        rank 0 does alone, such as int8 calibration and the int8 model's top-1 on the whole test set.
+        Loaders that cannot be re-sharded (a user's own) are kept as they are."""
+
+        def whole(loader):
+            if getattr(loader, "world_size", 1) > 1 and hasattr(loader, "sharded"):
+                return loader.sharded(0, 1)
+            return loader
+
+        return DataBundle(self.info, whole(self.train), whole(self.val), whole(self.test), self.notes, self.scan)
 
 
 # ---------------------------------------------------------------------------------- image folders
@@ -451,8 +507,8 @@ def scan_image_folder(root: str | Path, *, verify: bool = True, workers: int | N
     Rules (issue 12): folders whose names start with ``.`` or ``__`` (``.ipynb_checkpoints``,
     ``__MACOSX``) are not classes and are skipped; class folders of ``train/`` without readable images
     are skipped (a class without training images cannot be learned) and named in :meth:`FolderScan.notes`;
-    with ``verify`` every image is decoded once (:func:`verify_image`, ``workers`` threads) and
-    unreadable or truncated ones are skipped and listed.  The classes and their indices come from
+    with ``verify`` every image is decoded once (:func:`verify_image`, ``workers`` threads; under
+    ``torchrun`` each process decodes its share) and unreadable or truncated ones are skipped and listed.  The classes and their indices come from
     ``train/`` alone, so a class missing from ``val/`` shifts no label.
 
     Raises :class:`~convsim_shrink.errors.DataNotFoundError` (no ``train/`` or ``val/``) or
@@ -475,10 +531,15 @@ def scan_image_folder(root: str | Path, *, verify: bool = True, workers: int | N
         every = [p for files in (*train_files.values(), *val_files.values()) for p in files]
         from concurrent.futures import ThreadPoolExecutor
 
+        from .train import distributed
+
+        # under torchrun each process decodes its share and the (few) problems are gathered
+        mine = every[distributed.rank() :: distributed.world_size()]
         with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-            problems = dict(zip(every, pool.map(verify_image, every)))
-        bad = {p for p, why in problems.items() if why is not None}
-        unreadable = [(str(p.relative_to(root)), problems[p]) for p in every if p in bad]
+            found = [[str(p), why] for p, why in zip(mine, pool.map(verify_image, mine)) if why is not None]
+        problems = {p: why for part in distributed.all_gather_json(found) for p, why in part}
+        bad = {p for p in every if str(p) in problems}
+        unreadable = [(str(p.relative_to(root)), problems[str(p)]) for p in every if p in bad]
         train_files = {c: [p for p in fs if p not in bad] for c, fs in train_files.items()}
         val_files = {c: [p for p in fs if p not in bad] for c, fs in val_files.items()}
     classes = tuple(c for c, fs in train_files.items() if fs)
@@ -530,11 +591,15 @@ class FolderLoader:
     partial batch only when a full batch is left besides it."""
 
     def __init__(self, dataset, *, batch_size: int, train: bool, seed: int = 0, workers: int = 0,
-                 pin_memory: bool = False, drop_last: bool | None = None):
+                 pin_memory: bool = False, drop_last: bool | None = None, rank: int = 0, world_size: int = 1):
         self.dataset, self.batch_size, self.train = dataset, batch_size, train
         self.seed, self.epoch = seed, 0
         self.workers, self.pin_memory = workers, pin_memory
         self.drop_last = train if drop_last is None else drop_last
+        _check_shard(rank, world_size)
+        self.rank, self.world_size = rank, world_size
+
+    sharded = TensorLoader.sharded
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -544,22 +609,23 @@ class FolderLoader:
         return len(self.dataset)
 
     def __len__(self) -> int:
-        n = len(self.dataset)
+        n = _shard_len(len(self.dataset), self.train, self.rank, self.world_size)
         return n // self.batch_size if _drops(self.drop_last, n, self.batch_size) else -(-n // self.batch_size)
 
     def _order(self) -> list[int]:
         n = len(self.dataset)
         if not self.train:
-            return list(range(n))
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(n, generator=g).tolist()
+            return list(range(self.rank, n, self.world_size))
+        return _train_order(n, self.seed, self.epoch, self.rank, self.world_size)
 
     def __iter__(self):
-        seed = self.seed * 7919 + self.epoch + 1
+        seed = self.seed * 7919 + self.epoch + 1 + 1_000_003 * self.rank  # each rank its own augmentations
+        order = self._order()
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=self._order(), num_workers=self.workers,
-            pin_memory=self.pin_memory, drop_last=_drops(self.drop_last, len(self.dataset), self.batch_size),
-            generator=torch.Generator().manual_seed(seed),
+            self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.workers,
+            pin_memory=self.pin_memory, drop_last=_drops(self.drop_last, len(order), self.batch_size),
+            generator=torch.Generator().manual_seed(seed), persistent_workers=False,
+            prefetch_factor=4 if self.workers else None,
         )
         if self.workers:
             yield from loader
@@ -569,15 +635,15 @@ class FolderLoader:
             yield from loader
 
 
-def _folder_loaders(cfg, batch_size: int, seed: int, eval_batch_size: int | None = None):
+def _folder_loaders(cfg, batch_size: int, seed: int, eval_batch_size: int | None = None, rank: int = 0, world_size: int = 1):
     from torchvision import transforms as T
 
     workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
     scan = scan_image_folder(cfg.dir or "", verify=getattr(cfg, "verify_images", True), workers=max(workers, 1))
     info = INFO["imagefolder"]
-    size = 224
+    size = cfg.image_size or 224
     normalize = T.Normalize(info.mean, info.std)
-    eval_tf = T.Compose([T.Resize(256), T.CenterCrop(size), T.ToTensor(), normalize])
+    eval_tf = T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), T.ToTensor(), normalize])
     train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]) if cfg.augment else eval_tf
     train_samples = scan.train
     if cfg.subset:
@@ -587,8 +653,9 @@ def _folder_loaders(cfg, batch_size: int, seed: int, eval_batch_size: int | None
         raise ConfigError(f"imagefolder: {len(train_samples)} training image(s) is too few to train on; add images or raise data.subset")
     info = DataInfo("imagefolder", len(scan.classes), 3, size, info.mean, info.std, pad=0, classes=scan.classes)
     pin = torch.cuda.is_available()
-    train = FolderLoader(_ImageList(train_samples, train_tf), batch_size=batch_size, train=True, seed=seed, workers=workers, pin_memory=pin)
-    test = FolderLoader(_ImageList(scan.val, eval_tf), batch_size=eval_batch_size or batch_size, train=False, workers=workers, pin_memory=pin)
+    shard = {"rank": rank, "world_size": world_size}
+    train = FolderLoader(_ImageList(train_samples, train_tf), batch_size=batch_size, train=True, seed=seed, workers=workers, pin_memory=pin, **shard)
+    test = FolderLoader(_ImageList(scan.val, eval_tf), batch_size=eval_batch_size or batch_size, train=False, workers=workers, pin_memory=pin, **shard)
     return DataBundle(info, train, None, test, notes=scan.notes(), scan=scan)
 
 
@@ -604,13 +671,25 @@ def load_arrays(name: str, root: str | Path | None = None, split: str = "train",
     return torch.from_numpy(np.array(x, copy=True)), torch.from_numpy(np.array(y, dtype=np.int64, copy=True))
 
 
-def build_data(cfg, *, batch_size: int, seed: int = 0, eval_batch_size: int | None = None) -> DataBundle:
-    """Loaders for a :class:`~convsim_shrink.recipe.DataConfig`: train, optional validation split, test."""
+def build_data(cfg, *, batch_size: int, seed: int = 0, eval_batch_size: int | None = None, rank: int = 0,
+               world_size: int = 1) -> DataBundle:
+    """Loaders for a :class:`~convsim_shrink.recipe.DataConfig`: train, optional validation split, test.
+
+    ``batch_size`` is the global training batch; with ``world_size`` processes each loader is ``rank``'s
+    shard (module docstring) and its training batch ``batch_size / world_size``.  ``eval_batch_size``
+    is per process.  Raises :class:`ConfigError` when the batch does not divide by the processes or
+    ``data.image_size`` is set for a data set whose images have a fixed size.
+    """
     if cfg.name not in INFO:
         raise unknown("data set", cfg.name, INFO)
+    if batch_size % world_size:
+        raise ConfigError(f"the global batch {batch_size} does not divide by the {world_size} processes; choose a multiple of {world_size}")
+    local = batch_size // world_size
     if cfg.name == "imagefolder":
-        return _folder_loaders(cfg, batch_size, seed, eval_batch_size)
+        return _folder_loaders(cfg, local, seed, eval_batch_size, rank, world_size)
     info = INFO[cfg.name]
+    if getattr(cfg, "image_size", None) not in (None, info.image_size):
+        raise ConfigError(f"data.image_size applies to image folders; {cfg.name} images are {info.image_size} px, drop data.image_size")
     x, y = load_arrays(cfg.name, cfg.dir, "train", cfg.download)
     xt, yt = load_arrays(cfg.name, cfg.dir, "test", cfg.download)
     val_idx = balanced_subset(y, cfg.val_split, seed + 1) if cfg.val_split else torch.empty(0, dtype=torch.long)
@@ -623,10 +702,11 @@ def build_data(cfg, *, batch_size: int, seed: int = 0, eval_batch_size: int | No
     if cfg.test_subset:
         t_idx = balanced_subset(yt, cfg.test_subset, seed)
         xt, yt = xt[t_idx], yt[t_idx]
-    eb = eval_batch_size or max(256, batch_size)
-    train = TensorLoader(x[train_idx], y[train_idx], info, batch_size=batch_size, train=True, augment=cfg.augment, seed=seed)
-    val = TensorLoader(x[val_idx], y[val_idx], info, batch_size=eb, train=False) if cfg.val_split else None
-    test = TensorLoader(xt, yt, info, batch_size=eb, train=False)
+    eb = eval_batch_size or max(256, local)
+    shard = {"rank": rank, "world_size": world_size}
+    train = TensorLoader(x[train_idx], y[train_idx], info, batch_size=local, train=True, augment=cfg.augment, seed=seed, **shard)
+    val = TensorLoader(x[val_idx], y[val_idx], info, batch_size=eb, train=False, **shard) if cfg.val_split else None
+    test = TensorLoader(xt, yt, info, batch_size=eb, train=False, **shard)
     return DataBundle(info, train, val, test)
 
 

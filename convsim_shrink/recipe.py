@@ -56,6 +56,9 @@ class DataConfig(_Section):
     test_subset: int | None = Field(None, ge=10, description="evaluate on a class-balanced test slice")
     augment: bool = True
     workers: int | None = Field(None, ge=0, description="loader workers (image folders); None = auto")
+    image_size: int | None = Field(
+        None, ge=16, description="side of the training crop of image folders (None = 224; evaluation resizes to size/0.875 and crops)"
+    )
 
 
 class PreminConfig(_Section):
@@ -72,7 +75,7 @@ class PreminConfig(_Section):
 
 class OptimConfig(_Section):
     epochs: int = Field(10, ge=0)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, description="global batch: split evenly over the processes of a torchrun start")
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -90,6 +93,7 @@ class OptimConfig(_Section):
     channels_last: bool | None = Field(None, description="None = on where it is faster")
     compile: bool = False
     grad_clip: float | None = Field(None, gt=0)
+    sync_bn: bool = Field(False, description="SyncBatchNorm across processes under torchrun (CUDA only)")
 
 
 class TrainConfig(OptimConfig):
@@ -167,6 +171,7 @@ class RunConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     out: str | None = None
     quiet: bool = False
+    dist_timeout: float = Field(1800, gt=0, description="seconds a process waits for the others under torchrun before the run stops with an error")
     recipe_source: str | None = Field(None, description="the recipe file the run was resolved from (set by the tool; None = built-in defaults)")
 
 

@@ -66,6 +66,10 @@ def build_report(recipe, state: RunState, data) -> dict[str, Any]:
         "ignored_layers": plan.get("ignored", []),
         "data_notes": list(getattr(data, "notes", None) or []),
         "notes": [n for n in (m.dtype_note, m.prune_note) if n],
+        # processes of the (latest) start and the batch they shared: train.batch_size is the global batch
+        "world_size": state.processes.get("world_size", 1),
+        "global_batch": state.processes.get("global_batch", recipe.train.batch_size),
+        "per_process_batch": state.processes.get("per_process_batch", recipe.train.batch_size),
     }
 
 
@@ -127,6 +131,9 @@ def write_report(report: dict, state: RunState, run_dir: Path) -> None:
         "",
         *_ignored_lines(report),
         "Seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in report["stages"].items()) + f" (total {report['total_seconds']})",
+        "",
+        f"Processes: {report.get('world_size', 1)}; global batch {report.get('global_batch')} "
+        f"({report.get('per_process_batch')} per process).",
         "",
         "Exports: " + ", ".join(f"[{k}]({Path(v).name})" for k, v in report["exports"].items()),
         "",

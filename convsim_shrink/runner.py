@@ -17,6 +17,11 @@ API's ``pretrained=True``) skips pre-minimisation and dense training unless epoc
 (:func:`~convsim_shrink.adapt.dense_stages`); the decision is written into the run's ``recipe.yaml``
 (``premin.steps``/``train.epochs``), so a resumed run follows it.  A half-precision model is trained,
 pruned and exported in float32; the Python API hands the shrunk model back in its own dtype.
+
+Under ``torchrun`` every process runs every stage on its shard of the data (:mod:`.train.distributed`):
+an error while preparing on any rank stops all of them with its message; after each stage that changes
+the model every rank is checked to hold the same architecture and given rank 0's values; only rank 0
+writes (run directory, state, models, exports, report) and the others receive its report at the end.
 """
 
 from __future__ import annotations
@@ -36,13 +41,15 @@ from . import checkpoint as ckpt
 from .adapt import dense_stages, restore_dtype, to_float32
 from .console import console
 from .data import DataBundle, DataInfo
-from .errors import CheckpointError, ConfigError, unknown
+from .errors import CheckpointError, ConfigError, ConvSimError, unknown
 from .io import atomic_write_text
 from .models import list_models
 from .preflight import check_run
 from .ranking import get_criterion
 from .recipe import Recipe
 from .report import build_report, write_report
+from .train import distributed
+from .train.distributed import is_main_process
 from .stages import (
     build_stage,
     example_inputs_for,
@@ -65,6 +72,7 @@ class _Step:
     restores: tuple[str, ...] = ()  # the runner's models that file stands for when resuming
     changes_model: bool = True
     needs_run_dir: bool = False  # skipped when the run has no directory (Python API without run_dir)
+    main_only: bool = False  # under torchrun only rank 0 runs it (it only writes files)
 
 
 _STEPS = (
@@ -73,7 +81,7 @@ _STEPS = (
     _Step("train", "dense.safetensors", ("model", "dense")),
     _Step("prune", "pruned.safetensors", ("model",)),
     _Step("finetune", "shrunk.safetensors", ("model",)),
-    _Step("export", changes_model=False, needs_run_dir=True),
+    _Step("export", changes_model=False, needs_run_dir=True, main_only=True),
 )
 
 #: the stages in the order they run
@@ -143,7 +151,7 @@ class Runner:
         self.data = data
         self.example_inputs = example_inputs
         self.state = RunState()
-        self.device = resolve_device(recipe.run.device)
+        self.device = distributed.bind_device(resolve_device(recipe.run.device))  # cuda:LOCAL_RANK under torchrun
         self.model: nn.Module | None = None  # the model the next stage works on
         self.dense: nn.Module | None = None  # the trained dense model (the teacher)
         self.pretrained = pretrained
@@ -161,12 +169,12 @@ class Runner:
         return self.run_dir / name if self.run_dir else None
 
     def _save_state(self) -> None:
-        if self.run_dir:
+        if self.run_dir and is_main_process():
             self.state.save(self.run_dir / "state.json")
 
     def _save_model(self, model: nn.Module, name: str) -> None:
         path = self._path(name)
-        if path is not None and is_registered(model):
+        if path is not None and is_registered(model) and is_main_process():
             ckpt.save(
                 model.cpu(), path, recipe=self.recipe.to_dict(), metrics=self.state.metrics.to_dict(),
                 input_shape=tuple(self.example_inputs.shape[1:]),
@@ -187,9 +195,24 @@ class Runner:
     # ---------------------------------------------------------------------------------- prepare
 
     def prepare(self) -> None:
-        """Validate everything that can fail on user input or the environment, then create the run directory."""
+        """Validate everything that can fail on user input or the environment, then create the run
+        directory (rank 0).  Under ``torchrun`` an error on any rank is raised on every rank."""
+        failure = None
+        try:
+            self._validate()
+        except ConvSimError as exc:
+            failure = exc
+        distributed.agree(failure)
+        if self.run_dir is None or not is_main_process():
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "recipe.yaml", self.recipe.to_yaml())
+        self._save_state()
+
+    def _validate(self) -> None:
         r = self.recipe
         check_run(r, self.run_dir, resume=self.resume)  # device, packages, output folder: before any work
+        distributed.check_setup(r, self.device)  # the global batch divides by the processes
         name = r.model.name
         zoo = self.given_model is None and r.model.weights is None and name in list_models()
         if self.given_model is None and not zoo and ":" not in name and not name.endswith(".safetensors") and not Path(name).exists():
@@ -219,9 +242,6 @@ class Runner:
             if self.given_model is not None:
                 raise ConfigError("resuming is supported for registry models only; start the Python API run again")
             self.state.completed = resumable(self.state.completed)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "recipe.yaml", self.recipe.to_yaml())
-        self._save_state()
 
     def _dense_rule(self) -> None:
         """A pretrained model skips pre-minimisation and dense training unless epochs were asked for
@@ -337,7 +357,7 @@ class Runner:
                          + (f"; {row['warning']}" if row.get("warning") else ""))
         out = export_stage(
             self.model, self.recipe.export, self.run_dir, example_inputs=self.example_inputs,
-            recipe=self.recipe.to_dict(), metrics=self.state.metrics.to_dict(), data=self.data,
+            recipe=self.recipe.to_dict(), metrics=self.state.metrics.to_dict(), data=self.data.unsharded(),
         )
         self.state.exports = out.exports
         m = self.state.metrics
@@ -347,34 +367,50 @@ class Runner:
     # -------------------------------------------------------------------------------------- run
 
     def run(self) -> ShrinkResult:
+        """Every stage not yet finished, in order; under ``torchrun`` inside the process group
+        (:func:`~convsim_shrink.train.distributed.session`), in rank 0's run directory."""
+        with distributed.session(self.device, self.recipe.run.dist_timeout):
+            if distributed.world_size() > 1:  # each process may have made up its own default name
+                chosen = distributed.broadcast_json(str(self.run_dir) if self.run_dir else None)
+                self.run_dir = Path(chosen) if chosen else None
+            return self._run_stages()
+
+    def _run_stages(self) -> ShrinkResult:
         self.prepare()
         r = self.recipe
+        self.state.processes = distributed.describe(r.train.batch_size, self.device)
         self.log(f"device: {resolve_precision(self.device, r.train.precision, r.train.channels_last).describe()}"
                  + (f"; run directory: {self.run_dir}" if self.run_dir else ""))
         self.log(f"recipe: {r.run.recipe_source or 'built-in defaults (no recipe file)'}")
+        p = self.state.processes
+        self.log(f"processes: {p['world_size']} ({p['backend']}); global batch {p['global_batch']} = "
+                 f"{p['world_size']} x {p['per_process_batch']} per process (train.batch_size is the global batch)")
         calls: dict[str, Callable[[], float | None]] = {name: getattr(self, f"_{name}") for name in STAGES}
         skipped: dict[str, str] = {}  # slot -> model file of the last finished stage that filled it
         for step in _STEPS:
             if step.name in self.state.completed:
                 skipped.update({slot: step.artefact for slot in step.restores})
                 continue
-            if step.needs_run_dir and self.run_dir is None:
+            if (step.needs_run_dir and self.run_dir is None) or (step.main_only and not is_main_process()):
                 continue
             self._restore(skipped)
             skipped = {}
             t0 = time.perf_counter()
             seconds = calls[step.name]()
             self.state.finish(step.name, time.perf_counter() - t0 if seconds is None else seconds)
+            if step.changes_model:
+                distributed.agree_on_model(self.model, f"the model after '{step.name}'")
             if step.artefact:
                 self._save_model(self.model, step.artefact)
             self._save_state()
         self._restore(skipped)
-        report = build_report(r, self.state, self.data)
-        if self.run_dir is not None:
+        report = build_report(r, self.state, self.data) if is_main_process() else None
+        if self.run_dir is not None and is_main_process():
             write_report(report, self.state, self.run_dir)
         if self.dtype is not None:  # the Python API gets the model back in the dtype it came in
             for model in {id(m): m for m in (self.model, self.dense) if m is not None}.values():
                 restore_dtype(model, self.dtype)
+        report = distributed.broadcast_json(report)  # the others wait here for rank 0's files
         return ShrinkResult(self.model, self.dense, report, self.run_dir)
 
 

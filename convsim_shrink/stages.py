@@ -46,9 +46,11 @@ from .train import (
 
 
 def prepare_data(recipe: Recipe) -> DataBundle:
-    """The recipe's data: training loader (batch ``train.batch_size``, shuffled by ``run.seed``),
-    optional validation split, test loader."""
-    return build_data(recipe.data, batch_size=recipe.train.batch_size, seed=recipe.run.seed)
+    """The recipe's data: training loader (global batch ``train.batch_size``, shuffled by ``run.seed``),
+    optional validation split, test loader; under ``torchrun`` this process's shard of each."""
+    from .train.distributed import rank, world_size
+
+    return build_data(recipe.data, batch_size=recipe.train.batch_size, seed=recipe.run.seed, rank=rank(), world_size=world_size())
 
 
 def example_inputs_for(info: DataInfo) -> torch.Tensor:
@@ -218,7 +220,10 @@ def prune_stage(
         # measured on the run's device, in fp32 as the exported model runs, at the latency batch
         from .deploy import latency_meter
 
-        latency_fn = latency_meter(tuple(example_inputs.shape[1:]), cfg.latency_batch or ft.batch_size, device=device)
+        from .train.distributed import from_rank0
+
+        # under torchrun rank 0 measures and every rank decides on its numbers
+        latency_fn = from_rank0(latency_meter(tuple(example_inputs.shape[1:]), cfg.latency_batch or ft.batch_size, device=device))
     # calibration writes gradients and BN statistics: only then work on a copy of the dense model
     source = copy.deepcopy(dense) if criterion.needs_gradients else dense
     plan = plan_ignored_layers(source, example_inputs.to(device))

@@ -89,6 +89,8 @@ class RunState:
     history_train: list[dict[str, float]] = field(default_factory=list)
     history_finetune: list[dict[str, float]] = field(default_factory=list)
     exports: dict[str, str] = field(default_factory=dict)
+    #: the processes of the latest start: world_size, backend, global_batch, per_process_batch
+    processes: dict[str, Any] = field(default_factory=dict)
 
     def finish(self, stage: str, seconds: float) -> None:
         """Mark ``stage`` done after ``seconds`` of work."""

@@ -36,7 +36,7 @@ def test_round_trip_keeps_every_field_and_writes_only_measured_metrics(tmp_path)
     state.finish("prune", 2.34567)
     state.save(tmp_path / "state.json")
     raw = json.loads((tmp_path / "state.json").read_text())
-    assert set(raw) == {"completed", "seconds", "metrics", "layers", "history_train", "history_finetune", "exports"}
+    assert set(raw) == {"completed", "seconds", "metrics", "layers", "history_train", "history_finetune", "exports", "processes"}
     assert "shrunk_accuracy" not in raw["metrics"] and raw["metrics"]["shrunk_size"] == {"params": 500, "macs": 2000}
     assert raw["seconds"]["prune"] == 2.346 and raw["completed"][-1] == "prune"
     assert RunState.load(tmp_path / "state.json") == state

@@ -6,7 +6,7 @@
 * :mod:`.losses`: extra loss terms (CS regulariser, distillation);
 * :mod:`.calibrate`: batch-norm re-calibration and gradient accumulation for data-driven criteria;
 * :mod:`.device`: device, precision (autocast, scaler, memory format) and seeding;
-* :mod:`.distributed`: rank / world size for ``torchrun``;
+* :mod:`.distributed`: torchrun's process group, DDP, all-reduces and agreement between ranks;
 * :mod:`.progress`: progress bars.
 """
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..adapt import logits_of
 from ..errors import ConfigError
+from . import distributed
 from .device import Precision, resolve_precision, to_device
 
 
@@ -22,6 +23,9 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50, prec: 
     dense model no longer describe the pruned model's activations; without this, accuracy right after
     pruning says more about stale statistics than about which channels were kept.  Returns the number
     of batches used (0 if the model has no batch norm).
+
+    Under ``torchrun`` every rank reads ``batches`` batches of its shard and the statistics are then
+    averaged over the ranks (each rank's batches weigh the same), so every rank holds the same model.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
@@ -47,12 +51,17 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50, prec: 
         for m, (momentum, _) in zip(norms, saved):
             m.momentum = momentum
         model.train(was_training)
+    distributed.average_buffers(model)
     return used
 
 
 def accumulate_gradients(model: nn.Module, loader: Iterable, batches: int, prec: Precision | None = None) -> int:
     """Task-loss gradients summed over the first ``batches`` batches of ``loader`` (train mode, fp32),
-    for data-driven importance criteria (Taylor).  Clears old gradients first; returns the batches used."""
+    for data-driven importance criteria (Taylor).  Clears old gradients first; returns the batches used.
+
+    Under ``torchrun`` each rank sums over its own shard and the gradients are then averaged over the
+    ranks: with the global batch split over the ranks, that is the single-process sum, and every rank
+    scores channels on the same gradients."""
     prec = prec or resolve_precision(next(model.parameters()).device, "fp32", False)
     model.zero_grad(set_to_none=True)
     model.train()
@@ -65,4 +74,5 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, batches: int, prec:
         used += 1
     if used == 0:
         raise ConfigError("the training data gave no batch to compute the criterion's gradients on; add images or lower the batch size")
+    distributed.average_gradients(model)
     return used

@@ -12,8 +12,12 @@
   where (stage, epoch, step); the last good checkpoint stays in place.  A pruned model that cannot take
   its first step is reported as a bug in the pruning.  Training data that gives no batch is refused
   before the first step (never zero steps in silence).
-* Ready for ``torchrun``: with an initialised process group the model is wrapped in
-  DistributedDataParallel, loaders shard by rank, and only rank 0 shows progress or writes files.
+* Under ``torchrun`` (an initialised process group, :mod:`.distributed`) the model is trained under
+  DistributedDataParallel (SyncBatchNorm with ``sync_bn``) on loaders sharded by rank; losses,
+  accuracies and divergence are summed / agreed over the ranks (every rank stops together), every rank
+  evaluates on its share of the test set and the sums are all-reduced, and only rank 0 shows progress
+  or writes files.
+* The checkpoint also holds the AMP gradient scaler's state (fp16), so a resumed run keeps its scale.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ..adapt import diverged_loss_limit, divergence, logits_of, nonfinite_tensor
 from ..errors import CheckpointError, ConfigError, TrainingDivergedError
 from ..io import atomic_torch_save
 from .device import Precision, resolve_precision, to_device
+from . import distributed
 from .distributed import is_main_process, unwrap, world_size
 from .losses import LossTerm, cs_regularizer
 from .optim import Schedule, make_optimizer, make_schedule
@@ -91,7 +96,7 @@ def train_one_epoch(
         for (k, t), v in zip(run.items(), values):
             totals[k] += v
             t.zero_()
-        if bool(bad):
+        if distributed.any_rank(bad):  # every rank stops together
             raise _Diverged("the loss blew up, or the loss or the model's outputs became non-finite", last_step, lr)
         weights = nonfinite_tensors(model)
         if weights:
@@ -151,6 +156,10 @@ def train_one_epoch(
             drain(step - 1)
     if pending:
         drain(step - 1)
+    if world_size() > 1:  # the epoch's numbers over all ranks' images
+        totals = dict(zip(totals, distributed.all_reduce_sum(list(totals.values()))))
+        for k in names:
+            totals[k] /= world_size()
     seen = max(totals["seen"], 1)
     metrics = {
         "train_loss": totals["loss"] / seen,
@@ -175,7 +184,8 @@ def _diverged_message(stage: str, epoch: int, d: _Diverged, *, first_step: bool)
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, prec: Precision | None = None) -> dict[str, float]:
-    """Top-1 accuracy (percent) and mean cross-entropy over ``loader``."""
+    """Top-1 accuracy (percent) and mean cross-entropy over ``loader``; under ``torchrun`` over the
+    union of every rank's ``loader`` (the sums are all-reduced), the same numbers on every rank."""
     prec = prec or resolve_precision(next(model.parameters()).device, "fp32", False)
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
@@ -256,13 +266,13 @@ def fit(
             raise CheckpointError(f"{ckpt} belongs to stage '{state.get('stage')}', not '{stage}'")
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         result.history = list(state["history"])
         result.resumed_from_epoch = start_epoch
         torch.set_rng_state(state["rng"]["torch"])
-    train_model: nn.Module = model
-    if world_size() > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = distributed.wrap(model, device, sync_bn=getattr(cfg, "sync_bn", False))
     if cfg.compile:
         train_model = torch.compile(train_model)
 
@@ -296,6 +306,7 @@ def fit(
             if step == first:
                 raise ConfigError(f"{stage}: epoch {epoch + 1} took no training step (the training data gave no batch); add images or lower the batch size")
             metrics["epoch"] = epoch + 1
+            distributed.broadcast_buffers(model)  # every rank evaluates and saves rank 0's BN statistics
             if eval_loader is not None:
                 ev = evaluate(model, eval_loader, prec)
                 metrics["val_acc"], metrics["val_loss"] = ev["acc"], ev["loss"]
@@ -312,12 +323,15 @@ def fit(
                         "history": result.history,
                         "settings": settings,
                         "rng": {"torch": torch.get_rng_state()},
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "world_size": world_size(),
                     },
                     ckpt,
                 )
             if on_epoch is not None:
                 on_epoch(epoch + 1, metrics)
     result.seconds = time.perf_counter() - t0
+    distributed.unwrap_after_training(model)
     result.final = result.history[-1] if result.history else {}
     if prec.channels_last:
         model.to(memory_format=torch.contiguous_format)
