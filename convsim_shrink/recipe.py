@@ -127,7 +127,7 @@ class PruneConfig(_Section):
     iterative_steps: int = Field(1, ge=1, description="prune in this many steps, fine-tuning between them")
     steps_epochs: int = Field(0, ge=0, description="fine-tuning epochs between iterative steps")
     max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="never remove more than this fraction of a layer")
-    tolerance: float = Field(0.01, gt=0, lt=0.5, description="relative tolerance below the target")
+    tolerance: float = Field(0.01, gt=0, lt=0.5, description="absolute tolerance below the params/MACs target, as a ratio (0.01: a 0.5 target lands in 0.49-0.50)")
     calibration_batches: int = Field(4, ge=1, description="batches for data-driven criteria (taylor)")
     bn_recalibration: int = Field(50, ge=0, description="training batches to re-estimate BN statistics after pruning (0 = off)")
 
