@@ -71,6 +71,29 @@ SHORTCUTS = {
 }
 
 
+def compare_settings(saved: dict, mine: dict, defaults: dict) -> tuple[list[str], list[str]]:
+    """Which settings differ between an OUT's saved settings and this run's, as ``section.key`` names.
+
+    Returns ``(changed, added)``: ``added`` are keys this run has that ``saved`` lacks and whose value is
+    the recipe's default (a setting introduced after the results were written; a new field's default keeps
+    the old behaviour, so the results still stand); every other difference, in either direction, is
+    ``changed``.
+    """
+    added, changed = [], []
+    for section in sorted(set(saved) | set(mine)):
+        old, new = saved.get(section), mine.get(section)
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            if old != new:
+                changed.append(section)
+            continue
+        for key in sorted(set(old) | set(new)):
+            if key not in old and new[key] == defaults.get(section, {}).get(key, object()):
+                added.append(f"{section}.{key}")
+            elif old.get(key, object()) != new.get(key, object()):
+                changed.append(f"{section}.{key}")
+    return changed, added
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -127,10 +150,12 @@ class Bench:
         if not path.is_file() and self.results:
             sys.exit(f"error: {self.out} holds results without settings.json (from compare.py before it ran the product); choose another --out")
         if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved != mine:
-                changed = sorted(f"{s}.{k}" for s in mine for k in mine[s] if saved.get(s, {}).get(k) != mine[s][k])
-                sys.exit(f"error: {self.out} holds results of other settings ({', '.join(changed) or 'sections'} differ); choose another --out")
+            changed, added = compare_settings(json.loads(path.read_text()), mine, Recipe().to_dict())
+            if changed:
+                sys.exit(f"error: {self.out} holds results of other settings ({', '.join(changed)} differ); choose another --out")
+            if added:
+                print(f"note: settings added since {path} was written, at their defaults: {', '.join(added)}")
+                atomic_write_text(path, json.dumps(mine, indent=1))
         else:
             atomic_write_text(path, json.dumps(mine, indent=1))
 

@@ -8,7 +8,6 @@ import pytest
 
 from convsim_shrink.cli import main as cli_main
 
-pytestmark = pytest.mark.slow
 
 SETS = ["data.subset=300", "data.val_split=100", "data.test_subset=200", "train.epochs=1", "finetune.epochs=1", "premin.steps=5"]
 
@@ -21,6 +20,7 @@ def _compare_module():
     return module
 
 
+@pytest.mark.slow
 def test_a_benchmark_row_is_what_the_command_line_gives(tmp_path, fashion_dir):
     compare = _compare_module()
     sets = [arg for s in SETS for arg in ("--set", s)]
@@ -45,3 +45,20 @@ def test_a_benchmark_row_is_what_the_command_line_gives(tmp_path, fashion_dir):
         # floats that any difference in settings, data or random state would move
         assert row["finetune_loss"] == state["history_finetune"][-1]["train_loss"]
         assert row["cs_shrunk"] == report["cs"]["shrunk"]
+
+
+def test_results_stand_when_only_new_settings_at_their_defaults_were_added():
+    compare = _compare_module()
+    defaults = {"train": {"lr": 0.1, "sync_bn": False}, "prune": {"criterion": "convsim-taylor"}}
+    saved = {"train": {"lr": 0.1}, "prune": {"criterion": "convsim-taylor"}}
+    # a setting introduced after the results were written, at its default: accepted, named
+    assert compare.compare_settings(saved, {"train": {"lr": 0.1, "sync_bn": False}, "prune": {"criterion": "convsim-taylor"}},
+                                    defaults) == ([], ["train.sync_bn"])
+    # the new setting away from its default, a changed value, a removed setting, a new section: refused
+    assert compare.compare_settings(saved, {"train": {"lr": 0.1, "sync_bn": True}, "prune": {"criterion": "convsim-taylor"}},
+                                    defaults) == (["train.sync_bn"], [])
+    assert compare.compare_settings(saved, {"train": {"lr": 0.05}, "prune": {"criterion": "convsim-taylor"}},
+                                    defaults) == (["train.lr"], [])
+    assert compare.compare_settings(saved, {"train": {}, "prune": {"criterion": "convsim-taylor"}}, defaults) == (["train.lr"], [])
+    assert compare.compare_settings(saved, {**saved, "export": {"formats": []}}, defaults) == (["export"], [])
+    assert compare.compare_settings(saved, saved, defaults) == ([], [])
