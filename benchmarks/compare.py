@@ -94,6 +94,10 @@ def compare_settings(saved: dict, mine: dict, defaults: dict) -> tuple[list[str]
     return changed, added
 
 
+#: two-sided 95% critical values of Student's t for n paired seeds (df = n - 1); beyond 10 seeds about 2
+T_CRIT = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -137,10 +141,15 @@ class Bench:
         target, as the command line's option does)."""
         return resolve(self.base.to_dict(), overrides=overrides, sets=list(sets))
 
+    def tk(self, target: float) -> str:
+        """A target's part of a unit's key: ``0.5`` for a params target (as before), ``latency0.5`` for others."""
+        kind = self.args.target_kind
+        return str(target) if kind == "params" else f"{kind}{target}"
+
     def command(self) -> str:
         """The command line a grid row stands for."""
         sets = " ".join(f"--set {s}" for s in self.settings())
-        return f"convsim-shrink {self.base.model.name} --criterion X --target-params T --seed S {sets}".strip()
+        return f"convsim-shrink {self.base.model.name} --criterion X --target-{self.args.target_kind} T --seed S {sets}".strip()
 
     def check_settings(self) -> None:
         """Refuse to mix units of different settings (or of the previous wiring) in one OUT."""
@@ -214,7 +223,7 @@ class Bench:
         """One grid unit: the command line's prune and fine-tune stages on a copy of ``dense``."""
         if key in self.results or self.out_of_time():
             return
-        recipe = self.recipe(sets, {"prune.target_params": target, "run.seed": seed})
+        recipe = self.recipe(sets, {f"prune.target_{self.args.target_kind}": target, "run.seed": seed})
         data = self.data(seed)
         x = example_inputs_for(data.info)  # drawn before the state is set: the runner draws it before seeding
         torch.set_rng_state(rng)
@@ -225,12 +234,12 @@ class Bench:
         self.save(key, {
             "criterion": recipe.prune.criterion, "val_pruned": val_pruned, "test_pruned": pruned.accuracy,
             "val": self.val(tuned.model, data), "test": tuned.accuracy, "params_ratio": pruned.result.params_ratio,
-            "macs_ratio": pruned.result.macs_ratio, "cs_shrunk": tuned.cs,
+            "macs_ratio": pruned.result.macs_ratio, "latency_ratio": pruned.result.latency_ratio, "cs_shrunk": tuned.cs,
             "finetune_loss": tuned.history[-1]["train_loss"] if tuned.history else None, "seconds": time.perf_counter() - t0,
         })
 
     def narrow(self, seed, target, base_params):
-        key = f"narrow/{target}/{seed}"
+        key = f"narrow/{self.tk(target)}/{seed}"
         if key in self.results or self.out_of_time():
             return
         b, data = self.base, self.data(seed)
@@ -267,7 +276,7 @@ class Bench:
             base = self.results[f"dense-A-{seed}"]["params"]
             for target in a.targets:
                 for label, sets in self.rows.items():
-                    self.prune_finetune(f"A/{label}/{target}/{seed}", dense_a, rng_a, sets, target, seed)
+                    self.prune_finetune(f"A/{label}/{self.tk(target)}/{seed}", dense_a, rng_a, sets, target, seed)
             if a.ablation:
                 self.long_dense(seed)
                 for target in a.targets:
@@ -276,7 +285,7 @@ class Bench:
                 for target in a.targets:
                     for label, sets in self.b_rows.items():
                         if dense_b is not None:
-                            self.prune_finetune(f"B/{label}/{target}/{seed}", *dense_b, sets, target, seed)
+                            self.prune_finetune(f"B/{label}/{self.tk(target)}/{seed}", *dense_b, sets, target, seed)
         self.table()
 
     # ------------------------------------------------------------------------------------- output
@@ -297,8 +306,8 @@ class Bench:
         lines.append("| criterion | " + " | ".join(f"{t:g}: pruned → fine-tuned (test %)" for t in a.targets) + " | " + " | ".join(f"{t:g} val %" for t in a.targets) + " |")
         lines.append("|---|" + "---|" * (2 * len(a.targets)))
         for label in labels:
-            cells = [f"{stat([f'A/{label}/{t}/{s}' for s in a.seeds], 'test_pruned')} → **{stat([f'A/{label}/{t}/{s}' for s in a.seeds])}**" for t in a.targets]
-            vcells = [stat([f"A/{label}/{t}/{s}" for s in a.seeds], "val") for t in a.targets]
+            cells = [f"{stat([f'A/{label}/{self.tk(t)}/{s}' for s in a.seeds], 'test_pruned')} → **{stat([f'A/{label}/{self.tk(t)}/{s}' for s in a.seeds])}**" for t in a.targets]
+            vcells = [stat([f"A/{label}/{self.tk(t)}/{s}" for s in a.seeds], "val") for t in a.targets]
             lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(vcells) + " |")
         # paired: each seed's pruned model against its own dense model (removes the dense models' spread)
         lines += ["", "Paired test-accuracy change against the same seed's dense A model (mean ± std over seeds):", ""]
@@ -307,19 +316,25 @@ class Bench:
         for label in labels:
             cells = []
             for t in a.targets:
-                d = [r[f"A/{label}/{t}/{s}"]["test"] - r[f"dense-A-{s}"]["test"] for s in a.seeds if f"A/{label}/{t}/{s}" in r and f"dense-A-{s}" in r]
+                d = [r[f"A/{label}/{self.tk(t)}/{s}"]["test"] - r[f"dense-A-{s}"]["test"] for s in a.seeds if f"A/{label}/{self.tk(t)}/{s}" in r and f"dense-A-{s}" in r]
                 cells.append("–" if not d else f"{statistics.mean(d):+.2f} ± {statistics.pstdev(d):.2f}" if len(d) > 1 else f"{d[0]:+.2f}")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += ["", *self.verdict()]
+        lines += ["", *self.paired_table()]
         achieved = {
-            t: [(r[k]["params_ratio"], r[k]["macs_ratio"]) for k in r if k.startswith("A/") and k.split("/")[2] == str(t)]
+            t: [(r[k]["params_ratio"], r[k]["macs_ratio"]) for k in r if k.startswith("A/") and k.split("/")[2] == self.tk(t)]
             for t in a.targets
         }
+        measured = {t: [r[k]["latency_ratio"] for k in r if k.startswith("A/") and k.split("/")[2] == self.tk(t) and r[k].get("latency_ratio")]
+                    for t in a.targets}
         if any(achieved.values()):
             lines.append("")
             lines.append("Achieved (params ratio, MACs ratio) per target: " + ", ".join(
                 f"{t:g} → params {min(p for p, _ in v):.4f}–{max(p for p, _ in v):.4f}, MACs {min(m for _, m in v):.3f}–{max(m for _, m in v):.3f}"
                 for t, v in achieved.items() if v))
+        if any(measured.values()):
+            lines.append("Measured latency ratio in the search (at prune.latency_batch, on the run's device): " + ", ".join(
+                f"{t:g} → {min(v):.3f}–{max(v):.3f}" for t, v in measured.items() if v))
         if a.ablation:
             lines += ["", "| pipeline | " + " | ".join(f"{t:g} (test %)" for t in a.targets) + " |", "|---|" + "---|" * len(a.targets)]
             rows = [(f"(a) CS pre-min + train + {c}", f"A/{c}") for c in self.b_rows if c != "l1" and c in self.rows]
@@ -328,11 +343,11 @@ class Bench:
                 rows.append(("(c) plain train + l1", "B/l1"))
             rows.append(("(d) narrow model from scratch, same total epochs", "narrow"))
             for label, prefix in rows:
-                lines.append(f"| {label} | " + " | ".join(stat([f"{prefix}/{t}/{s}" for s in a.seeds]) for t in a.targets) + " |")
+                lines.append(f"| {label} | " + " | ".join(stat([f"{prefix}/{self.tk(t)}/{s}" for s in a.seeds]) for t in a.targets) + " |")
             lines.append(f"| (e) dense, same total epochs | {stat([f'dense-long/{s}' for s in a.seeds])} (params ratio 1.0) |" + " |" * (len(a.targets) - 1))
         text = "\n".join(lines)
         print("\n" + text)
-        atomic_write_text(self.out / "table.md", text + "\n")
+        atomic_write_text(self.out / ("table.md" if a.target_kind == "params" else f"table-{a.target_kind}.md"), text + "\n")
         self.plot()
 
     def verdict(self) -> list[str]:
@@ -340,12 +355,12 @@ class Bench:
         with n seeds it needs |t| above the two-sided 95% critical value to call the two different)."""
         a, r = self.args, self.results
         ours = a.ours
-        t_crit = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # df = n - 1
+        t_crit = T_CRIT
         peers = [label for label in self.rows if not self.recipe(self.rows[label]).prune.criterion.startswith("convsim")]
         out = []
         for t in a.targets:
             def accs(label):
-                return {s: r[f"A/{label}/{t}/{s}"]["test"] for s in a.seeds if f"A/{label}/{t}/{s}" in r}
+                return {s: r[f"A/{label}/{self.tk(t)}/{s}"]["test"] for s in a.seeds if f"A/{label}/{self.tk(t)}/{s}" in r}
             mine = accs(ours)
             others = {c: v for c in peers if (v := accs(c))}
             if not mine or not others:
@@ -363,6 +378,34 @@ class Bench:
                        f"t = {tstat:+.2f} (|t| > {crit} needed): **{word}**")
         return out
 
+    def paired_table(self) -> list[str]:
+        """Every row against ``--ours``, paired by seed, on the validation split (where choices are made)
+        and on the test split: mean difference ± sample std, and the paired t statistic."""
+        a, r = self.args, self.results
+        others = [label for label in self.rows if label != a.ours]
+        if a.ours not in self.rows or not others:
+            return []
+        out = [f"Each row − {a.ours}, paired by seed (val / test points; t on val, |t| > {T_CRIT.get(len(a.seeds), 2.0)} "
+               f"tells a difference at 95% with {len(a.seeds)} seeds):", "",
+               "| row | " + " | ".join(f"{t:g}" for t in a.targets) + " |", "|---|" + "---|" * len(a.targets)]
+        for label in others:
+            cells = []
+            for t in a.targets:
+                keys = [(f"A/{label}/{self.tk(t)}/{s}", f"A/{a.ours}/{self.tk(t)}/{s}") for s in a.seeds]
+                keys = [(k, o) for k, o in keys if k in r and o in r]
+                if not keys:
+                    cells.append("–")
+                    continue
+                dv = [r[k]["val"] - r[o]["val"] for k, o in keys]
+                dt = [r[k]["test"] - r[o]["test"] for k, o in keys]
+                cell = f"{statistics.mean(dv):+.2f} / {statistics.mean(dt):+.2f}"
+                if len(dv) > 1:
+                    sd = statistics.stdev(dv)
+                    cell += f" (t = {statistics.mean(dv) / (sd / len(dv) ** 0.5):+.1f})" if sd > 0 else ""
+                cells.append(cell)
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        return out
+
     def plot(self):
         import matplotlib
         import matplotlib.ticker
@@ -375,7 +418,7 @@ class Bench:
         for label in a.plot or self.rows:
             xs, ys, es = [], [], []
             for t in a.targets:
-                vals = [r[f"A/{label}/{t}/{s}"]["test"] for s in a.seeds if f"A/{label}/{t}/{s}" in r]
+                vals = [r[f"A/{label}/{self.tk(t)}/{s}"]["test"] for s in a.seeds if f"A/{label}/{self.tk(t)}/{s}" in r]
                 if vals:
                     xs.append(t)
                     ys.append(statistics.mean(vals))
@@ -388,11 +431,11 @@ class Bench:
         ax.set_xscale("log")
         ax.set_xticks(a.targets, [f"{t:g}" for t in a.targets])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("parameter ratio kept")
+        ax.set_xlabel(f"{a.target_kind} ratio kept (target)")
         ax.set_ylabel("test top-1 % after fine-tuning")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        with atomic_path(self.out / "accuracy_vs_params.png") as tmp:
+        with atomic_path(self.out / f"accuracy_vs_{a.target_kind}.png") as tmp:
             fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
 
@@ -409,6 +452,9 @@ def main(argv=None):
                    help="an extra row: a label and its recipe settings, e.g. --variant convsim-s0.5 prune.criterion=convsim "
                         "prune.criterion_options.strength=0.5 (repeatable)")
     p.add_argument("--targets", type=float, nargs="+")
+    p.add_argument("--target-kind", choices=["params", "macs", "latency"], default="params",
+                   help="what --targets are fractions of: parameters (default), MACs, or latency measured on the "
+                        "device (--target-latency; prune.latency_batch, prune.global_pruning and the rest via --set)")
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--no-ablation", dest="ablation", action="store_false")
     p.add_argument("--plot", nargs="+", default=None, help="rows drawn in the plot (default: all)")
@@ -421,6 +467,9 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--table-only", action="store_true", help="print the table of what is finished")
     args = p.parse_args(argv)
+    if args.target_kind != "params" and args.ablation and not args.table_only:
+        p.error("the ablation's narrow model is sized by parameters: add --no-ablation to a --target-kind "
+                f"{args.target_kind} run")
     preset = PRESETS[args.preset]
     args.model = args.model or preset["model"]
     args.preset_sets = preset["sets"]
