@@ -21,6 +21,8 @@ def _target_text(target: dict) -> str:
 
 def build_report(recipe, state: RunState, data) -> dict[str, Any]:
     """report.json's content: the recipe's choices and what ``state`` measured (None where not measured)."""
+    from .models import list_models
+
     m = state.metrics
     dense_size, shrunk_size = m.dense_size, m.shrunk_size
     dense_params = dense_size.params if dense_size else None
@@ -30,13 +32,15 @@ def build_report(recipe, state: RunState, data) -> dict[str, Any]:
         "model": recipe.model.name,
         "source": m.source,
         "recipe": recipe.run.recipe_source,
-        "width": recipe.model.width,
+        # the zoo's width multiplier; None for a model from elsewhere (a checkpoint, torchvision, timm, yours)
+        "width": recipe.model.width if recipe.model.name in list_models() and m.source and m.source.startswith("zoo model") else None,
         "dataset": getattr(getattr(data, "info", None), "name", recipe.data.name),
         "test_images": getattr(getattr(data, "test", None), "num_samples", None),
         "criterion": recipe.prune.criterion,
         "global_pruning": recipe.prune.global_pruning,
         "distill": recipe.finetune.distill,
-        "target": {"params": recipe.prune.target_params, "macs": recipe.prune.target_macs},
+        "target": {"params": recipe.prune.target_params, "macs": recipe.prune.target_macs,
+                   "latency": recipe.prune.target_latency},
         "dense": {"params": dense_params, "macs": dense_size.macs if dense_size else None, "accuracy": m.dense_accuracy,
                   "note": m.dense_note},
         "shrunk": {
@@ -107,7 +111,8 @@ def write_report(report: dict, state: RunState, run_dir: Path) -> None:
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=1))
     d, s = report["dense"], report["shrunk"]
     lines = [
-        f"# convsim-shrink report: {report['model']} (width {report['width']}) on {report['dataset']}",
+        f"# convsim-shrink report: {report['model']}"
+        + (f" (width {report['width']})" if report.get("width") is not None else "") + f" on {report['dataset']}",
         "",
         f"Criterion `{report['criterion']}` ({'global' if report.get('global_pruning') else 'per-layer'} pruning), "
         f"target {_target_text(report['target'])}, fine-tuning distillation {report.get('distill', 0)}. Accuracy is top-1 on "

@@ -38,3 +38,25 @@ def test_summary_without_cs_values_prints_no_empty_cs_field(cs):
     lines = _printed(_report(cs))
     assert not any("CS (normalized)" in line for line in lines)
     assert [line for line in lines if line.strip().startswith("12.5 s in all")], lines
+
+
+def _written(tmp_path, sets: list[str], source: str) -> str:
+    from convsim_shrink.recipe import resolve
+    from convsim_shrink.report import build_report, write_report
+    from convsim_shrink.state import RunState
+
+    state = RunState.from_dict({"metrics": {"source": source, "dense_size": {"params": 100, "macs": 400},
+                                            "shrunk_size": {"params": 40, "macs": 200}}})
+    recipe = resolve(None, sets=sets)
+    write_report(build_report(recipe, state, None), state, tmp_path)
+    return (tmp_path / "report.md").read_text().splitlines()
+
+
+def test_report_header_names_a_latency_target_and_width_only_for_zoo_models(tmp_path):
+    lines = _written(tmp_path, ["model.name=resnet18", "model.width=0.25", "prune.target_latency=0.5", "prune.target_params=null"],
+                     "zoo model resnet18, random weights")
+    assert lines[0].endswith("resnet18 (width 0.25) on fashion-mnist")
+    assert "target 0.5 of the latency," in lines[2]
+    lines = _written(tmp_path, ["model.name=torchvision:resnet18", "prune.target_params=0.4", "prune.target_latency=0.7"],
+                     "torchvision resnet18")
+    assert "width" not in lines[0] and "target 0.4 of the params, 0.7 of the latency," in lines[2]
