@@ -383,8 +383,9 @@ class Runner:
                  + (f"; run directory: {self.run_dir}" if self.run_dir else ""))
         self.log(f"recipe: {r.run.recipe_source or 'built-in defaults (no recipe file)'}")
         p = self.state.processes
-        self.log(f"processes: {p['world_size']} ({p['backend']}); global batch {p['global_batch']} = "
-                 f"{p['world_size']} x {p['per_process_batch']} per process (train.batch_size is the global batch)")
+        if p["world_size"] > 1:  # one process: the batch is simply train.batch_size, nothing to say
+            self.log(f"processes: {p['world_size']} ({p['backend']}); global batch {p['global_batch']} = "
+                     f"{p['world_size']} x {p['per_process_batch']} per process (train.batch_size is the global batch)")
         calls: dict[str, Callable[[], float | None]] = {name: getattr(self, f"_{name}") for name in STAGES}
         skipped: dict[str, str] = {}  # slot -> model file of the last finished stage that filled it
         for step in _STEPS:
