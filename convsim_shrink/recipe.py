@@ -195,7 +195,16 @@ class Recipe(_Section):
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The recipe as YAML (a run's recipe.yaml); multi-line text keeps its lines (block style)."""
+        return yaml.dump(self.to_dict(), Dumper=_BlockTextDumper, sort_keys=False, allow_unicode=True)
+
+
+class _BlockTextDumper(yaml.SafeDumper):
+    """safe_dump, but strings with line breaks are written as ``|`` blocks, as a person writes a recipe."""
+
+
+_BlockTextDumper.add_representer(
+    str, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
 
 
 # --------------------------------------------------------------------------------------------- errors

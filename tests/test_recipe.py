@@ -171,3 +171,14 @@ def test_int8_needs_opset_13():
     with pytest.raises(ConfigError, match="onnx-int8 needs export.opset 13 or newer"):
         resolve(None, sets=["export.formats=[onnx-int8]", "export.opset=11"])
     assert resolve(None, sets=["export.formats=[onnx]", "export.opset=11"]).export.opset == 11
+
+
+@pytest.mark.parametrize("text", ["line one\nline two", "trailing space \nand: colons # hash", "  leading\n\ttab"])
+def test_recipe_yaml_keeps_multiline_text_readable_and_round_trips(text):
+    import yaml
+
+    recipe = resolve({"description": text})
+    dumped = recipe.to_yaml()
+    assert yaml.safe_load(dumped) == recipe.to_dict()
+    if text == "line one\nline two":
+        assert dumped.startswith("description: |")  # a block, as a person writes it, not a quoted string
