@@ -221,8 +221,18 @@ def print_summary(report: dict) -> None:
     console.print(table)
     if d.get("note"):
         console.print(f"dense row: {d['note']}", soft_wrap=True)
-    cs = ", ".join(f"{k.replace('_', ' ')} {_fmt(v, '.4g')}" for k, v in report["cs"].items() if k != "definition")
-    console.print((f"CS (normalized): {cs}  |  " if cs else "") + f"{report['total_seconds']} s in all")
+    # consecutive points with the same value (stages that did not run: a pretrained model skips
+    # pre-minimisation and training) are named together: "init = after premin = after train 921.9"
+    groups: list[tuple[list[str], object]] = []
+    for k, v in report["cs"].items():
+        if k == "definition":
+            continue
+        if groups and v is not None and groups[-1][1] == v:
+            groups[-1][0].append(k.replace("_", " "))
+        else:
+            groups.append(([k.replace("_", " ")], v))
+    cs = ", ".join(f"{' = '.join(names)} {_fmt(v, '.4g')}" for names, v in groups)
+    console.print((f"CS (normalized): {cs}  |  " if cs else "") + f"{report['total_seconds']} s in all", soft_wrap=True)
     for line in _speed_lines(report):
         console.print(line, soft_wrap=True)
     for name, path in report.get("exports", {}).items():

@@ -60,3 +60,11 @@ def test_report_header_names_a_latency_target_and_width_only_for_zoo_models(tmp_
     lines = _written(tmp_path, ["model.name=torchvision:resnet18", "prune.target_params=0.4", "prune.target_latency=0.7"],
                      "torchvision resnet18")
     assert "width" not in lines[0] and "target 0.4 of the params, 0.7 of the latency," in lines[2]
+
+
+def test_summary_names_cs_points_of_skipped_stages_together():
+    # a pretrained model: no pre-minimisation, no training, so three points share one value
+    lines = _printed(_report({"definition": "normalized", "init": 921.9, "after_premin": 921.9, "after_train": 921.9,
+                              "shrunk": 294.6}))
+    cs = [line for line in lines if line.startswith("CS (normalized):")]
+    assert cs == ["CS (normalized): init = after premin = after train 921.9, shrunk 294.6  |  12.5 s in all"]
