@@ -85,11 +85,14 @@ def _ignored_lines(report: dict) -> list[str]:
     return ["Layers left unpruned:", "", *[f"- `{e['layer']}` ({e['rule']}): {e['reason']}" for e in ignored], ""]
 
 
-def _speed_lines(report: dict) -> list[str]:
-    """One line per measured batch size: dense vs shrunk latency (and the int8 ONNX model's top-1)."""
+def _speed_lines(report: dict, short: bool = False) -> list[str]:
+    """One line per measured batch size: dense vs shrunk latency (and the int8 ONNX model's top-1).
+    ``short``: a timing warning as its spread only (the console printed it in full when it was measured)."""
     out = [
         f"Latency at batch {r['batch']} ({r['device']}, {r['precision']}, median): dense {r['dense_ms']:.2f} ms, "
-        f"shrunk {r['shrunk_ms']:.2f} ms, {r['speedup']:.2f}x faster" + (f" ({r['warning']})" if r.get("warning") else "")
+        f"shrunk {r['shrunk_ms']:.2f} ms, {r['speedup']:.2f}x faster"
+        + (f" (timings spread {r['spread']:.0%}: the device looked busy)" if short and r.get("warning") and r.get("spread") is not None
+           else f" ({r['warning']})" if r.get("warning") else "")
         for r in report.get("speed") or []
     ]
     q = report.get("int8")
@@ -233,7 +236,7 @@ def print_summary(report: dict) -> None:
             groups.append(([k.replace("_", " ")], v))
     cs = ", ".join(f"{' = '.join(names)} {_fmt(v, '.4g')}" for names, v in groups)
     console.print((f"CS (normalized): {cs}  |  " if cs else "") + f"{report['total_seconds']} s in all", soft_wrap=True)
-    for line in _speed_lines(report):
+    for line in _speed_lines(report, short=True):
         console.print(line, soft_wrap=True)
     for name, path in report.get("exports", {}).items():
         console.print(f"  {name}: {path}")

@@ -68,3 +68,10 @@ def test_summary_names_cs_points_of_skipped_stages_together():
                               "shrunk": 294.6}))
     cs = [line for line in lines if line.startswith("CS (normalized):")]
     assert cs == ["CS (normalized): init = after premin = after train 921.9, shrunk 294.6  |  12.5 s in all"]
+
+
+def test_summary_shortens_a_timing_warning_the_stage_already_printed():
+    report = _report({})
+    report["speed"][0].update(spread=1.08, warning="latency at batch 1 on cpu varies by 108% between repeats (...)")
+    line = next(line for line in _printed(report) if line.startswith("Latency at batch 1"))
+    assert line.endswith("2.00x faster (timings spread 108%: the device looked busy)")
