@@ -47,13 +47,59 @@ def measure(model: nn.Module, example_inputs: torch.Tensor) -> Size:
     return Size(int(params), int(macs))
 
 
-class _CachedImportance(tp.importance.Importance):
-    """Scores a group once and reuses them for identical groups of other copies of the same model."""
+def channel_costs(model: nn.Module, example_inputs: torch.Tensor) -> dict[tuple[str, str], float]:
+    """MACs one channel of each conv and linear layer accounts for, at ``example_inputs``' size.
 
-    def __init__(self, base: tp.importance.Importance):
+    Returns ``{(layer name, "out"): MACs per output channel, (layer name, "in"): MACs per input
+    channel}`` for one image. A conv's output channel costs ``in/groups * kh * kw * H_out * W_out`` MACs,
+    an input channel ``out/groups * kh * kw * H_out * W_out``; a linear layer's ``in_features`` and
+    ``out_features``. Batch norm and activations are left out (a few operations per pixel).
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
+        for name, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_inputs[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    costs: dict[tuple[str, str], float] = {}
+    for name, m in model.named_modules():
+        if name not in shapes:
+            continue
+        if isinstance(m, nn.Linear):
+            positions = math.prod(shapes[name][1:-1]) if len(shapes[name]) > 2 else 1
+            costs[(name, "out")], costs[(name, "in")] = float(m.in_features * positions), float(m.out_features * positions)
+        else:
+            per_position = math.prod(m.kernel_size) * math.prod(shapes[name][2:])
+            costs[(name, "out")] = float(m.in_channels // m.groups * per_position)
+            costs[(name, "in")] = float(m.out_channels // m.groups * per_position)
+    return costs
+
+
+class _CachedImportance(tp.importance.Importance):
+    """Scores a group once and reuses them for identical groups of other copies of the same model.
+
+    With ``costs`` (:func:`channel_costs` of the base model) and ``cost_exponent`` > 0, a group's scores
+    are divided by ``(MACs one of its channels accounts for) ** cost_exponent``: importance per unit of
+    compute, so that global pruning removes compute rather than parameters where compute is what a
+    MACs or latency target counts (the cost is summed over the group's convs and linears, the layer
+    whose channels go and the layers that read them).
+    """
+
+    def __init__(self, base: tp.importance.Importance, costs: dict[tuple[str, str], float] | None = None,
+                 cost_exponent: float = 0.0):
         self.base = base
         self.cache: dict[tuple, torch.Tensor | None] = {}
         self.names: dict[int, str] = {}
+        self.costs = costs if cost_exponent else None
+        self.cost_exponent = cost_exponent
 
     def bind(self, model: nn.Module) -> None:
         self.names = {id(m): n for n, m in model.named_modules()}
@@ -64,9 +110,22 @@ class _CachedImportance(tp.importance.Importance):
         )
         if key not in self.cache:
             scores = self.base(group)
+            if scores is not None and self.costs:
+                scores = scores / self.group_cost(group) ** self.cost_exponent
             self.cache[key] = None if scores is None else scores.detach().clone()
         cached = self.cache[key]
         return None if cached is None else cached.clone()
+
+    def group_cost(self, group) -> float:
+        """MACs one channel of ``group`` accounts for (at least 1)."""
+        total = 0.0
+        for dep, _ in group:
+            name = self.names.get(id(dep.layer))
+            fn = getattr(dep.pruning_fn, "__name__", "")
+            side = "out" if fn.endswith("out_channels") else "in" if fn.endswith("in_channels") else None
+            if name is not None and side is not None:
+                total += self.costs.get((name, side), 0.0)
+        return max(total, 1.0)
 
 
 KINDS = ("params", "macs", "latency")
@@ -218,6 +277,7 @@ def prune_to_target(
     ignored_layers: list[nn.Module] | None = None,
     max_trials: int = 24,
     warn: bool = True,
+    cost_exponent: float = 0.0,
 ) -> PruneResult:
     """A pruned copy of ``model`` that meets every given target, each a fraction of the base model:
     parameters (``target_params``), MACs (``target_macs``) and measured latency (``target_latency``).
@@ -236,6 +296,10 @@ def prune_to_target(
     again, up to ``POOL`` times), and the winner is re-measured twice more, alternating with the dense
     model; if it is then over the target, it counts as too big and the search continues at smaller sizes
     (twice at most). What still misses, and a wide spread of timings, is said in ``note``.
+
+    ``cost_exponent`` > 0 divides every group's scores by the MACs one of its channels costs to that power
+    (:func:`channel_costs`): with global pruning, channels are then compared by importance per unit of
+    compute, which spends a MACs or latency target where compute is (0: scores as the criterion gives them).
 
     Raises :class:`ConfigError` for a target outside (0, 1) or none at all, and
     :class:`TargetUnreachableError` when the most pruned allowed model misses a target: the message gives
@@ -269,7 +333,7 @@ def prune_to_target(
     head = classifier_of(model)
     if head is not None and all(head is not m for m in ignored):
         ignored.append(head)
-    cached = _CachedImportance(importance)
+    cached = _CachedImportance(importance, channel_costs(model, example_inputs) if cost_exponent else None, cost_exponent)
     history: list[dict] = []
     trials = 0
 

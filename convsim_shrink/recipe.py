@@ -123,6 +123,11 @@ class PruneConfig(_Section):
         default_factory=dict, description="options of the criterion, e.g. {strength: 0.5} (see `convsim-shrink list criteria`)"
     )
     global_pruning: bool = Field(True, description="rank channels across layers (layer-adaptive) instead of one ratio per layer")
+    cost_exponent: float = Field(
+        0.0, ge=0, le=2,
+        description="global pruning: divide each channel's score by the MACs it costs to this power (importance per "
+                    "unit of compute; 0 = off)",
+    )
     round_to: int | None = Field(None, ge=1)
     iterative_steps: int = Field(1, ge=1, description="prune in this many steps, fine-tuning between them")
     steps_epochs: int = Field(0, ge=0, description="fine-tuning epochs between iterative steps")

@@ -235,7 +235,7 @@ def prune_stage(
         target_params=cfg.target_params, target_macs=cfg.target_macs, target_latency=cfg.target_latency,
         latency_fn=latency_fn, latency_tolerance=cfg.latency_tolerance, round_to=cfg.round_to,
         global_pruning=cfg.global_pruning, max_layer_ratio=cfg.max_layer_ratio, tolerance=cfg.tolerance, warn=False,
-        plan=plan,
+        plan=plan, cost_exponent=cfg.cost_exponent,
     )
     model = result.model.to(device)
     model.zero_grad(set_to_none=True)

@@ -294,3 +294,39 @@ def test_a_bad_latency_function_is_a_config_error():
         prune_to_target(model, X, make_importance("l1"), target_latency=0.5, latency_fn=lambda m: 0.0)
     with pytest.raises(ConfigError, match="give a pruning target"):
         prune_to_target(model, X, make_importance("l1"))
+
+
+def test_channel_costs_match_a_hand_count_of_every_layer():
+    from convsim_shrink.pruning import channel_costs
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4), nn.ReLU(),
+        nn.Conv2d(8, 6, 1), nn.Flatten(), nn.Linear(6 * 5 * 5, 4),
+    )
+    costs = channel_costs(model, torch.randn(2, 3, 10, 10))
+    # conv 0: 10x10 outputs, 3 inputs x 3x3 per output channel; 8 outputs x 3x3 per input channel
+    assert costs[("0", "out")] == 3 * 9 * 100 and costs[("0", "in")] == 8 * 9 * 100
+    # grouped conv 2: 5x5 outputs, in/groups = 2 inputs per output channel
+    assert costs[("2", "out")] == 2 * 9 * 25 and costs[("2", "in")] == 2 * 9 * 25
+    assert costs[("4", "out")] == 8 * 25 and costs[("4", "in")] == 6 * 25
+    assert costs[("6", "out")] == 150 and costs[("6", "in")] == 4
+    # summed over every output channel, the costs are the conv and linear layers' MACs
+    total = sum(costs[(n, "out")] * getattr(m, "out_channels", getattr(m, "out_features", 0))
+                for n, m in model.named_modules() if (n, "out") in costs)
+    assert total == 3 * 9 * 100 * 8 + 2 * 9 * 25 * 8 + 8 * 25 * 6 + 150 * 4
+
+
+def test_cost_weighting_spends_a_macs_target_where_compute_is():
+    # global LAMP scores compare channels by magnitude alone, so a MACs target is met by removing the
+    # parameter-heavy, compute-cheap deep channels; per unit of compute, the early high-resolution ones go
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, in_channels=1, width=0.25, small_input=True).eval()
+    x = torch.randn(2, 1, 28, 28)
+    plain = prune_to_target(model, x, make_importance("lamp"), target_macs=0.5, global_pruning=True, round_to=8, warn=False)
+    costed = prune_to_target(model, x, make_importance("lamp"), target_macs=0.5, global_pruning=True, round_to=8,
+                             warn=False, cost_exponent=1.0)
+    assert 0.49 <= plain.macs_ratio <= 0.5 and 0.49 <= costed.macs_ratio <= 0.5
+    assert costed.params_ratio > plain.params_ratio + 0.1
+    first, last = "conv1", "layer4.1.conv2"
+    kept = {name: channel_counts(r.model) for name, r in (("plain", plain), ("costed", costed))}
+    assert kept["costed"][first] <= kept["plain"][first] and kept["costed"][last] > kept["plain"][last]
