@@ -343,6 +343,17 @@ class TensorLoader:
         out.rank, out.world_size = rank, world_size
         return out
 
+    def rebatched(self, global_batch: int) -> "TensorLoader":
+        """This loader with another global batch (a copy sharing the images; ``self`` if it is the same).
+        The order of the images does not depend on the batch size, so only how they are grouped changes."""
+        if not self.train or global_batch == self.batch_size * self.world_size:
+            return self
+        if global_batch % self.world_size:
+            raise ValueError(f"a global batch of {global_batch} does not divide by {self.world_size} processes")
+        out = copy.copy(self)
+        out.batch_size = global_batch // self.world_size
+        return out
+
     def _indices(self) -> torch.Tensor:
         n = len(self.labels)
         if self.train:
@@ -600,6 +611,7 @@ class FolderLoader:
         self.rank, self.world_size = rank, world_size
 
     sharded = TensorLoader.sharded
+    rebatched = TensorLoader.rebatched
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

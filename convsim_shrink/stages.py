@@ -210,7 +210,7 @@ def prune_stage(
 
     def between(model: nn.Module, step: int) -> None:
         if cfg.steps_epochs:
-            fit(model, data.train, ft_steps, device=device, stage=f"prune-step{step}", quiet=quiet)
+            fit(model, _finetune_loader(data, ft), ft_steps, device=device, stage=f"prune-step{step}", quiet=quiet)
 
     def calibrate(model: nn.Module) -> None:
         accumulate_gradients(model, data.train, cfg.calibration_batches)
@@ -256,6 +256,12 @@ class FinetuneOutcome:
     cs_layers: dict[str, float]
 
 
+def _finetune_loader(data: DataBundle, cfg: FinetuneConfig):
+    """The training images at ``finetune.batch_size`` (the data were batched at ``train.batch_size``); a
+    loader of the caller's own (a plain ``DataLoader``) keeps its batch size."""
+    return data.train.rebatched(cfg.batch_size) if hasattr(data.train, "rebatched") else data.train
+
+
 def finetune_stage(
     model: nn.Module,
     teacher: nn.Module | None,
@@ -280,7 +286,7 @@ def finetune_stage(
         extra = (distillation(teacher, cfg.distill, cfg.temperature),)
         task_weight = 1.0 - cfg.distill
     result = fit(
-        model, data.train, cfg, eval_loader=data.val, device=device, extra=extra, task_weight=task_weight,
+        model, _finetune_loader(data, cfg), cfg, eval_loader=data.val, device=device, extra=extra, task_weight=task_weight,
         checkpoint=checkpoint, resume=resume, stage="finetune", quiet=quiet,
     )
     accuracy = evaluate(model, data.test, _eval_precision(device, cfg))["acc"]

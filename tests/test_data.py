@@ -321,3 +321,20 @@ def test_image_folder_order_and_augmentation_restored_on_resume(tmp_path, worker
     resumed.set_epoch(4)
     c = list(resumed)
     assert not all(torch.equal(ya, yc) and torch.equal(xa, xc) for (xa, ya), (xc, yc) in zip(a, c))
+
+
+def test_a_rebatched_loader_groups_the_same_images_differently():
+    images = torch.randint(0, 255, (64, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(64) % 10
+    loader = TensorLoader(images, labels, INFO["fashion-mnist"], batch_size=32, train=True, seed=2, augment=False)
+    small = loader.rebatched(16)
+    assert loader.rebatched(32) is loader and loader.batch_size == 32  # the original is left alone
+    assert len(small) == 4 and len(loader) == 2
+    big = torch.cat([x for x, _ in loader]), torch.cat([y for _, y in loader])
+    parts = [(x, y) for x, y in small]
+    assert all(len(y) == 16 for _, y in parts)
+    assert torch.equal(torch.cat([x for x, _ in parts]), big[0]) and torch.equal(torch.cat([y for _, y in parts]), big[1])
+    # sharded: the global batch splits over the processes
+    assert loader.sharded(1, 2).rebatched(16).batch_size == 8
+    with pytest.raises(ValueError, match="does not divide by 2"):
+        loader.sharded(0, 2).rebatched(15)

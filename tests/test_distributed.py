@@ -114,6 +114,8 @@ def test_build_data_splits_the_global_batch(fashion_dir):
 def test_setup_checks_batch_and_sync_bn():
     with pytest.raises(ConfigError, match=r"batch_size=30 is the global batch.*4 processes.*batch_size=32"):
         distributed.check_setup(resolve(None, sets=["train.batch_size=30"]), torch.device("cpu"), 4)
+    with pytest.raises(ConfigError, match=r"finetune.batch_size=30 is the global batch.*finetune.batch_size=32"):
+        distributed.check_setup(resolve(None, sets=["finetune.batch_size=30"]), torch.device("cpu"), 4)
     with pytest.raises(ConfigError, match="SyncBatchNorm"):
         distributed.check_setup(resolve(None, sets=["train.sync_bn=true"]), torch.device("cpu"), 2)
     distributed.check_setup(resolve(None, sets=["train.sync_bn=true"]), torch.device("cpu"), 1)  # one process: nothing to sync

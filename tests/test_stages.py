@@ -187,3 +187,16 @@ def test_a_pt2_export_loads_back_with_load_without_pickle(tmp_path):
     loaded = ckpt.load(out.exports["pt2"])  # no trust_pickle needed: torch.export programs are not pickles
     with torch.no_grad():
         assert torch.allclose(loaded(X), model(X), atol=1e-5)
+
+
+def test_finetune_stage_trains_at_finetune_batch_size(data, dense, monkeypatch):
+    import convsim_shrink.stages as stages
+
+    seen = []
+    real_fit = stages.fit
+    monkeypatch.setattr(stages, "fit", lambda model, loader, *a, **k: seen.append(loader.batch_size) or real_fit(model, loader, *a, **k))
+    pruned = copy.deepcopy(dense)
+    assert data.train.batch_size == 64
+    finetune_stage(pruned, None, data, FinetuneConfig(epochs=1, distill=0.0, batch_size=32, precision="fp32"))
+    finetune_stage(pruned, None, data, FinetuneConfig(epochs=1, distill=0.0, batch_size=64, precision="fp32"))
+    assert seen == [32, 64] and data.train.batch_size == 64

@@ -304,19 +304,20 @@ def agree_on_model(model: nn.Module, what: str = "the model") -> None:
 
 
 def check_setup(recipe, device: torch.device, processes: int | None = None) -> None:
-    """What a run of ``processes`` (default: as started) needs from the recipe: the global batch
-    (``train.batch_size``) divides by the number of processes, and SyncBatchNorm runs on CUDA only.
+    """What a run of ``processes`` (default: as started) needs from the recipe: the global batches
+    (``train.batch_size``, ``finetune.batch_size``) divide by the number of processes, and SyncBatchNorm runs on CUDA only.
     Raises :class:`ConfigError`."""
     n = processes or world_size()
     if n <= 1:
         return
-    b = recipe.train.batch_size
-    if b % n:
-        up = -(-b // n) * n
-        raise ConfigError(
-            f"train.batch_size={b} is the global batch and must divide by the {n} processes; "
-            f"use --set train.batch_size={up} (or {max(n, b - b % n)})"
-        )
+    for section in ("train", "finetune"):
+        b = getattr(recipe, section).batch_size
+        if b % n:
+            up = -(-b // n) * n
+            raise ConfigError(
+                f"{section}.batch_size={b} is the global batch and must divide by the {n} processes; "
+                f"use --set {section}.batch_size={up} (or {max(n, b - b % n)})"
+            )
     if device.type != "cuda" and (recipe.train.sync_bn or recipe.finetune.sync_bn):
         raise ConfigError("sync_bn=true needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only); drop --set train.sync_bn=true on the CPU")
 
