@@ -155,6 +155,9 @@ class Bench:
         """Refuse to mix units of different settings (or of the previous wiring) in one OUT."""
         mine = {k: v for k, v in self.base.to_dict().items() if k not in ("run", "description")}
         mine["data"] = {k: v for k, v in mine["data"].items() if k != "dir"}
+        # the fine-tuning batch as it runs (None means train.batch_size): results that name it stay comparable
+        if mine["finetune"].get("batch_size") is None:
+            mine["finetune"]["batch_size"] = mine["train"]["batch_size"]
         path = self.out / "settings.json"
         if not path.is_file() and self.results:
             sys.exit(f"error: {self.out} holds results without settings.json (from compare.py before it ran the product); choose another --out")

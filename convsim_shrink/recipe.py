@@ -102,6 +102,7 @@ class TrainConfig(OptimConfig):
 
 class FinetuneConfig(OptimConfig):
     epochs: int = Field(3, ge=0)
+    batch_size: int | None = Field(None, ge=1, description="global batch of fine-tuning (None = train.batch_size)")
     lr: float = Field(0.02, gt=0)
     # 0.5: better validation accuracy in benchmarks/compare.py (docs/BENCHMARKS.md, issue 6)
     distill: float = Field(0.5, ge=0, le=1, description="weight of distillation from the dense model (0 = off)")
@@ -115,7 +116,7 @@ class PruneConfig(_Section):
         None, gt=0, lt=1,
         description="measured latency at most this fraction of the dense model's (combines with a params/MACs target)",
     )
-    latency_batch: int | None = Field(None, ge=1, description="batch size the latency is measured at (None = finetune.batch_size)")
+    latency_batch: int | None = Field(None, ge=1, description="batch size the latency is measured at (None = the fine-tuning batch)")
     latency_tolerance: float = Field(0.05, gt=0, lt=0.5, description="absolute tolerance below the latency target (timings are noisy)")
     # defaults chosen by validation accuracy in benchmarks/compare.py (docs/BENCHMARKS.md, issue 6)
     criterion: str = "convsim-taylor"

@@ -56,6 +56,7 @@ from .stages import (
     export_stage,
     finetune_stage,
     is_registered,
+    latency_batch_size,
     premin_stage,
     prepare_data,
     prune_stage,
@@ -350,7 +351,7 @@ class Runner:
             from .deploy import speed_rows
 
             pr, ft = self.recipe.prune, self.recipe.finetune
-            rows = speed_rows(self.dense, self.model, tuple(self.example_inputs.shape[1:]), (1, pr.latency_batch or ft.batch_size), device=self.device)
+            rows = speed_rows(self.dense, self.model, tuple(self.example_inputs.shape[1:]), (1, latency_batch_size(pr, ft, self.data)), device=self.device)
             self.state.metrics.speed = rows
             for row in rows:
                 self.log(f"speed at batch {row['batch']}: dense {row['dense_ms']:.2f} ms, shrunk {row['shrunk_ms']:.2f} ms ({row['speedup']:.2f}x)"

@@ -223,7 +223,7 @@ def prune_stage(
         from .train.distributed import from_rank0
 
         # under torchrun rank 0 measures and every rank decides on its numbers
-        latency_fn = from_rank0(latency_meter(tuple(example_inputs.shape[1:]), cfg.latency_batch or ft.batch_size, device=device))
+        latency_fn = from_rank0(latency_meter(tuple(example_inputs.shape[1:]), latency_batch_size(cfg, ft, data), device=device))
     # calibration writes gradients and BN statistics: only then work on a copy of the dense model
     source = copy.deepcopy(dense) if criterion.needs_gradients else dense
     plan = plan_ignored_layers(source, example_inputs.to(device))
@@ -256,10 +256,22 @@ class FinetuneOutcome:
     cs_layers: dict[str, float]
 
 
+def latency_batch_size(cfg: PruneConfig, ft: FinetuneConfig, data: DataBundle) -> int:
+    """The batch a latency is measured at: ``prune.latency_batch``, else the fine-tuning batch (the global
+    ``finetune.batch_size``, else the training loader's global batch; 64 for a loader that has none)."""
+    if cfg.latency_batch or ft.batch_size:
+        return cfg.latency_batch or ft.batch_size
+    loader = data.train
+    batch = getattr(loader, "batch_size", None)
+    return batch * getattr(loader, "world_size", 1) if batch else 64
+
+
 def _finetune_loader(data: DataBundle, cfg: FinetuneConfig):
-    """The training images at ``finetune.batch_size`` (the data were batched at ``train.batch_size``); a
-    loader of the caller's own (a plain ``DataLoader``) keeps its batch size."""
-    return data.train.rebatched(cfg.batch_size) if hasattr(data.train, "rebatched") else data.train
+    """The training images at ``finetune.batch_size`` (the data were batched at ``train.batch_size``,
+    which None keeps); a loader of the caller's own (a plain ``DataLoader``) keeps its batch size."""
+    if cfg.batch_size is None or not hasattr(data.train, "rebatched"):
+        return data.train
+    return data.train.rebatched(cfg.batch_size)
 
 
 def finetune_stage(

@@ -198,5 +198,6 @@ def test_finetune_stage_trains_at_finetune_batch_size(data, dense, monkeypatch):
     pruned = copy.deepcopy(dense)
     assert data.train.batch_size == 64
     finetune_stage(pruned, None, data, FinetuneConfig(epochs=1, distill=0.0, batch_size=32, precision="fp32"))
-    finetune_stage(pruned, None, data, FinetuneConfig(epochs=1, distill=0.0, batch_size=64, precision="fp32"))
+    finetune_stage(pruned, None, data, FinetuneConfig(epochs=1, distill=0.0, precision="fp32"))  # None: train.batch_size
     assert seen == [32, 64] and data.train.batch_size == 64
+    assert FinetuneConfig().batch_size is None

@@ -312,7 +312,7 @@ def check_setup(recipe, device: torch.device, processes: int | None = None) -> N
         return
     for section in ("train", "finetune"):
         b = getattr(recipe, section).batch_size
-        if b % n:
+        if b is not None and b % n:
             up = -(-b // n) * n
             raise ConfigError(
                 f"{section}.batch_size={b} is the global batch and must divide by the {n} processes; "
