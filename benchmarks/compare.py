@@ -142,9 +142,12 @@ class Bench:
         return resolve(self.base.to_dict(), overrides=overrides, sets=list(sets))
 
     def tk(self, target: float) -> str:
-        """A target's part of a unit's key: ``0.5`` for a params target (as before), ``latency0.5`` for others."""
+        """A target's part of a unit's key: ``0.5`` for a params target (as before), ``macs0.5`` for MACs and
+        ``latency0.5-cpu`` for a latency target (a latency ratio holds for the device it was measured on)."""
         kind = self.args.target_kind
-        return str(target) if kind == "params" else f"{kind}{target}"
+        if kind == "params":
+            return str(target)
+        return f"{kind}{target}" + (f"-{self.device.type}" if kind == "latency" else "")
 
     def command(self) -> str:
         """The command line a grid row stands for."""
@@ -383,13 +386,14 @@ class Bench:
 
     def paired_table(self) -> list[str]:
         """Every row against ``--ours``, paired by seed, on the validation split (where choices are made)
-        and on the test split: mean difference ± sample std, and the paired t statistic."""
+        and on the test split: mean differences, the paired t statistic on validation and its two-sided
+        95% critical value for the number of pairs the cell has."""
         a, r = self.args, self.results
         others = [label for label in self.rows if label != a.ours]
         if a.ours not in self.rows or not others:
             return []
-        out = [f"Each row − {a.ours}, paired by seed (val / test points; t on val, |t| > {T_CRIT.get(len(a.seeds), 2.0)} "
-               f"tells a difference at 95% with {len(a.seeds)} seeds):", "",
+        out = [f"Each row − {a.ours}, paired by seed (val / test points; t on val against the 95% critical value for "
+               "that many pairs: a difference is told only where |t| is above it):", "",
                "| row | " + " | ".join(f"{t:g}" for t in a.targets) + " |", "|---|" + "---|" * len(a.targets)]
         for label in others:
             cells = []
@@ -404,7 +408,10 @@ class Bench:
                 cell = f"{statistics.mean(dv):+.2f} / {statistics.mean(dt):+.2f}"
                 if len(dv) > 1:
                     sd = statistics.stdev(dv)
-                    cell += f" (t = {statistics.mean(dv) / (sd / len(dv) ** 0.5):+.1f})" if sd > 0 else ""
+                    t_text = f"{statistics.mean(dv) / (sd / len(dv) ** 0.5):+.1f}" if sd > 0 else "∞"
+                    cell += f" (t = {t_text} vs {T_CRIT.get(len(dv), 2.0)}, {len(dv)} seeds)"
+                else:
+                    cell += " (1 seed)"
                 cells.append(cell)
             out.append(f"| {label} | " + " | ".join(cells) + " |")
         return out

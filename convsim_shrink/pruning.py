@@ -53,12 +53,14 @@ def channel_costs(model: nn.Module, example_inputs: torch.Tensor) -> dict[tuple[
     Returns ``{(layer name, "out"): MACs per output channel, (layer name, "in"): MACs per input
     channel}`` for one image. A conv's output channel costs ``in/groups * kh * kw * H_out * W_out`` MACs,
     an input channel ``out/groups * kh * kw * H_out * W_out``; a linear layer's ``in_features`` and
-    ``out_features``. Batch norm and activations are left out (a few operations per pixel).
+    ``out_features``. Batch norm and activations are left out (a few operations per pixel), and so are
+    transposed convs (their output size does not give their MACs this way).
     """
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = [
         m.register_forward_hook(lambda mod, inp, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
-        for name, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) or (isinstance(m, nn.modules.conv._ConvNd) and not m.transposed)
     ]
     was_training = model.training
     model.eval()

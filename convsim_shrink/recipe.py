@@ -152,6 +152,9 @@ class PruneConfig(_Section):
             raise ValueError("set only one of target_params and target_macs")
         if self.target_params is None and self.target_macs is None and self.target_latency is None:
             raise ValueError("set a pruning target: target_params, target_macs or target_latency")
+        if self.cost_exponent and not self.global_pruning:
+            raise ValueError("cost_exponent weighs channels of different layers against each other; it needs "
+                             "global_pruning=true (per-layer pruning removes one ratio of every layer)")
         return self
 
 
@@ -209,8 +212,13 @@ class _BlockTextDumper(yaml.SafeDumper):
     """safe_dump, but strings with line breaks are written as ``|`` blocks, as a person writes a recipe."""
 
 
-_BlockTextDumper.add_representer(
-    str, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+def _represent_text(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    if any(c in text for c in "\x85\u2028\u2029"):  # line breaks YAML reads differently: escaped, quoted
+        return dumper.represent_scalar("tag:yaml.org,2002:str", text, style='"')
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_BlockTextDumper.add_representer(str, _represent_text)
 
 
 # --------------------------------------------------------------------------------------------- errors

@@ -87,11 +87,11 @@ def _ignored_lines(report: dict) -> list[str]:
 
 def _speed_lines(report: dict, short: bool = False) -> list[str]:
     """One line per measured batch size: dense vs shrunk latency (and the int8 ONNX model's top-1).
-    ``short``: a timing warning as its spread only (the console printed it in full when it was measured)."""
+    ``short``: a timing warning as its spread only, pointing to report.md, which has it in full."""
     out = [
         f"Latency at batch {r['batch']} ({r['device']}, {r['precision']}, median): dense {r['dense_ms']:.2f} ms, "
         f"shrunk {r['shrunk_ms']:.2f} ms, {r['speedup']:.2f}x faster"
-        + (f" (timings spread {r['spread']:.0%}: the device looked busy)" if short and r.get("warning") and r.get("spread") is not None
+        + (f" (timings spread {r['spread']:.0%}: the device looked busy; see report.md)" if short and r.get("warning") and r.get("spread") is not None
            else f" ({r['warning']})" if r.get("warning") else "")
         for r in report.get("speed") or []
     ]

@@ -232,7 +232,8 @@ class Runner:
 
             info = self.data.info
             seed_everything(r.run.seed)
-            self.source = resolve_source(name, num_classes=info.num_classes or None, in_channels=info.in_channels, weights=r.model.weights)
+            self.source = resolve_source(name, num_classes=info.num_classes or None, in_channels=info.in_channels, weights=r.model.weights,
+                                         width=r.model.width, small_input=r.model.small_input)
             self.pretrained = self.pretrained or self.source.pretrained
         if not self.resume:
             self._dense_rule()

@@ -70,10 +70,12 @@ class Source:
     header: dict[str, Any] | None = field(default=None)
 
 
-def resolve_source(spec: str, *, num_classes: int | None, in_channels: int | None, weights: str | None = None) -> Source:
+def resolve_source(spec: str, *, num_classes: int | None, in_channels: int | None, weights: str | None = None,
+                   width: float = 1.0, small_input: bool = False) -> Source:
     """Build the starting model that ``spec`` names (see the module docstring), for ``num_classes``
     classes and ``in_channels`` input channels (for a checkpoint: None takes the checkpoint's; a
-    different number is an error).
+    different number is an error). ``width`` and ``small_input`` shape a zoo model (the recipe's
+    ``model.width`` and ``model.small_input``, so that its weights file fits); other sources ignore them.
 
     Raises :class:`~convsim_shrink.errors.ConfigError` (unknown names, with the closest known one; a bad
     import string; timm missing; weights that cannot be downloaded) or
@@ -96,7 +98,8 @@ def resolve_source(spec: str, *, num_classes: int | None, in_channels: int | Non
         return _import_string(spec, num_classes, in_channels, weights)
     if spec not in list_models():
         raise unknown("model", spec, list_models())
-    model = create_model(spec, num_classes=_need(num_classes, "num_classes"), in_channels=_need(in_channels, "in_channels"))
+    model = create_model(spec, num_classes=_need(num_classes, "num_classes"), in_channels=_need(in_channels, "in_channels"),
+                         width=width, small_input=small_input)
     pretrained = False
     description = f"zoo model {spec}, random weights"
     if weights is not None:

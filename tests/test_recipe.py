@@ -173,7 +173,8 @@ def test_int8_needs_opset_13():
     assert resolve(None, sets=["export.formats=[onnx]", "export.opset=11"]).export.opset == 11
 
 
-@pytest.mark.parametrize("text", ["line one\nline two", "trailing space \nand: colons # hash", "  leading\n\ttab"])
+@pytest.mark.parametrize("text", ["line one\nline two", "trailing space \nand: colons # hash", "  leading\n\ttab",
+                                  "next\x85line\u2028sep", "unicode — ≥ 0.5\nok"])
 def test_recipe_yaml_keeps_multiline_text_readable_and_round_trips(text):
     import yaml
 
@@ -182,3 +183,9 @@ def test_recipe_yaml_keeps_multiline_text_readable_and_round_trips(text):
     assert yaml.safe_load(dumped) == recipe.to_dict()
     if text == "line one\nline two":
         assert dumped.startswith("description: |")  # a block, as a person writes it, not a quoted string
+
+
+def test_cost_exponent_needs_global_pruning():
+    assert resolve(None, sets=["prune.cost_exponent=1"]).prune.cost_exponent == 1
+    with pytest.raises(ConfigError, match="cost_exponent .* needs global_pruning=true"):
+        resolve(None, sets=["prune.cost_exponent=1", "prune.global_pruning=false"])

@@ -74,4 +74,4 @@ def test_summary_shortens_a_timing_warning_the_stage_already_printed():
     report = _report({})
     report["speed"][0].update(spread=1.08, warning="latency at batch 1 on cpu varies by 108% between repeats (...)")
     line = next(line for line in _printed(report) if line.startswith("Latency at batch 1"))
-    assert line.endswith("2.00x faster (timings spread 108%: the device looked busy)")
+    assert line.endswith("2.00x faster (timings spread 108%: the device looked busy; see report.md)")

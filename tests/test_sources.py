@@ -51,6 +51,19 @@ def test_zoo_name_and_did_you_mean():
         resolve_source("simple_cnn", num_classes=10, in_channels=1, weights="DEFAULT")
 
 
+def test_zoo_weights_file_is_loaded_into_the_recipes_width(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    trained = create_model("resnet18", num_classes=10, in_channels=1, width=0.25, small_input=True)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    src = resolve_source("resnet18", num_classes=10, in_channels=1, weights=str(tmp_path / "w.safetensors"),
+                         width=0.25, small_input=True)
+    assert src.pretrained and src.spec["kwargs"]["width"] == 0.25 and _same_outputs(src.model, trained, X1)
+    with pytest.raises(CheckpointError):  # the zoo's full width does not fit the file
+        resolve_source("resnet18", num_classes=10, in_channels=1, weights=str(tmp_path / "w.safetensors"))
+
+
 # ---------------------------------------------------------------------------------- torchvision
 
 
