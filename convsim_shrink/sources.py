@@ -71,7 +71,7 @@ class Source:
 
 
 def resolve_source(spec: str, *, num_classes: int | None, in_channels: int | None, weights: str | None = None,
-                   width: float = 1.0, small_input: bool = False) -> Source:
+                   width: float = 1.0, small_input: bool = True) -> Source:
     """Build the starting model that ``spec`` names (see the module docstring), for ``num_classes``
     classes and ``in_channels`` input channels (for a checkpoint: None takes the checkpoint's; a
     different number is an error). ``width`` and ``small_input`` shape a zoo model (the recipe's
