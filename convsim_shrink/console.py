@@ -2,4 +2,5 @@
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
+# soft_wrap: a long line stays one line in a log file (rich would break it at 80 columns off a terminal)
+console = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -85,12 +85,17 @@ def _ignored_lines(report: dict) -> list[str]:
     return ["Layers left unpruned:", "", *[f"- `{e['layer']}` ({e['rule']}): {e['reason']}" for e in ignored], ""]
 
 
+def _speedup_text(speedup: float) -> str:
+    """``1.38x faster``, or ``1.39x slower`` for a shrunk model that measured slower than the dense one."""
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+
+
 def _speed_lines(report: dict, short: bool = False) -> list[str]:
     """One line per measured batch size: dense vs shrunk latency (and the int8 ONNX model's top-1).
     ``short``: a timing warning as its spread only, pointing to report.md, which has it in full."""
     out = [
         f"Latency at batch {r['batch']} ({r['device']}, {r['precision']}, median): dense {r['dense_ms']:.2f} ms, "
-        f"shrunk {r['shrunk_ms']:.2f} ms, {r['speedup']:.2f}x faster"
+        f"shrunk {r['shrunk_ms']:.2f} ms, " + _speedup_text(r["speedup"])
         + (f" (timings spread {r['spread']:.0%}: the device looked busy; see report.md)" if short and r.get("warning") and r.get("spread") is not None
            else f" ({r['warning']})" if r.get("warning") else "")
         for r in report.get("speed") or []

@@ -224,3 +224,18 @@ def test_accumulate_gradients_sums_the_first_batches(tiny):
         torch.nn.functional.cross_entropy(ref(x), y).backward()
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def test_progress_off_a_terminal_prints_a_line_per_epoch(tiny):
+    # a log file or pipe: a live bar would show nothing until the stage ends, so each epoch gets a line
+    from convsim_shrink.console import console
+
+    assert not console.is_terminal  # pytest captures stderr
+    with console.capture() as cap:
+        fit(_model(), tiny.train, _cfg(epochs=2), eval_loader=tiny.test, quiet=False, stage="train")
+    lines = [line for line in cap.get().splitlines() if line.startswith("train ")]
+    assert [line.split(":")[0] for line in lines] == ["train 1/2", "train 2/2"], cap.get()
+    assert all("loss" in line and "img/s" in line and "val" in line and line.endswith(" s)") for line in lines)
+    with console.capture() as cap:
+        fit(_model(), tiny.train, _cfg(epochs=1), quiet=True)
+    assert cap.get() == ""

@@ -75,3 +75,10 @@ def test_summary_shortens_a_timing_warning_the_stage_already_printed():
     report["speed"][0].update(spread=1.08, warning="latency at batch 1 on cpu varies by 108% between repeats (...)")
     line = next(line for line in _printed(report) if line.startswith("Latency at batch 1"))
     assert line.endswith("2.00x faster (timings spread 108%: the device looked busy; see report.md)")
+
+
+def test_summary_says_slower_when_the_shrunk_model_measured_slower():
+    report = _report({})
+    report["speed"][0].update(dense_ms=1.0, shrunk_ms=1.39, speedup=1 / 1.39)
+    line = next(line for line in _printed(report) if line.startswith("Latency at batch 1"))
+    assert line.endswith("shrunk 1.39 ms, 1.39x slower")

@@ -39,7 +39,7 @@ from . import distributed
 from .distributed import is_main_process, unwrap, world_size
 from .losses import LossTerm, cs_regularizer
 from .optim import Schedule, make_optimizer, make_schedule
-from .progress import make_progress
+from .progress import make_progress, print_finished
 
 #: steps between host syncs of the running loss/accuracy on accelerators
 _SYNC_EVERY = 32
@@ -311,6 +311,7 @@ def fit(
                 ev = evaluate(model, eval_loader, prec)
                 metrics["val_acc"], metrics["val_loss"] = ev["acc"], ev["loss"]
                 progress.update(task, info=progress.tasks[task].fields["info"] + f"  val {ev['acc']:.2f}%")
+            print_finished(progress, task)
             result.history.append(metrics)
             if ckpt is not None and is_main_process():
                 atomic_torch_save(
