@@ -21,8 +21,6 @@ def _target_text(target: dict) -> str:
 
 def build_report(recipe, state: RunState, data) -> dict[str, Any]:
     """report.json's content: the recipe's choices and what ``state`` measured (None where not measured)."""
-    from .models import list_models
-
     m = state.metrics
     dense_size, shrunk_size = m.dense_size, m.shrunk_size
     dense_params = dense_size.params if dense_size else None
@@ -33,7 +31,7 @@ def build_report(recipe, state: RunState, data) -> dict[str, Any]:
         "source": m.source,
         "recipe": recipe.run.recipe_source,
         # the zoo's width multiplier; None for a model from elsewhere (a checkpoint, torchvision, timm, yours)
-        "width": recipe.model.width if recipe.model.name in list_models() and m.source and m.source.startswith("zoo model") else None,
+        "width": recipe.model.width if (m.source or "").startswith("zoo model") else None,
         "dataset": getattr(getattr(data, "info", None), "name", recipe.data.name),
         "test_images": getattr(getattr(data, "test", None), "num_samples", None),
         "criterion": recipe.prune.criterion,
