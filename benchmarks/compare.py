@@ -117,6 +117,13 @@ class Bench:
         self.rows = {c: [f"prune.criterion={c}"] for c in args.criteria}
         self.rows.update({label: sets for label, *sets in args.variant or []})
         self.b_rows = {c: [f"prune.criterion={c}"] for c in args.b_criteria}
+        for label, sets in self.rows.items():
+            # every row prunes the seed's shared dense model: a setting of an earlier stage would be ignored
+            early = [s for s in sets if not s.split("=", 1)[0].startswith(("prune.", "finetune."))]
+            if early:
+                raise convsim_shrink.ConvSimError(
+                    f"--variant {label}: {', '.join(early)} is not a prune.* or finetune.* setting, and every row "
+                    "prunes the same dense model; set it for all rows with --set and another --out")
         for sets in [*self.rows.values(), *self.b_rows.values()]:
             prune = self.recipe(sets).prune
             get_criterion(prune.criterion).create(**prune.criterion_options)  # bad names/options fail before any work
@@ -287,7 +294,7 @@ class Bench:
                 self.long_dense(seed)
                 for target in a.targets:
                     self.narrow(seed, target, base)
-                dense_b = None if self.out_of_time() else self.dense(seed, premin=False)
+                dense_b = None if self.out_of_time() or not self.b_rows else self.dense(seed, premin=False)
                 for target in a.targets:
                     for label, sets in self.b_rows.items():
                         if dense_b is not None:
@@ -389,16 +396,19 @@ class Bench:
         and on the test split: mean differences, the paired t statistic on validation and its two-sided
         95% critical value for the number of pairs the cell has."""
         a, r = self.args, self.results
-        others = [label for label in self.rows if label != a.ours]
+        # (label, key prefix): the grid's rows, then the narrow model from scratch where the ablation ran it
+        others = [(label, f"A/{label}") for label in self.rows if label != a.ours]
+        if any(k.startswith("narrow/") for k in r):
+            others.append(("(d) narrow from scratch", "narrow"))
         if a.ours not in self.rows or not others:
             return []
         out = [f"Each row − {a.ours}, paired by seed (val / test points; t on val against the 95% critical value for "
                "that many pairs: a difference is told only where |t| is above it):", "",
                "| row | " + " | ".join(f"{t:g}" for t in a.targets) + " |", "|---|" + "---|" * len(a.targets)]
-        for label in others:
+        for label, prefix in others:
             cells = []
             for t in a.targets:
-                keys = [(f"A/{label}/{self.tk(t)}/{s}", f"A/{a.ours}/{self.tk(t)}/{s}") for s in a.seeds]
+                keys = [(f"{prefix}/{self.tk(t)}/{s}", f"A/{a.ours}/{self.tk(t)}/{s}") for s in a.seeds]
                 keys = [(k, o) for k, o in keys if k in r and o in r]
                 if not keys:
                     cells.append("–")
@@ -468,7 +478,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--no-ablation", dest="ablation", action="store_false")
     p.add_argument("--plot", nargs="+", default=None, help="rows drawn in the plot (default: all)")
-    p.add_argument("--b-criteria", nargs="+", default=["convsim-taylor", "l1"], help="criteria applied to dense B (no pre-minimisation)")
+    p.add_argument("--b-criteria", nargs="*", default=["convsim-taylor", "l1"],
+                   help="criteria applied to dense B (no pre-minimisation); none: the ablation trains no dense B")
     p.add_argument("--ours", default="convsim-taylor", help="the row the verdict compares with the peers")
     p.add_argument("--data-dir", default=None, help="data folder (default: the usual places)")
     p.add_argument("--shard", default=None, help="write results-SHARD.json (parallel processes into one --out)")

@@ -62,3 +62,13 @@ def test_results_stand_when_only_new_settings_at_their_defaults_were_added():
     assert compare.compare_settings(saved, {"train": {}, "prune": {"criterion": "convsim-taylor"}}, defaults) == (["train.lr"], [])
     assert compare.compare_settings(saved, {**saved, "export": {"formats": []}}, defaults) == (["export"], [])
     assert compare.compare_settings(saved, saved, defaults) == ([], [])
+
+
+def test_a_variant_that_sets_an_earlier_stage_is_refused_before_any_work(tmp_path, capsys):
+    # every row prunes the seed's shared dense model, so a training setting in a row would be silently ignored
+    compare = _compare_module()
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--preset", "smoke", "--model", "simple_cnn", "--device", "cpu", "--criteria", "l1",
+                      "--variant", "beta", "train.cs_beta=0.01", "--out", str(tmp_path / "bench")])
+    assert "train.cs_beta=0.01 is not a prune.* or finetune.* setting" in str(e.value.code)
+    assert not (tmp_path / "bench" / "results.json").exists()
