@@ -588,3 +588,54 @@ def channel_counts(model: nn.Module) -> dict[str, int]:
         elif isinstance(m, nn.Linear):
             out[name] = m.out_features
     return out
+
+
+class _GroupSparsity(tp.pruner.GroupNormPruner):
+    """torch-pruning's group-norm regulariser; a group whose channels all score the same (one channel, or
+    equal norms) is skipped, where the library's scaling would divide by zero."""
+
+    def estimate_importance(self, group):
+        imp = super().estimate_importance(group)
+        if imp is not None and imp.numel() and float(imp.max() - imp.min()) <= 1e-12 * max(float(imp.max()), 1e-30):
+            return torch.full_like(imp, float("nan"))  # the library skips a group whose scores are NaN
+        return imp
+
+
+def group_sparsity_regularizer(
+    model: nn.Module, example_inputs: torch.Tensor, coefficient: float, *, ignored_layers=(),
+) -> Callable[[], None]:
+    """Pruning-aware (group sparse) training: a function to call after every backward pass that adds
+    torch-pruning's group-norm regulariser to the gradients of ``model``.
+
+    For every prunable channel group (a conv's filters with the batch-norm channels and the next layers'
+    input channels that go with them) the gradient of each weight ``w`` gains ``coefficient * gamma * w``,
+    where ``gamma = 16 ** ((max - s) / (max - min))`` over the L2 norms ``s`` of the group's channels
+    (``tp.importance.GroupMagnitudeImportance(p=2)``): an extra weight decay, 1x on the strongest
+    channel and 16x on the weakest, recomputed every step, so the channels pruning will remove are
+    pushed toward zero before it removes them (GroupNormPruner; Fang et al., "DepGraph: Towards Any
+    Structural Pruning", CVPR 2023).  The classifier's outputs and ``ignored_layers`` are left alone.
+
+    ``example_inputs``: one batch the model accepts, ``(N, C, H, W)`` for image models (traced once, in
+    eval mode, so batch-norm statistics are not touched).  ``coefficient`` in the units of weight decay
+    (per step, times the learning rate).  Raises :class:`ConfigError` if ``coefficient`` is not positive.
+    """
+    if not coefficient > 0:
+        raise ConfigError(f"group sparsity coefficient must be positive, got {coefficient}")
+    ignored = list(ignored_layers)
+    head = classifier_of(model)
+    if head is not None and all(head is not m for m in ignored):
+        ignored.append(head)
+    was_training = model.training
+    model.eval()
+    try:
+        pruner = _GroupSparsity(  # traces with autograd on (the dependency graph needs it)
+            model, example_inputs, tp.importance.GroupMagnitudeImportance(p=2), reg=coefficient,
+            ignored_layers=ignored, root_module_types=[nn.modules.conv._ConvNd, nn.Linear],
+        )
+    finally:
+        model.train(was_training)
+
+    def regularize() -> None:
+        pruner.regularize(model)
+
+    return regularize

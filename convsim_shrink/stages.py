@@ -27,7 +27,7 @@ from .errors import ConfigError
 from .models import SPEC_ATTR, create_model
 from .premin import PreminResult, preminimize
 from .pruneability import IgnorePlan, PruningError, plan_ignored_layers
-from .pruning import PruneResult, Size, channel_counts, iterative_prune, measure
+from .pruning import PruneResult, Size, channel_counts, group_sparsity_regularizer, iterative_prune, measure
 from .ranking import Criterion, get_criterion
 from .recipe import ExportConfig, FinetuneConfig, ModelConfig, PreminConfig, PruneConfig, Recipe, TrainConfig
 from .similarity import layer_similarities, model_conv_similarity
@@ -149,11 +149,25 @@ def train_stage(
 ) -> TrainOutcome:
     """Train ``model`` in place on ``data.train`` for ``cfg.epochs`` epochs (validation accuracy per epoch
     on ``data.val`` if there is one), then measure its test accuracy and CS.  ``checkpoint``: the
-    per-epoch training checkpoint; with ``resume`` training continues after its last epoch."""
+    per-epoch training checkpoint; with ``resume`` training continues after its last epoch.
+
+    ``cfg.sparsity > 0``: pruning-aware training
+    (:func:`~convsim_shrink.pruning.group_sparsity_regularizer`), leaving alone the layers the prune
+    stage will leave alone; a model of which nothing can be pruned raises :class:`PruningError` before
+    the first step."""
     device = device or _device_of(model)
+    after_backward = None
+    if cfg.sparsity > 0 and cfg.epochs > 0:
+        model.to(device)
+        with torch.random.fork_rng(devices=[]):  # the set-up leaves training's random numbers as they were
+            x = example_inputs_for(data.info).to(device)
+            plan = plan_ignored_layers(model, x)
+            if plan.refused:
+                raise PruningError(plan.summary())
+            after_backward = group_sparsity_regularizer(model, x, cfg.sparsity, ignored_layers=plan.layers)
     result = fit(
         model, data.train, cfg, eval_loader=data.val, device=device, checkpoint=checkpoint, resume=resume,
-        stage="train", quiet=quiet,
+        stage="train", quiet=quiet, after_backward=after_backward,
     )
     accuracy = evaluate(model, data.test, _eval_precision(device, cfg))["acc"]
     cs, cs_layers = conv_similarity_summary(model)

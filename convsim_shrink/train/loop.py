@@ -71,8 +71,12 @@ def train_one_epoch(
     progress=None,
     task=None,
     sync_every: int | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> tuple[dict[str, float], int]:
     """One pass over ``loader``; returns (metrics, next global step).
+
+    ``after_backward``: called after every backward pass, with the gradients unscaled (fp16), before
+    clipping and the optimizer step (a regulariser that edits gradients, e.g. group sparse training).
 
     On the CPU every step is checked for a non-finite loss at once.  On accelerators the running sums
     stay on the device and are read (one host sync) every ``_SYNC_EVERY`` steps, so the host can queue
@@ -136,13 +140,18 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(total).backward()
-            if grad_clip:
+            if grad_clip or after_backward is not None:
                 scaler.unscale_(optimizer)
+            if after_backward is not None:
+                after_backward()
+            if grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             scaler.step(optimizer)
             scaler.update()
         else:
             total.backward()
+            if after_backward is not None:
+                after_backward()
             if grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
@@ -235,10 +244,12 @@ def fit(
     stage: str = "train",
     quiet: bool = False,
     on_epoch: Callable[[int, dict], None] | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> FitResult:
     """Train ``model`` in place for ``cfg.epochs`` epochs (``cfg``: an ``OptimConfig``).
 
-    ``cfg.cs_beta > 0`` adds the CS regulariser to ``extra``.
+    ``cfg.cs_beta > 0`` adds the CS regulariser to ``extra``; ``after_backward`` is passed to
+    :func:`train_one_epoch` (called on the gradients of every step).
     ``checkpoint``: file written atomically after every epoch; with ``resume`` an existing one is loaded
     first and training continues after its last finished epoch.  Returns the per-epoch history.
     """
@@ -300,6 +311,7 @@ def fit(
                     scaler=scaler,
                     progress=progress,
                     task=task,
+                    after_backward=after_backward,
                 )
             except _Diverged as d:
                 raise TrainingDivergedError(_diverged_message(stage, epoch + 1, d, first_step=d.step == 0)) from None
