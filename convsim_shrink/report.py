@@ -83,7 +83,7 @@ def _ignored_lines(report: dict) -> list[str]:
     return ["Layers left unpruned:", "", *[f"- `{e['layer']}` ({e['rule']}): {e['reason']}" for e in ignored], ""]
 
 
-def _speedup_text(speedup: float) -> str:
+def speedup_text(speedup: float) -> str:
     """``1.38x faster``, or ``1.39x slower`` for a shrunk model that measured slower than the dense one."""
     return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
 
@@ -93,7 +93,7 @@ def _speed_lines(report: dict, short: bool = False) -> list[str]:
     ``short``: a timing warning as its spread only, pointing to report.md, which has it in full."""
     out = [
         f"Latency at batch {r['batch']} ({r['device']}, {r['precision']}, median): dense {r['dense_ms']:.2f} ms, "
-        f"shrunk {r['shrunk_ms']:.2f} ms, " + _speedup_text(r["speedup"])
+        f"shrunk {r['shrunk_ms']:.2f} ms, " + speedup_text(r["speedup"])
         + (f" (timings spread {r['spread']:.0%}: the device looked busy; see report.md)" if short and r.get("warning") and r.get("spread") is not None
            else f" ({r['warning']})" if r.get("warning") else "")
         for r in report.get("speed") or []

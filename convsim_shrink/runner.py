@@ -47,7 +47,7 @@ from .models import list_models
 from .preflight import check_run
 from .ranking import get_criterion
 from .recipe import Recipe
-from .report import build_report, write_report
+from .report import build_report, speedup_text, write_report
 from .train import distributed
 from .train.distributed import is_main_process
 from .stages import (
@@ -355,7 +355,7 @@ class Runner:
             rows = speed_rows(self.dense, self.model, tuple(self.example_inputs.shape[1:]), (1, latency_batch_size(pr, ft, self.data)), device=self.device)
             self.state.metrics.speed = rows
             for row in rows:
-                self.log(f"speed at batch {row['batch']}: dense {row['dense_ms']:.2f} ms, shrunk {row['shrunk_ms']:.2f} ms ({row['speedup']:.2f}x)"
+                self.log(f"speed at batch {row['batch']}: dense {row['dense_ms']:.2f} ms, shrunk {row['shrunk_ms']:.2f} ms ({speedup_text(row['speedup'])})"
                          + (f"; {row['warning']}" if row.get("warning") else ""))
         out = export_stage(
             self.model, self.recipe.export, self.run_dir, example_inputs=self.example_inputs,
