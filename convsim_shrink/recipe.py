@@ -101,7 +101,8 @@ class TrainConfig(OptimConfig):
         0.0, ge=0,
         description="pruning-aware (group sparse) training: coefficient of torch-pruning's group-norm regulariser, "
         "an extra weight decay on every prunable channel group, 1x on the group of largest norm to 16x on the "
-        "smallest of its layer (0 = off; Fang et al., DepGraph, CVPR 2023)",
+        "smallest of its layer, applied every step, so its total effect grows with the number of steps "
+        "(0 = off; Fang et al., DepGraph, CVPR 2023)",
     )
 
 
