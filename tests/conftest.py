@@ -28,3 +28,18 @@ def fashion_dir() -> Path:
     if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
         pytest.fail("real Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (the README's test command does)")
     return FASHION
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """Load a script of benchmarks/ as a module: ``benchmark_script("compare")``."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

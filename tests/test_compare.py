@@ -1,8 +1,6 @@
 """The comparison benchmark runs the product: its row equals the command line's run with the same options."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -12,17 +10,9 @@ from convsim_shrink.cli import main as cli_main
 SETS = ["data.subset=300", "data.val_split=100", "data.test_subset=200", "train.epochs=1", "finetune.epochs=1", "premin.steps=5"]
 
 
-def _compare_module():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "compare.py"
-    spec = importlib.util.spec_from_file_location("compare_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
-def test_a_benchmark_row_is_what_the_command_line_gives(tmp_path, fashion_dir):
-    compare = _compare_module()
+def test_a_benchmark_row_is_what_the_command_line_gives(benchmark_script, tmp_path, fashion_dir):
+    compare = benchmark_script("compare")
     sets = [arg for s in SETS for arg in ("--set", s)]
     # two rows of the random criterion (it draws from the global generator): the second starts after the
     # first has drawn, so it matches the command line only if every row starts from the CLI's random state
@@ -47,8 +37,8 @@ def test_a_benchmark_row_is_what_the_command_line_gives(tmp_path, fashion_dir):
         assert row["cs_shrunk"] == report["cs"]["shrunk"]
 
 
-def test_results_stand_when_only_new_settings_at_their_defaults_were_added():
-    compare = _compare_module()
+def test_results_stand_when_only_new_settings_at_their_defaults_were_added(benchmark_script):
+    compare = benchmark_script("compare")
     defaults = {"train": {"lr": 0.1, "sync_bn": False}, "prune": {"criterion": "convsim-taylor"}}
     saved = {"train": {"lr": 0.1}, "prune": {"criterion": "convsim-taylor"}}
     # a setting introduced after the results were written, at its default: accepted, named
@@ -64,9 +54,9 @@ def test_results_stand_when_only_new_settings_at_their_defaults_were_added():
     assert compare.compare_settings(saved, saved, defaults) == ([], [])
 
 
-def test_a_variant_that_sets_an_earlier_stage_is_refused_before_any_work(tmp_path, capsys):
+def test_a_variant_that_sets_an_earlier_stage_is_refused_before_any_work(benchmark_script, tmp_path, capsys):
     # every row prunes the seed's shared dense model, so a training setting in a row would be silently ignored
-    compare = _compare_module()
+    compare = benchmark_script("compare")
     with pytest.raises(SystemExit) as e:
         compare.main(["--preset", "smoke", "--model", "simple_cnn", "--device", "cpu", "--criteria", "l1",
                       "--variant", "beta", "train.cs_beta=0.01", "--out", str(tmp_path / "bench")])

@@ -1,25 +1,13 @@
 """A fast representative subset of benchmarks/coverage.py: the output-layer kind (SqueezeNet), the
 channel-shuffle kind (ShuffleNet) and two common mobile nets, through the shipped default criterion."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "coverage.py"
-
-
-def _coverage():
-    spec = importlib.util.spec_from_file_location("coverage_bench", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["squeezenet1_1", "shufflenet_v2_x0_5", "mobilenet_v3_small", "mnasnet0_5"])
-def test_representative_models_shrink_to_the_target(name):
-    row = _coverage().run_one(name, size=32, threads=1)
+def test_representative_models_shrink_to_the_target(benchmark_script, name):
+    row = benchmark_script("coverage").run_one(name, size=32, threads=1)
     assert row["status"].startswith("shrunk"), row
     assert 0.49 <= row["params_ratio"] <= 0.5
     assert row["output_matches"] and row["trains"]
@@ -27,12 +15,12 @@ def test_representative_models_shrink_to_the_target(name):
         assert row["left_alone"] and "reshape" in row["left_alone"][0]
 
 
-def test_table_counts_every_status():
+def test_table_counts_every_status(benchmark_script):
     rows = {
         "a": {"status": "shrunk", "params_ratio": 0.5, "output_matches": True, "trains": True},
         "b": {"status": "shrunk, 2 left alone", "left_alone": ["x: why", "y: why"], "params_ratio": 0.49},
         "c": {"status": "refused", "reason": "no layer can be pruned safely"},
     }
-    text = _coverage().table(rows)
+    text = benchmark_script("coverage").table(rows)
     assert "| a |" in text and "no layer can be pruned safely" in text
     assert text.splitlines()[-1] == "totals: refused 1, shrunk 2"

@@ -1,22 +1,12 @@
 """benchmarks/pair.py: the paired difference of two result rows, checked against a hand computation."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 
-def _pair():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "pair.py"
-    spec = importlib.util.spec_from_file_location("pair_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_paired_differences_and_t_over_the_seeds_both_rows_have():
-    pair = _pair()
+def test_paired_differences_and_t_over_the_seeds_both_rows_have(benchmark_script):
+    pair = benchmark_script("pair")
     first = {0: {"val": 88.0, "test": 87.5}, 1: {"val": 87.0, "test": 87.0}, 2: {"val": 86.5, "test": 86.0}, 3: {"val": 90.0, "test": 90.0}}
     second = {0: {"val": 87.5, "test": 87.0}, 1: {"val": 86.0, "test": 87.5}, 2: {"val": 86.5, "test": 86.5}}
     d = pair.paired(first, second)  # seed 3 has no partner
@@ -27,8 +17,8 @@ def test_paired_differences_and_t_over_the_seeds_both_rows_have():
     assert pair.paired(second, second)["t"] == 0.0  # no difference at all is t 0, not infinity
 
 
-def test_rows_are_read_across_out_folders(tmp_path, capsys):
-    pair = _pair()
+def test_rows_are_read_across_out_folders(benchmark_script, tmp_path, capsys):
+    pair = benchmark_script("pair")
     for name, acc in (("a", 88.0), ("b", 87.0)):
         (tmp_path / name).mkdir()
         units = {f"A/ours/0.25/{s}": {"val": acc + s, "test": acc} for s in range(3)}
