@@ -12,6 +12,7 @@ CPU a row reproduces the command's numbers exactly.
 
     python benchmarks/compare.py --preset cpu     # the 2-core CPU preset (about an hour)
     python benchmarks/compare.py --preset smoke   # a few hundred images, one epoch: checks the wiring
+    python benchmarks/compare.py --preset main    # the main job's recipe on all the data (hours on a CPU)
     bash benchmarks/compare_gpu.sh                # GPU preset, one process per seed
 
 Per seed:
@@ -50,6 +51,9 @@ from convsim_shrink.train import evaluate, resolve_device, resolve_precision
 PRESETS = {
     # the issue-6 CPU comparison's data and budget, on the shipped resnet18 recipe (width 0.25, batch 128)
     "cpu": dict(model="resnet18", sets=["data.subset=6000", "data.val_split=2000", "train.epochs=10", "finetune.epochs=4"]),
+    # the main job itself (the shipped resnet18 recipe on all 60,000 training images, 10 + 4 epochs) with
+    # 5,000 of them held out for validation: about 30 minutes of the 2-core CPU per dense model and 10 per row
+    "main": dict(model="resnet18", sets=["data.val_split=5000"], criteria=["convsim-taylor", "lamp"], targets=[0.5], seeds=[0]),
     # sized for one 10-minute call on one H100/H200, one process per seed sharing the GPU; learning rates
     # scaled by sqrt(512 / 128) from the recipe's batch-128 values
     "gpu": dict(model="resnet18", sets=[

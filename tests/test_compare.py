@@ -62,3 +62,17 @@ def test_a_variant_that_sets_an_earlier_stage_is_refused_before_any_work(benchma
                       "--variant", "beta", "train.cs_beta=0.01", "--out", str(tmp_path / "bench")])
     assert "train.cs_beta=0.01 is not a prune.* or finetune.* setting" in str(e.value.code)
     assert not (tmp_path / "bench" / "results.json").exists()
+
+
+def test_the_main_preset_is_the_main_job_with_a_validation_split(benchmark_script):
+    """`--preset main` must measure the command README's Quick start runs, only holding images out."""
+    from convsim_shrink.recipe import default_recipe_for, resolve
+
+    compare = benchmark_script("compare")
+    preset = compare.PRESETS["main"]
+    shipped = resolve(default_recipe_for(preset["model"])).to_dict()
+    mine = resolve(default_recipe_for(preset["model"]), sets=list(preset["sets"])).to_dict()
+    differ = {f"{s}.{k}" for s in shipped if isinstance(shipped[s], dict)
+              for k in shipped[s] if shipped[s][k] != mine[s][k]}
+    assert differ == {"data.val_split"}
+    assert mine["data"]["val_split"] > 0 and mine["data"]["subset"] is None
