@@ -23,7 +23,8 @@ from .errors import ConfigError, ConvSimError
 app = typer.Typer(
     name="convsim-shrink",
     help="Compress CNNs by Convolutional Similarity minimisation and similarity-ranked structural pruning.\n\n"
-    "Run `convsim-shrink MODEL --target-params 0.5` to shrink MODEL (see `convsim-shrink list models`).",
+    "Run `convsim-shrink MODEL --target-params 0.5` to shrink MODEL (see `convsim-shrink list models`); "
+    "`convsim-shrink --resume runs/RUN` continues an interrupted run.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -82,6 +82,7 @@ def test_version_and_help(capsys):
     assert e.value.code == 0 and convsim_shrink.__version__ in capsys.readouterr().out
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0 and "shrink" in result.output and "inspect" in result.output
+    assert "--resume" in result.output  # how to continue a crashed run is on the first screen a user sees
 
 
 @pytest.mark.parametrize("flag", ["--help", "--version"])
