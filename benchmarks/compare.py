@@ -48,6 +48,9 @@ from convsim_shrink.recipe import Recipe, default_recipe_for, resolve
 from convsim_shrink.stages import build_stage, example_inputs_for, finetune_stage, premin_stage, prepare_data, prune_stage, train_stage
 from convsim_shrink.train import evaluate, resolve_device, resolve_precision
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # pair.py lives beside this script
+from pair import t_critical, t_statistic  # noqa: E402  (one paired test for both scripts)
+
 PRESETS = {
     # the issue-6 CPU comparison's data and budget, on the shipped resnet18 recipe (width 0.25, batch 128)
     "cpu": dict(model="resnet18", sets=["data.subset=6000", "data.val_split=2000", "train.epochs=10", "finetune.epochs=4"]),
@@ -96,10 +99,6 @@ def compare_settings(saved: dict, mine: dict, defaults: dict) -> tuple[list[str]
             elif old.get(key, object()) != new.get(key, object()):
                 changed.append(f"{section}.{key}")
     return changed, added
-
-
-#: two-sided 95% critical values of Student's t for n paired seeds (df = n - 1); beyond 10 seeds about 2
-T_CRIT = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
 
 
 class Bench:
@@ -372,7 +371,6 @@ class Bench:
         with n seeds it needs |t| above the two-sided 95% critical value to call the two different)."""
         a, r = self.args, self.results
         ours = a.ours
-        t_crit = T_CRIT
         peers = [label for label in self.rows if not self.recipe(self.rows[label]).prune.criterion.startswith("convsim")]
         out = []
         for t in a.targets:
@@ -387,9 +385,7 @@ class Bench:
             d = [mine[s] - others[best][s] for s in seeds]
             if len(d) < 2:
                 continue
-            mean, sd = statistics.mean(d), statistics.stdev(d)
-            tstat = mean / (sd / len(d) ** 0.5) if sd > 0 else float("inf") * (1 if mean >= 0 else -1)
-            crit = t_crit.get(len(d), 2.0)  # beyond 10 seeds about 2
+            mean, tstat, crit = statistics.mean(d), t_statistic(d), t_critical(len(d))
             word = "better" if tstat > crit else "worse" if tstat < -crit else "tied (not distinguishable)"
             out.append(f"- target {t:g}: {ours} − {best} (the best peer by mean) = {mean:+.2f} points paired over {len(d)} seeds, "
                        f"t = {tstat:+.2f} (|t| > {crit} needed): **{word}**")
@@ -421,9 +417,7 @@ class Bench:
                 dt = [r[k]["test"] - r[o]["test"] for k, o in keys]
                 cell = f"{statistics.mean(dv):+.2f} / {statistics.mean(dt):+.2f}"
                 if len(dv) > 1:
-                    sd = statistics.stdev(dv)
-                    t_text = f"{statistics.mean(dv) / (sd / len(dv) ** 0.5):+.1f}" if sd > 0 else "∞"
-                    cell += f" (t = {t_text} vs {T_CRIT.get(len(dv), 2.0)}, {len(dv)} seeds)"
+                    cell += f" (t = {t_statistic(dv):+.1f} vs {t_critical(len(dv))}, {len(dv)} seeds)"
                 else:
                     cell += " (1 seed)"
                 cells.append(cell)

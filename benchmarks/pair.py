@@ -18,7 +18,24 @@ import statistics
 import sys
 from pathlib import Path
 
+#: two-sided 95% critical values of Student's t for n paired seeds (df = n - 1); beyond 10 seeds about 2
 T_CRIT = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
+
+
+def t_critical(n: int) -> float:
+    """The two-sided 95% critical value of the paired t statistic over ``n`` pairs (about 2 beyond 10)."""
+    return T_CRIT.get(n, 2.0)
+
+
+def t_statistic(diffs: list[float]) -> float | None:
+    """Paired t statistic mean / (sample sd / sqrt n) of per-seed differences; None for fewer than 2.
+    All differences equal: 0 when they are 0, otherwise ±infinity (a constant nonzero difference)."""
+    if len(diffs) < 2:
+        return None
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    if sd > 0:
+        return mean / (sd / len(diffs) ** 0.5)
+    return 0.0 if mean == 0 else float("inf") if mean > 0 else float("-inf")
 
 
 def load(out: Path) -> dict:
@@ -47,12 +64,7 @@ def paired(first: dict, second: dict) -> dict | None:
         return None
     dv = [first[s]["val"] - second[s]["val"] for s in seeds]
     dt = [first[s]["test"] - second[s]["test"] for s in seeds]
-    t = None
-    if len(seeds) > 1:
-        sd = statistics.stdev(dv)
-        mean = statistics.mean(dv)
-        t = mean / (sd / len(dv) ** 0.5) if sd > 0 else (0.0 if mean == 0 else float("inf") if mean > 0 else float("-inf"))
-    return {"n": len(seeds), "val": statistics.mean(dv), "test": statistics.mean(dt), "t": t}
+    return {"n": len(seeds), "val": statistics.mean(dv), "test": statistics.mean(dt), "t": t_statistic(dv)}
 
 
 def main(argv=None) -> None:
@@ -75,7 +87,7 @@ def main(argv=None) -> None:
         if d is None:
             print(f"  {target:g}: no seed in both")
             continue
-        t = "" if d["t"] is None else f", t = {d['t']:+.1f} vs {T_CRIT.get(d['n'], 2.0)}"
+        t = "" if d["t"] is None else f", t = {d['t']:+.1f} vs {t_critical(d['n'])}"
         print(f"  {target:g}: {d['val']:+.2f} / {d['test']:+.2f} ({d['n']} seeds{t})")
 
 

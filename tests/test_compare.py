@@ -75,3 +75,25 @@ def test_the_main_preset_is_the_main_job_with_a_validation_split(benchmark_scrip
     changed, added = compare.compare_settings(shipped, mine, {})
     assert changed == ["data.val_split"] and not added
     assert mine["data"]["val_split"] > 0 and mine["data"]["subset"] is None
+def test_the_table_pairs_rows_by_seed_and_tells_a_difference_only_past_the_critical_t(benchmark_script, tmp_path, capsys):
+    compare = benchmark_script("compare")
+    out = tmp_path / "bench"
+    out.mkdir()
+    units = {}
+    for s, (d_val, d_test) in enumerate([(1.0, 1.0), (1.2, 1.1), (0.8, 0.9)]):
+        units[f"dense-A-{s}"] = {"val": 92.0, "test": 91.0, "params": 1000}
+        for label, shift_val, shift_test in (("lamp", 0.0, 0.0), ("convsim-taylor", d_val, d_test), ("l1", 0.5 * s, -0.5 * s)):
+            units[f"A/{label}/0.25/{s}"] = {"criterion": label, "val_pruned": 50.0, "test_pruned": 50.0, "val": 88.0 + shift_val,
+                                            "test": 87.0 + shift_test, "params_ratio": 0.25, "macs_ratio": 0.3,
+                                            "latency_ratio": None, "cs_shrunk": 1.0, "finetune_loss": 0.1, "seconds": 1.0}
+    (out / "results.json").write_text(json.dumps(units))
+    compare.main(["--table-only", "--no-ablation", "--out", str(out), "--criteria", "convsim-taylor", "lamp", "l1",
+                  "--targets", "0.25", "--seeds", "0", "1", "2"])
+    text = capsys.readouterr().out
+    # val differences lamp − ours: -1.0, -1.2, -0.8: mean -1.0, sd 0.2, t = -1 / (0.2 / sqrt 3) = -8.66
+    assert "| lamp | -1.00 / -1.00 (t = -8.7 vs 4.3, 3 seeds) |" in text
+    # l1 − ours on val: -1.0, -0.7, +0.2 -> mean -0.5, sd 0.624, t = -1.39: not told; on test -1.0, -1.6, -1.9
+    assert "| l1 | -0.50 / -1.50 (t = -1.4 vs 4.3, 3 seeds) |" in text
+    # the verdict (on test, against the best peer by mean: lamp): 1.0, 1.1, 0.9 -> t = 17.3 > 4.30
+    assert "convsim-taylor − lamp (the best peer by mean) = +1.00 points paired over 3 seeds, t = +17.32" in text
+    assert "**better**" in text
