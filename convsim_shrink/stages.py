@@ -14,6 +14,7 @@ exported model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,7 +228,8 @@ def prune_stage(
             fit(model, _finetune_loader(data, ft), ft_steps, device=device, stage=f"prune-step{step}", quiet=quiet)
 
     def calibrate(model: nn.Module) -> None:
-        accumulate_gradients(model, data.train, cfg.calibration_batches)
+        with _fixed_order(data.train) as train:
+            accumulate_gradients(model, train, cfg.calibration_batches)
 
     latency_fn = None
     if cfg.target_latency is not None:
@@ -255,7 +257,8 @@ def prune_stage(
     model.zero_grad(set_to_none=True)
     bn_batches = 0
     if cfg.bn_recalibration:
-        bn_batches = recalibrate_bn(model, data.train, cfg.bn_recalibration, resolve_precision(device, ft.precision, ft.channels_last))
+        with _fixed_order(data.train) as train:
+            bn_batches = recalibrate_bn(model, train, cfg.bn_recalibration, resolve_precision(device, ft.precision, ft.channels_last))
     accuracy = evaluate(model, data.test, _eval_precision(device, ft))["acc"]
     return PruneOutcome(model, result, accuracy, bn_batches, criterion_hint(criterion, cfg.global_pruning), result.plan)
 
@@ -278,6 +281,24 @@ def latency_batch_size(cfg: PruneConfig, ft: FinetuneConfig, data: DataBundle) -
     loader = data.train
     batch = getattr(loader, "batch_size", None)
     return batch * getattr(loader, "world_size", 1) if batch else 64
+
+
+@contextlib.contextmanager
+def _fixed_order(loader, epoch: int = 0):
+    """``loader`` iterating in the order (and with the augmentations) of ``epoch``, its own epoch restored
+    after.  Our loaders' batches depend on the epoch they were last set to, which training leaves at its
+    last epoch and a resumed run that skipped training leaves at 0: calibration, BN re-estimation and int8
+    calibration read the training data in one fixed order, so pruning depends only on the dense model, the
+    seed and the settings (the same model whether the run was resumed, and in every row of a benchmark).
+    A loader without ``set_epoch`` (a plain ``DataLoader``) is used as it is."""
+    previous = getattr(loader, "epoch", None)
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    try:
+        yield loader
+    finally:
+        if previous is not None and hasattr(loader, "set_epoch"):
+            loader.set_epoch(previous)
 
 
 def _finetune_loader(data: DataBundle, cfg: FinetuneConfig):
@@ -375,7 +396,8 @@ def export_stage(
                 if data is None:
                     raise ConfigError("the onnx-int8 export needs training images to calibrate on and a test set; pass data")
                 fp32 = outcome.exports.get("onnx")
-                done = export_onnx_int8(model, out, x, data.train, data.test, images=cfg.int8_calibration, opset=cfg.opset, fp32_path=fp32)
+                with _fixed_order(data.train) as train:
+                    done = export_onnx_int8(model, out, x, train, data.test, images=cfg.int8_calibration, opset=cfg.opset, fp32_path=fp32)
                 outcome.exports["onnx-int8"] = str(done.path)
                 outcome.int8 = done.to_dict()
             elif fmt == "pt2":

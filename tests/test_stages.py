@@ -115,6 +115,20 @@ def test_prune_stage_leaves_the_dense_model_alone_and_meets_the_target(data, den
     assert out.hint is None
 
 
+def test_prune_stage_does_not_depend_on_the_epoch_the_training_loader_was_left_at(data, dense):
+    # an uninterrupted run leaves the loader at its last training epoch, a run resumed after training at 0,
+    # a benchmark's second row at the fine-tuning's last: Taylor calibration and BN re-estimation must read
+    # the same batches in all three, and leave the loader where it was
+    cfg = PruneConfig(target_params=0.5, criterion="convsim-taylor", bn_recalibration=3)
+    states = []
+    for epoch in (0, 7):
+        data.train.set_epoch(epoch)
+        states.append(_state(prune_stage(dense, data, cfg, example_inputs=X).model))
+        assert data.train.epoch == epoch
+    data.train.set_epoch(0)
+    assert _same(*states)
+
+
 def test_prune_stage_says_when_a_criterion_does_not_suit_global_pruning(data, dense):
     out = prune_stage(dense, data, PruneConfig(target_params=0.6, criterion="l2", bn_recalibration=0), example_inputs=X)
     assert out.bn_batches == 0 and "criterion 'l2' scores are not comparable across layers" in out.hint
