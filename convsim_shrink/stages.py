@@ -213,7 +213,8 @@ def prune_stage(
     Criteria that need gradients score a copy after ``cfg.calibration_batches`` batches of task-loss
     gradients; with ``cfg.iterative_steps > 1`` the model is fine-tuned ``cfg.steps_epochs`` epochs
     (``finetune``'s settings) between steps.  Batch-norm statistics are then re-estimated on
-    ``cfg.bn_recalibration`` training batches and the test accuracy measured.  Raises
+    ``cfg.bn_recalibration`` training batches and the test accuracy measured.  Calibration and re-estimation
+    read the training data in one fixed order (epoch 0's), whatever epoch the loader was left at.  Raises
     :class:`~convsim_shrink.errors.TargetUnreachableError` when the target cannot be met.
     """
     ft = finetune or FinetuneConfig()
