@@ -105,6 +105,8 @@ class _CachedImportance(tp.importance.Importance):
 
     def bind(self, model: nn.Module) -> None:
         self.names = {id(m): n for n, m in model.named_modules()}
+        if hasattr(self.base, "bind"):
+            self.base.bind(model)
 
     def __call__(self, group):
         key = tuple(
@@ -149,6 +151,8 @@ class PruneResult:
     latency_measurements: int = 0  # calls of the latency function
     latency_seconds: float = 0.0  # wall time spent in them
     plan: Any = None  # the pruneability.IgnorePlan the pruning honoured (iterative_prune with a plan)
+    uncompensated: nn.Module | None = None  # with compensation: the same channels pruned without it
+    compensation: Any = None  # with compensation: its compensation.CompensationReport
 
     @property
     def params_ratio(self) -> float:
@@ -172,6 +176,7 @@ class _Candidate:
     fracs: dict[str, float]  # measured fraction of the base, per targeted kind (latency only when measured)
     ratio: float
     latencies: list[float] = field(default_factory=list)  # seconds, every measurement of this candidate
+    args: dict = field(default_factory=dict)  # how _prune_copy made it (ratio, overrides, global): to remake it
 
 
 class _Timer:
@@ -233,7 +238,11 @@ def _group_roots(model, example_inputs, ignored) -> list[str]:
     return roots
 
 
-def _prune_copy(model, example_inputs, importance, ratio, *, round_to, global_pruning, max_layer_ratio, ignored, overrides=None):
+def _prune_copy(model, example_inputs, importance, ratio, *, round_to, global_pruning, max_layer_ratio, ignored, overrides=None,
+                compensator=None):
+    """A pruned copy of ``model``; with a ``compensator``
+    (:class:`~convsim_shrink.compensation.Compensator`), every group's consumers are compensated just before
+    the group is removed."""
     trial = copy.deepcopy(model)
     for p, q in zip(model.parameters(), trial.parameters()):  # deepcopy drops .grad; Taylor needs it
         if p.grad is not None:
@@ -256,7 +265,13 @@ def _prune_copy(model, example_inputs, importance, ratio, *, round_to, global_pr
             round_to=round_to,
             pruning_ratio_dict=ratio_dict,
         )
-        pruner.step()
+        if compensator is None:
+            pruner.step()
+        else:
+            compensator.bind(trial)
+            for group in pruner.step(interactive=True):
+                compensator.before_prune(group, pruner.DG)
+                group.prune()
     return trial
 
 
@@ -280,6 +295,7 @@ def prune_to_target(
     max_trials: int = 24,
     warn: bool = True,
     cost_exponent: float = 0.0,
+    compensator: Any = None,
 ) -> PruneResult:
     """A pruned copy of ``model`` that meets every given target, each a fraction of the base model:
     parameters (``target_params``), MACs (``target_macs``) and measured latency (``target_latency``).
@@ -302,6 +318,10 @@ def prune_to_target(
     ``cost_exponent`` > 0 divides every group's scores by the MACs one of its channels costs to that power
     (:func:`channel_costs`): with global pruning, channels are then compared by importance per unit of
     compute, which spends a MACs or latency target where compute is (0: scores as the criterion gives them).
+
+    ``compensator`` (:class:`~convsim_shrink.compensation.Compensator`): the search runs as without it
+    (compensation changes no size), then the winner is pruned once more from ``model`` with the same
+    channels, every removed channel's consumers compensated; ``result.uncompensated`` keeps the plain one.
 
     Raises :class:`ConfigError` for a target outside (0, 1) or none at all, and
     :class:`TargetUnreachableError` when the most pruned allowed model misses a target: the message gives
@@ -379,7 +399,9 @@ def prune_to_target(
             max_layer_ratio=max_layer_ratio, ignored=ignored, overrides=overrides,
         )
         trials += 1
-        return evaluate(pruned, ratio, all_kinds=all_kinds)
+        c = evaluate(pruned, ratio, all_kinds=all_kinds)
+        c.args = {"ratio": ratio, "overrides": overrides, "global_pruning": use_global}
+        return c
 
     def result(c: _Candidate, note: str | None = None) -> PruneResult:
         lat = statistics.median(c.latencies) if c.latencies else None
@@ -518,7 +540,17 @@ def prune_to_target(
     note = "; ".join(notes) or None
     if note and warn:
         warnings.warn(note, stacklevel=2)
-    return result(best, note)
+    out = result(best, note)
+    if compensator is not None:
+        out.uncompensated = best.model
+        out.model = _prune_copy(
+            model, example_inputs, cached, best.args["ratio"], round_to=round_to, global_pruning=best.args["global_pruning"],
+            max_layer_ratio=max_layer_ratio, ignored=ignored, overrides=best.args["overrides"], compensator=compensator,
+        )
+        if _signature(out.model) != _signature(best.model):
+            raise RuntimeError("compensated pruning kept other channels than the search's winner")  # a bug, not the user's
+        out.compensation = compensator.report
+    return out
 
 
 def iterative_prune(
@@ -534,11 +566,14 @@ def iterative_prune(
     target_latency: float | None = None,
     latency_fn: Callable[[nn.Module], Any] | None = None,
     plan=None,
+    make_compensator: Callable[[nn.Module], Any] | None = None,
     **kwargs,
 ) -> PruneResult:
     """Prune in ``steps`` stages to intermediate targets (linear in the kept fraction, for every given
     target), calling ``between(model, step)`` (e.g. fine-tuning) after every stage but the last.
     ``before_scoring`` runs before each stage's scoring (e.g. to accumulate gradients for Taylor importance).
+    ``make_compensator(model)`` (after ``before_scoring``) gives each stage's
+    :class:`~convsim_shrink.compensation.Compensator`, fitted on that stage's model.
     With a latency target and several steps, the dense model's latency (median of 3 measurements) is the
     base of every stage. Other keyword arguments go to :func:`prune_to_target`.
 
@@ -564,7 +599,7 @@ def iterative_prune(
             before_scoring(model)
         prune = functools.partial(
             prune_to_target, model, example_inputs, make_importance(), base=base, base_latency=base_latency, latency_fn=latency_fn,
-            **stage, **kwargs,
+            compensator=make_compensator(model) if make_compensator is not None else None, **stage, **kwargs,
         )
         if plan is None:
             result = prune()

@@ -161,6 +161,90 @@ class ConvSimImportance(tp.importance.Importance):
         return lamp_scores(order, values)
 
 
+class ResidualImportance(tp.importance.Importance):
+    """What the kept channels cannot reproduce: the output a group's consumers lose when a channel goes
+    and every consumer is compensated (:mod:`convsim_shrink.compensation`).
+
+    For a consumer layer with input covariance Σ (centred, over calibration inputs) and weights W, removing
+    input channel p and refitting it from the other channels leaves the residual variance
+    ``1 / (Σ⁻¹)_pp`` of x_p, which reaches the layer's output through ``‖W[:, p]‖²`` (over outputs and
+    kernel positions; positions are taken as uncorrelated).  A channel's cost is that product summed over
+    every consumer of its dependency group (each block's first conv, the shortcut, the classifier, each on
+    its *own* input).  Channels are removed greedily, cheapest first, and after each removal the
+    consumers' inverse covariances are downdated (the kept set shrinks, so the others' residuals grow):
+    the greedy selection of ThiNet (Luo et al., ICCV 2017) and of the optimal brain surgeon's
+    ``w² / (H⁻¹)_pp`` (Hassibi & Stork, 1993), made to work on coupled groups.  The costs at removal are
+    layer-adaptively normalised (:func:`lamp_scores`), so they compare across groups for global pruning.
+
+    Needs :class:`~convsim_shrink.compensation.InputStatistics` of the model being pruned in
+    ``statistics`` (the prune stage sets it); ``bind(model)`` names the copy being scored.  A group
+    without a consumer that has statistics (e.g. read only by depthwise convs) falls back to its L2
+    magnitude, normalised the same way.  ``ridge``: added to Σ's diagonal, relative to its mean.
+    """
+
+    def __init__(self, ridge: float = 1e-3):
+        self.ridge = ridge
+        self.statistics = None
+        self._names: dict[int, str] = {}
+        self._magnitude = tp.importance.GroupMagnitudeImportance(p=2, normalizer="mean")
+
+    def bind(self, model: nn.Module) -> None:
+        self._names = {id(m): n for n, m in model.named_modules()}
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor | None:
+        if self.statistics is None:
+            raise ConfigError("criterion 'residual' needs input statistics of the model; the prune stage collects them "
+                              "(prune.compensation_batches training batches)")
+        n = len(group[0].idxs)
+        consumers = []  # (inverse covariance, ‖W[:, p]‖² per input position, root channel of each position)
+        for i, (dep, idxs) in enumerate(group):
+            layer = dep.layer
+            if getattr(dep.pruning_fn, "__name__", "") != "prune_in_channels":
+                continue
+            if not isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)):
+                continue
+            name = self._names.get(id(layer))
+            root_idxs = group[i].root_idxs
+            if name is None or name not in self.statistics or any(r is None for r in root_idxs):
+                continue
+            cov = self.statistics.covariance(name)
+            if cov.shape[0] != layer.weight.shape[1]:
+                continue
+            lam = self.ridge * float(cov.diagonal().mean().clamp_min(1e-12))
+            inv = torch.linalg.inv(cov + lam * torch.eye(cov.shape[0], dtype=cov.dtype))
+            w = layer.weight.detach().double().cpu().transpose(0, 1).reshape(layer.weight.shape[1], -1).square().sum(1)
+            pos = torch.tensor([int(j) for j in idxs], dtype=torch.long)
+            consumers.append((inv, w[pos], pos, torch.tensor([int(r) for r in root_idxs], dtype=torch.long)))
+        if not consumers:
+            magnitude = self._magnitude(group)
+            if magnitude is None:
+                return None
+            m = magnitude.detach().cpu().float()
+            order = m.argsort(stable=True)
+            return lamp_scores(order, m[order])
+        alive = torch.ones(n, dtype=torch.bool)
+        order = torch.empty(n, dtype=torch.long)
+        values = torch.empty(n, dtype=torch.float64)
+        inf = torch.tensor(float("inf"), dtype=torch.float64)
+        for k in range(n):
+            cost = torch.zeros(n, dtype=torch.float64)
+            for inv, w, pos, roots in consumers:
+                diag = inv.diagonal()[pos].clamp_min(1e-300)
+                cost.index_add_(0, roots, w / diag)
+            r = int(torch.where(alive, cost, inf).argmin())
+            order[k], values[k] = r, cost[r]
+            alive[r] = False
+            for inv, _, pos, roots in consumers:
+                for p in pos[roots == r].tolist():
+                    d = inv[p, p]
+                    if d > 0:
+                        inv -= torch.outer(inv[:, p], inv[p, :]) / d
+                    inv[p, :] = 0
+                    inv[:, p] = 0
+        return lamp_scores(order, values)
+
+
 # ------------------------------------------------------------------------------------------ registry
 
 
@@ -173,6 +257,8 @@ class Criterion:
     ``needs_gradients``: scoring reads task-loss gradients, accumulated on calibration batches first.
     ``global_ranking``: scores are comparable across layers, so the criterion is meant for global pruning
     (``prune.global_pruning``); the others rank channels well only within a layer.
+    ``needs_statistics``: scoring reads the input covariances of the model's layers
+    (:func:`~convsim_shrink.compensation.collect_input_statistics`), set as the importance's ``statistics``.
     """
 
     name: str
@@ -180,6 +266,7 @@ class Criterion:
     description: str
     needs_gradients: bool = False
     global_ranking: bool = False
+    needs_statistics: bool = False
 
     @property
     def options(self) -> dict[str, Any]:
@@ -238,6 +325,12 @@ for _criterion in (
         "convsim", _convsim,
         "residual Convolutional Similarity, greedy, weighted by group L2 norm (ours, needs no data)",
         global_ranking=True,
+    ),
+    Criterion(
+        "residual", lambda ridge=1e-3: ResidualImportance(ridge=float(ridge)),
+        "what the kept channels cannot reproduce: residual variance after least-squares compensation, weighted by "
+        "the consumers' weights, greedy (ThiNet-style), LAMP-normalised (needs data)",
+        global_ranking=True, needs_statistics=True,
     ),
     Criterion("l1", lambda: tp.importance.GroupMagnitudeImportance(p=1), "L1 norm of the group's weights"),
     Criterion("l2", lambda: tp.importance.GroupMagnitudeImportance(p=2), "L2 norm of the group's weights"),

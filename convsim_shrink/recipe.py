@@ -142,6 +142,20 @@ class PruneConfig(_Section):
     tolerance: float = Field(0.01, gt=0, lt=0.5, description="absolute tolerance below the params/MACs target, as a ratio (0.01: a 0.5 target lands in 0.49-0.50)")
     calibration_batches: int = Field(4, ge=1, description="batches for data-driven criteria (taylor)")
     bn_recalibration: int = Field(50, ge=0, description="training batches to re-estimate BN statistics after pruning (0 = off)")
+    compensate: bool = Field(
+        True,
+        description="hand every removed channel's contribution to the kept channels of each layer that reads it (least "
+                    "squares over calibration inputs), instead of dropping it",
+    )
+    compensation_batches: int = Field(
+        16, ge=1, description="training batches whose layer inputs the compensation (and the residual criterion) is fitted on",
+    )
+    compensation_ridge: float = Field(
+        1e-3, ge=0, le=1, description="ridge of the compensation's least squares, relative to the kept channels' mean variance",
+    )
+    step_accuracy: bool = Field(
+        True, description="measure top-1 after each step of pruning (dropped, compensated, BN re-estimated) for the report",
+    )
 
     @model_validator(mode="before")
     @classmethod

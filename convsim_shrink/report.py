@@ -47,6 +47,10 @@ def build_report(recipe, state: RunState, data) -> dict[str, Any]:
             "accuracy": m.shrunk_accuracy,
             "accuracy_before_finetune": m.pruned_accuracy,
         },
+        # top-1 through the prune stage: dense -> channels dropped -> compensated -> BN re-estimated (prune.step_accuracy)
+        "prune_steps": {"split": m.prune_steps_split, **m.prune_steps} if m.prune_steps else None,
+        "compensate": recipe.prune.compensate,
+        "compensation": m.compensation,
         "params_ratio": _ratio(shrunk_params, dense_params),
         "macs_ratio": _ratio(shrunk_size.macs if shrunk_size else None, dense_size.macs if dense_size else None),
         "accuracy_delta": (m.shrunk_accuracy - m.dense_accuracy) if m.shrunk_accuracy is not None and m.dense_accuracy is not None else None,
@@ -105,6 +109,22 @@ def _speed_lines(report: dict, short: bool = False) -> list[str]:
     return out
 
 
+_STEP_NAMES = {"dense": "dense", "dropped": "channels dropped", "compensated": "compensated", "bn": "BN re-estimated"}
+
+
+def _steps_lines(report: dict) -> list[str]:
+    """report.md's line on how top-1 moved through the prune stage (and the compensation's summary)."""
+    steps = report.get("prune_steps")
+    if not steps:
+        return []
+    moved = " → ".join(f"{_STEP_NAMES.get(k, k)} {v:.2f}" for k, v in steps.items() if k != "split")
+    lines = [f"Top-1 through pruning ({steps.get('split')} split): {moved}; after fine-tuning "
+             f"{_fmt(report['shrunk']['accuracy'], '.2f')} (test).  "]
+    if report.get("compensation"):
+        lines.append(f"Compensation: {report['compensation']}.  ")
+    return [*lines, ""]
+
+
 def _fmt(v, spec=",", none="–"):
     return none if v is None else format(v, spec)
 
@@ -128,6 +148,7 @@ def write_report(report: dict, state: RunState, run_dir: Path) -> None:
         *([f"Dense row: {d['note']}.", ""] if d.get("note") else []),
         *[f"Note: {n}  " for n in (*report.get("data_notes", []), *report.get("notes", []))],
         "",
+        *_steps_lines(report),
         "| | params | MACs | accuracy % |",
         "|---|---|---|---|",
         f"| dense | {_fmt(d['params'])} | {_fmt(d['macs'])} | {_fmt(d['accuracy'], '.2f')} |",

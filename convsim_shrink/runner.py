@@ -334,6 +334,13 @@ class Runner:
             else:
                 self.log(f"pruning: {out.plan.summary()}")
         m.pruned_accuracy, m.channel_ratio = out.accuracy, result.channel_ratio
+        if out.steps:
+            m.prune_steps, m.prune_steps_split = dict(out.steps), out.steps_split
+            moved = " -> ".join(f"{k} {v:.2f}" for k, v in out.steps.items())
+            self.log(f"top-1 through pruning ({out.steps_split}): {moved}")
+        if out.compensation is not None:
+            m.compensation = out.compensation.summary()
+            self.log(f"compensation: {m.compensation}")
         m.shrunk_size = ModelSize(result.pruned.params, result.pruned.macs)
         return None
 

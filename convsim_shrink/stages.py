@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from .compensation import CompensationReport, Compensator, InputStatistics, collect_input_statistics
 from .data import DataBundle, DataInfo, build_data
 from .errors import ConfigError
 from .models import SPEC_ATTR, create_model
@@ -183,6 +184,12 @@ class PruneOutcome:
     bn_batches: int
     hint: str | None = None  # the criterion does not suit the pruning mode
     plan: IgnorePlan | None = None  # the layers left unpruned, each with its reason
+    #: top-1 after each step (prune.step_accuracy) on the validation split if there is one, else the test set
+    #: (``steps_split``): "dense", "dropped" (channels removed, nothing else), "compensated" (with compensation,
+    #: before BN re-estimation), "bn" (after it)
+    steps: dict[str, float] = field(default_factory=dict)
+    compensation: CompensationReport | None = None
+    steps_split: str = "test"
 
 
 def criterion_hint(criterion: Criterion, global_pruning: bool) -> str | None:
@@ -212,8 +219,13 @@ def prune_stage(
     torch-pruning's own errors become one-line :class:`~convsim_shrink.pruneability.PruningError`.
     Criteria that need gradients score a copy after ``cfg.calibration_batches`` batches of task-loss
     gradients; with ``cfg.iterative_steps > 1`` the model is fine-tuned ``cfg.steps_epochs`` epochs
-    (``finetune``'s settings) between steps.  Batch-norm statistics are then re-estimated on
-    ``cfg.bn_recalibration`` training batches and the test accuracy measured.  Calibration and re-estimation
+    (``finetune``'s settings) between steps.  With ``cfg.compensate`` (the default) the inputs of every
+    conv and linear layer are measured on ``cfg.compensation_batches`` training batches before each step,
+    the target search runs as without compensation, and the winner's removed channels are then handed to
+    the kept channels of every layer that reads them (:mod:`~convsim_shrink.compensation`); criteria that
+    need statistics (``residual``) score on the same measurements.  Batch-norm statistics are then re-estimated on
+    ``cfg.bn_recalibration`` training batches and the test accuracy measured (with ``cfg.step_accuracy``
+    also after each step: ``outcome.steps``).  Calibration, statistics and re-estimation
     read the training data in one fixed order (epoch 0's), whatever epoch the loader was left at.  Raises
     :class:`~convsim_shrink.errors.TargetUnreachableError` when the target cannot be met.
     """
@@ -222,15 +234,30 @@ def prune_stage(
     criterion = get_criterion(cfg.criterion)
     options = dict(cfg.criterion_options)
     criterion.create(**options)  # a bad option fails before any work
+    needs_statistics = cfg.compensate or criterion.needs_statistics
+    statistics: dict[str, InputStatistics] = {}
     ft_steps = ft.model_copy(update={"epochs": cfg.steps_epochs})
 
     def between(model: nn.Module, step: int) -> None:
         if cfg.steps_epochs:
             fit(model, _finetune_loader(data, ft), ft_steps, device=device, stage=f"prune-step{step}", quiet=quiet)
 
-    def calibrate(model: nn.Module) -> None:
-        with _fixed_order(data.train) as train:
-            accumulate_gradients(model, train, cfg.calibration_batches)
+    def before_scoring(model: nn.Module) -> None:
+        if criterion.needs_gradients:
+            with _fixed_order(data.train) as train:
+                accumulate_gradients(model, train, cfg.calibration_batches)
+        if needs_statistics:  # the layers' inputs before this step's pruning, for compensation and the residual criterion
+            with _fixed_order(data.train) as train:
+                statistics["now"] = collect_input_statistics(model, train, cfg.compensation_batches)
+
+    def make_importance():
+        importance = criterion.create(**options)
+        if criterion.needs_statistics:
+            importance.statistics = statistics["now"]
+        return importance
+
+    def make_compensator(model: nn.Module) -> Compensator:
+        return Compensator(statistics["now"], ridge=cfg.compensation_ridge)
 
     latency_fn = None
     if cfg.target_latency is not None:
@@ -247,8 +274,9 @@ def prune_stage(
     if plan.refused:
         raise PruningError(plan.summary())
     result = iterative_prune(
-        source, example_inputs, lambda: criterion.create(**options), steps=cfg.iterative_steps,
-        between=between, before_scoring=calibrate if criterion.needs_gradients else None,
+        source, example_inputs, make_importance, steps=cfg.iterative_steps,
+        between=between, before_scoring=before_scoring if (criterion.needs_gradients or needs_statistics) else None,
+        make_compensator=make_compensator if cfg.compensate else None,
         target_params=cfg.target_params, target_macs=cfg.target_macs, target_latency=cfg.target_latency,
         latency_fn=latency_fn, latency_tolerance=cfg.latency_tolerance, round_to=cfg.round_to,
         global_pruning=cfg.global_pruning, max_layer_ratio=cfg.max_layer_ratio, tolerance=cfg.tolerance, warn=False,
@@ -256,12 +284,24 @@ def prune_stage(
     )
     model = result.model.to(device)
     model.zero_grad(set_to_none=True)
+    steps: dict[str, float] = {}
+    step_data = data.val if data.val is not None else data.test
+    if cfg.step_accuracy:
+        steps["dense"] = evaluate(dense, step_data, _eval_precision(device, ft))["acc"]
+        plain = result.uncompensated if result.uncompensated is not None else model
+        steps["dropped"] = evaluate(plain.to(device), step_data, _eval_precision(device, ft))["acc"]
+        if result.uncompensated is not None:
+            steps["compensated"] = evaluate(model, step_data, _eval_precision(device, ft))["acc"]
+    result.uncompensated = None  # not kept past the stage: a second model's memory
     bn_batches = 0
     if cfg.bn_recalibration:
         with _fixed_order(data.train) as train:
             bn_batches = recalibrate_bn(model, train, cfg.bn_recalibration, resolve_precision(device, ft.precision, ft.channels_last))
     accuracy = evaluate(model, data.test, _eval_precision(device, ft))["acc"]
-    return PruneOutcome(model, result, accuracy, bn_batches, criterion_hint(criterion, cfg.global_pruning), result.plan)
+    if cfg.step_accuracy:
+        steps["bn"] = accuracy if step_data is data.test else evaluate(model, step_data, _eval_precision(device, ft))["acc"]
+    return PruneOutcome(model, result, accuracy, bn_batches, criterion_hint(criterion, cfg.global_pruning), result.plan,
+                        steps, result.compensation, "val" if step_data is data.val else "test")
 
 
 @dataclass

@@ -44,6 +44,10 @@ class Metrics:
     prune_note: str | None = None  # prune
     pruning_plan: dict[str, Any] | None = None  # pruneability.IgnorePlan.to_dict(): the layers left unpruned, with reasons
     pruned_accuracy: float | None = None
+    #: top-1 after each step of the prune stage ("dropped", "compensated", "bn"), on ``prune_steps_split``
+    prune_steps: dict[str, float] | None = None
+    prune_steps_split: str | None = None
+    compensation: str | None = None  # compensation.CompensationReport.summary(), when the prune stage compensated
     shrunk_size: ModelSize | None = None
     channel_ratio: float | None = None
     shrunk_accuracy: float | None = None  # finetune

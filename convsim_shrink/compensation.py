@@ -1,0 +1,308 @@
+"""Compensated pruning: a removed channel's contribution is handed to the kept channels that can carry it.
+
+A layer that *reads* a channel (a conv with ``groups=1`` or a linear layer, the channel's *consumer*)
+computes ``y = W[:, K] x_K + W[:, P] x_P`` from its kept input channels K and the removed ones P.  If
+``x_P ≈ Aᵀ x_K + b`` (least squares over calibration inputs, every image and position), then
+
+    y ≈ (W[:, K] + W[:, P] Aᵀ) x_K + W[:, P] b,
+
+so the consumer keeps (most of) what the removed channels carried: ``W[:, K] += W[:, P] Aᵀ`` and the
+constant goes into the consumer's bias, or, for a conv without one that feeds a batch norm, into that
+norm's running mean.  For a conv with a k×k kernel the same holds position by position (the fit is per
+position and the conv is linear in its input channels), so ``W[:, K, i, j] += Σ_p W[:, p, i, j] A[k, p]``.
+Zero padding reads zeros in every channel, so the linear part stays exact at the borders; only the
+constant is off there.  This is the per-layer least-squares reconstruction of He et al., "Channel
+Pruning for Accelerating Very Deep Neural Networks" (ICCV 2017) and of ThiNet (Luo et al., ICCV 2017),
+applied to every consumer of torch-pruning's dependency groups, each fitted on its *own* input: a
+residual stream's channel is read by each block's first conv, the shortcut and the classifier, and
+each is compensated from the kept channels as *it* sees them.
+
+What is not compensated (left as plain dropping, and listed in :attr:`InputStatistics.skipped`):
+grouped and depthwise convs (an output reads only its own group's channels, so a removed channel's
+filter has no kept channels to move to), transposed convs, linear layers with more than
+``max_features`` inputs (e.g. a classifier over a flattened 512×7×7 map: its covariance would not fit
+in memory), and any consumer that is not a conv or linear layer (attention, norms over channels).
+
+The statistics are those of the model *before* pruning (``x_P`` and ``x_K`` as the dense model
+computes them); pruning several groups one after the other composes exactly, because each fit is a
+projection onto the kept channels and the kept sets only shrink.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .errors import ConfigError
+from .train import distributed
+from .train.device import Precision, resolve_precision, to_device
+
+#: modules other than convs and linears that combine channels (a removed channel changes what they compute)
+_MIXING = (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention, nn.LocalResponseNorm)
+MAX_FEATURES = 4096  # inputs of one consumer whose covariance is kept (float64: 128 MiB at the limit)
+
+
+def _consumer_kind(module: nn.Module, max_features: int) -> str | None:
+    """Why ``module`` cannot be compensated, or None when it can."""
+    if isinstance(module, nn.Linear):
+        return None if module.in_features <= max_features else f"linear layer with {module.in_features} > {max_features} inputs"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.transposed:
+            return "transposed conv"
+        if module.groups > 1:
+            return "grouped or depthwise conv"
+        return None if module.in_channels <= max_features else f"conv with {module.in_channels} > {max_features} inputs"
+    return "not a conv or linear layer"
+
+
+@dataclass
+class InputStatistics:
+    """First and second moments of every consumer's input channels, over calibration inputs.
+
+    For the layer named ``name`` with ``C`` input channels (a conv) or features (a linear layer):
+    ``count[name]`` rows were seen (images × positions), ``sums[name]`` is ``Σ x`` of shape ``(C,)``
+    and ``products[name]`` is ``Σ x xᵀ`` of shape ``(C, C)``, both float64 on the CPU.  ``skipped``
+    maps the conv/linear layers that are not compensated to the reason.
+    """
+
+    count: dict[str, float] = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    products: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    batches: int = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.count and self.count[name] > 0
+
+    def mean(self, name: str) -> torch.Tensor:
+        """``(C,)`` mean of the layer's input channels."""
+        return self.sums[name] / self.count[name]
+
+    def covariance(self, name: str) -> torch.Tensor:
+        """``(C, C)`` covariance of the layer's input channels (biased, over every row seen)."""
+        mu = self.mean(name)
+        return self.products[name] / self.count[name] - torch.outer(mu, mu)
+
+
+def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows of channels: ``(N·positions, C)``."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+@torch.no_grad()
+def collect_input_statistics(
+    model: nn.Module,
+    loader: Iterable,
+    batches: int,
+    *,
+    prec: Precision | None = None,
+    max_features: int = MAX_FEATURES,
+) -> InputStatistics:
+    """The input moments of every conv (``groups=1``) and linear layer of ``model`` over the first
+    ``batches`` batches of ``loader``, in one pass in eval mode (as the exported model runs), fp32
+    forward, float64 sums.
+
+    Under ``torchrun`` every rank reads ``batches`` batches of its shard and the sums are all-reduced,
+    so every rank holds the same statistics (and compensates identically).  Raises
+    :class:`~convsim_shrink.errors.ConfigError` when the loader gives no batch.
+    """
+    device = next(model.parameters()).device
+    prec = prec or resolve_precision(device, "fp32", False)
+    stats = InputStatistics()
+    hooks = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            continue
+        reason = _consumer_kind(module, max_features)
+        if reason is not None:
+            stats.skipped[name] = reason
+            continue
+        c = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+        stats.count[name] = 0.0
+        stats.sums[name] = torch.zeros(c, dtype=torch.float64)
+        stats.products[name] = torch.zeros(c, c, dtype=torch.float64)
+
+        def hook(mod, inputs, name=name):
+            rows = _rows(mod, inputs[0].detach()).double()
+            stats.count[name] += rows.shape[0]
+            stats.sums[name] += rows.sum(0).cpu()
+            stats.products[name] += (rows.T @ rows).cpu()
+
+        hooks.append(module.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    used = 0
+    try:
+        for x, y in loader:
+            if used >= batches:
+                break
+            x, _ = to_device(x, y, prec)
+            model(x.float() if x.is_floating_point() else x)
+            used += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if used == 0:
+        raise ConfigError("the training data gave no batch to fit the compensation on; add images or set prune.compensate=false")
+    if distributed.world_size() > 1:
+        for name in stats.count:
+            stats.count[name] = distributed.all_reduce_sum([stats.count[name]])[0]
+            for t in (stats.sums[name], stats.products[name]):
+                buf = t.to(distributed._comm_device())
+                torch.distributed.all_reduce(buf)
+                t.copy_(buf.cpu())
+    stats.batches = used
+    return stats
+
+
+def least_squares(
+    stats: InputStatistics, name: str, removed: list[int], kept: list[int], ridge: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine least-squares fit of the removed input channels from the kept ones.
+
+    Returns ``(A, b)``, ``A`` of shape ``(|kept|, |removed|)`` and ``b`` of shape ``(|removed|,)``,
+    float64, minimising ``E‖x_P − Aᵀ x_K − b‖² + λ‖A‖²`` over the calibration rows, with
+    ``λ = ridge × mean variance of the kept channels`` (so ``ridge`` is scale-free): the normal
+    equations on the centred covariance, ``A = (Σ_KK + λI)⁻¹ Σ_KP`` and ``b = μ_P − Aᵀ μ_K``.
+    """
+    cov, mu = stats.covariance(name), stats.mean(name)
+    k, p = torch.tensor(kept, dtype=torch.long), torch.tensor(removed, dtype=torch.long)
+    ckk = cov[k][:, k]
+    lam = ridge * float(ckk.diagonal().mean().clamp_min(1e-12)) if len(kept) else 0.0
+    ckk = ckk + lam * torch.eye(len(kept), dtype=ckk.dtype)
+    a = torch.linalg.solve(ckk, cov[k][:, p]) if len(kept) else torch.zeros(0, len(removed), dtype=cov.dtype)
+    b = mu[p] - a.T @ mu[k]
+    return a, b
+
+
+@torch.no_grad()
+def fold_into_consumer(module: nn.Module, removed: list[int], kept: list[int], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Move the removed input channels' weights onto the kept ones: ``W[:, kept] += W[:, removed] Aᵀ``
+    (positions of ``module``'s current input channels; ``A`` as from :func:`least_squares`).
+
+    Returns the constant ``W[:, removed] b`` per output channel, shape ``(out,)``, summed over the kernel
+    (what the removed channels' means added to each output); it is added to the bias when the layer has
+    one, and returned either way so that a caller can place it elsewhere (a following batch norm)."""
+    w = module.weight
+    wp = w.detach()[:, removed].double()
+    a = a.to(wp.device)
+    if isinstance(module, nn.Linear):
+        delta = wp @ a.T  # (out, |kept|)
+        const = wp @ b.to(wp.device)
+    else:
+        delta = torch.einsum("op...,kp->ok...", wp, a)
+        const = torch.einsum("op...,p->o", wp, b.to(wp.device))
+    w.data[:, kept] += delta.to(w.dtype)
+    if module.bias is not None:
+        module.bias.data += const.to(module.bias.dtype)
+    return const
+
+
+@dataclass
+class CompensationReport:
+    """What one compensated pruning did: consumers fitted, and consumers of removed channels left as plain
+    dropping (name -> reason)."""
+
+    compensated: list[str] = field(default_factory=list)
+    left_alone: dict[str, str] = field(default_factory=dict)
+    constants_dropped: list[str] = field(default_factory=list)  # no bias and no batch norm after: the constant is lost
+
+    def summary(self) -> str:
+        parts = [f"{len(self.compensated)} layers compensated"]
+        if self.left_alone:
+            parts.append(f"{len(self.left_alone)} read removed channels uncompensated ("
+                         + ", ".join(f"{n}: {r}" for n, r in list(self.left_alone.items())[:3])
+                         + (", ..." if len(self.left_alone) > 3 else "") + ")")
+        return "; ".join(parts)
+
+
+class Compensator:
+    """Compensates every consumer of a group's removed channels just before torch-pruning removes them.
+
+    Used by :func:`convsim_shrink.pruning.prune_to_target`: ``bind(model)`` on the copy about to be
+    pruned, then ``before_prune(group, graph)`` for every group the pruner yields, in order.  Each
+    consumer's current input positions are mapped back to the dense model's channels (earlier groups may
+    have removed some of them, e.g. from a concatenation), so the fit always uses the dense model's
+    statistics.  ``ridge``: see :func:`least_squares`.
+    """
+
+    def __init__(self, stats: InputStatistics, ridge: float = 1e-3):
+        if not (ridge >= 0 and math.isfinite(ridge)):
+            raise ConfigError(f"prune.compensation_ridge = {ridge} must be a finite number >= 0 (1e-3 is the default)")
+        self.stats = stats
+        self.ridge = ridge
+        self.report = CompensationReport()
+        self._names: dict[int, str] = {}
+        self._alive: dict[str, list[int]] = {}
+
+    def bind(self, model: nn.Module) -> None:
+        self._names = {id(m): n for n, m in model.named_modules()}
+        self._alive = {}
+        self.report = CompensationReport()
+
+    def before_prune(self, group, graph: tp.DependencyGraph) -> None:
+        removed_at: dict[str, tuple[nn.Module, set[int]]] = {}
+        for dep, idxs in group:
+            if not graph.is_in_channel_pruning_fn(dep.handler) or not len(idxs):
+                continue
+            module = dep.target.module
+            if not isinstance(module, nn.Module):
+                continue
+            name = self._names.get(id(module))
+            if name is None:
+                continue
+            if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+                if isinstance(module, _MIXING):  # reads several channels into one: removing one changes it uncompensated
+                    self.report.left_alone.setdefault(name, type(module).__name__)
+                continue  # batch norms, activations, ...: each channel on its own, nothing to compensate
+            if name not in self.stats:
+                self.report.left_alone.setdefault(name, self.stats.skipped.get(name, "no statistics"))
+                continue
+            removed_at.setdefault(name, (module, set()))[1].update(int(i) for i in idxs)
+        for name, (module, positions) in removed_at.items():
+            width = module.weight.shape[1]
+            alive = self._alive.setdefault(name, list(range(width)))
+            if len(alive) != width:  # pruned by something this compensator did not see: do not guess
+                self.report.left_alone.setdefault(name, "input channels changed outside the compensation")
+                continue
+            removed = sorted(positions)
+            kept = [i for i in range(width) if i not in positions]
+            if not kept:
+                continue
+            a, b = least_squares(self.stats, name, [alive[i] for i in removed], [alive[i] for i in kept], self.ridge)
+            const = fold_into_consumer(module, removed, kept, a, b)
+            if module.bias is None:
+                norm = _following_norm(module, graph)
+                if norm is not None:
+                    # the layer now outputs y − const; the norm subtracts a mean lowered by the same
+                    norm.running_mean.data -= const.to(norm.running_mean.dtype).to(norm.running_mean.device)
+                elif bool(const.abs().max() > 0):
+                    self.report.constants_dropped.append(name)
+            self._alive[name] = [alive[i] for i in kept]
+            if name not in self.report.compensated:
+                self.report.compensated.append(name)
+
+
+def _following_norm(module: nn.Module, graph: tp.DependencyGraph) -> nn.Module | None:
+    """The batch norm (with running statistics) that reads ``module``'s output and nothing else does, if any."""
+    node = graph.module2node.get(module)
+    if node is None or len(node.outputs) != 1:
+        return None
+    nxt = node.outputs[0].module
+    if isinstance(nxt, nn.modules.batchnorm._BatchNorm) and nxt.track_running_stats and nxt.running_mean is not None:
+        return nxt
+    return None
+
+
+__all__ = [
+    "CompensationReport", "Compensator", "InputStatistics", "collect_input_statistics", "fold_into_consumer",
+    "least_squares",
+]
