@@ -270,7 +270,8 @@ def list_(
 
         for name in list_criteria():
             c = get_criterion(name)
-            needs = [w for w, on in (("gradients", c.needs_gradients), ("global", c.global_ranking)) if on]
+            needs = [w for w, on in (("gradients", c.needs_gradients), ("layer inputs", c.needs_statistics),
+                                     ("global", c.global_ranking)) if on]
             options = ", ".join(f"{k}={v}" for k, v in c.options.items())
             typer.echo(f"{name:15s} {c.description}" + (f" [{', '.join(needs)}]" if needs else "") + (f" (options: {options})" if options else ""))
     elif what == "datasets":

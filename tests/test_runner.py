@@ -28,7 +28,7 @@ REPORT_KEYS = {
     "model", "recipe", "width", "dataset", "test_images", "criterion", "global_pruning", "distill", "target", "dense", "shrunk",
     "params_ratio", "macs_ratio", "accuracy_delta", "cs", "stages", "total_seconds", "exports", "onnx_max_abs_diff", "pt2_max_abs_diff", "int8", "speed", "target_latency",
     "source", "ignored_layers", "data_notes", "notes",
-    "world_size", "global_batch", "per_process_batch",
+    "world_size", "global_batch", "per_process_batch", "prune_steps", "compensate", "compensation",
 }
 
 
@@ -125,6 +125,22 @@ def test_without_a_run_directory_nothing_is_written_and_export_is_skipped(tmp_pa
     assert spy.calls == ["build", "premin", "train", "prune", "finetune"]
     assert list(tmp_path.iterdir()) == [] and result.run_dir is None
     assert set(result.report) == REPORT_KEYS and result.report["exports"] == {}
+
+
+def test_post_training_path_reports_top1_through_the_prune_stage(tmp_path, monkeypatch, fashion_dir):
+    """finetune.epochs=0 (the post-training path): the report says how top-1 moved at each step of pruning,
+    and the shrunk model is the compensated, BN re-estimated one."""
+    monkeypatch.chdir(tmp_path)
+    result = Runner(resolve(None, sets=SETS)).run()
+    steps = result.report["prune_steps"]
+    assert list(steps) == ["split", "dense", "dropped", "compensated", "bn"] and steps["split"] == "test"
+    assert steps["bn"] == result.report["shrunk"]["accuracy_before_finetune"] == result.report["shrunk"]["accuracy"]
+    assert steps["dense"] == result.report["dense"]["accuracy"]
+    assert result.report["compensate"] is True and "layers compensated" in result.report["compensation"]
+    off = Runner(resolve(None, sets=SETS + ["prune.compensate=false"])).run()
+    assert list(off.report["prune_steps"]) == ["split", "dense", "dropped", "bn"] and off.report["compensation"] is None
+    # the same channels either way: compensation changes weights, not the size
+    assert off.report["shrunk"]["params"] == result.report["shrunk"]["params"]
 
 
 def test_bad_input_fails_before_anything_is_written(tmp_path, fashion_dir):
