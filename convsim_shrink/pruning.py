@@ -372,7 +372,7 @@ def prune_to_target(
         raise ConfigError("give a pruning target: target_params, target_macs and/or target_latency")
     for kind, t in targets.items():
         if not 0 < t < 1:
-            raise ConfigError(f"the {kind} target must be a fraction between 0 and 1 (exclusive), got {t}")
+            raise ConfigError(f"the {kind} target must be a fraction between 0 and 1 (exclusive), got {t:g}")
     tol = {"params": tolerance, "macs": tolerance, "latency": latency_tolerance}
     device = next(model.parameters()).device
     example_inputs = example_inputs.to(device)
@@ -482,7 +482,7 @@ def prune_to_target(
             return result(current)
         raise TargetUnreachableError(
             f"the model is already at {_describe(current.fracs, targets)} of the base, below the target "
-            + ", ".join(f"{_NAMES[k]} {t}" for k, t in targets.items())
+            + ", ".join(f"{_NAMES[k]} {t:g}" for k, t in targets.items())
         )
 
     # The upper end first. Where it misses, the smallest model the limit allows (every layer at its floor)
@@ -592,7 +592,7 @@ def prune_to_target(
         if retries == 2:
             notes.append(
                 f"the pruned model's latency re-measured at {best.fracs['latency']:.3f} of the dense model's, above the "
-                f"target {targets['latency']}: the timings vary more than the search can resolve"
+                f"target {targets['latency']:g}: the timings vary more than the search can resolve"
             )
             break
         retries += 1
@@ -605,7 +605,7 @@ def prune_to_target(
     if fits(best) and not in_window(best):
         k = binding(best)
         notes.append(
-            f"pruned to {best.fracs[k]:.4f} of the base {_NAMES[k]}: the nearest channel count below {targets[k]} "
+            f"pruned to {best.fracs[k]:.4f} of the base {_NAMES[k]}: the nearest channel count below {targets[k]:g} "
             f"(round_to={round_to}) is more than {tol[k]} below the target"
         )
     if timer is not None and timer.warning:
