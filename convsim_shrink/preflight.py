@@ -21,6 +21,11 @@ output         the run directory can be created and written (no file in the way,
 
 The data is checked right after these, still before anything is written: ``prepare`` reads it
 (:func:`~convsim_shrink.data.build_data`), and reading is the only check that proves it is usable.
+Then :func:`check_model` proves that a model the user brought (a module given to the Python API, an
+import string, a checkpoint, torchvision or timm) is one the tool can hook, trace and train: an eager
+module (not TorchScript), with parameters, that runs on one input of the data's shape.  Models the
+tool cannot lay out in channels_last (Conv3d) are not refused: only their 2-d kernels are converted
+(:func:`~convsim_shrink.train.set_memory_format`).
 """
 
 from __future__ import annotations
@@ -174,6 +179,51 @@ def _check_onnx_round_trip(opset: int) -> None:
         ) from None
 
 
+# --------------------------------------------------------------------------------------- model
+
+
+def check_model(model, example_inputs) -> None:
+    """``model`` is an eager ``nn.Module`` the tool can hook and trace (torch-pruning records its forward
+    pass, measuring registers forward hooks: TorchScript supports neither), it has parameters to train
+    and prune, and it runs on ``example_inputs`` (one input of the data's shape; in evaluation mode,
+    without gradients, on a float copy of a half-precision model).  Raises :class:`ConfigError`."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"the model is a {type(model).__name__}, not a torch.nn.Module; pass the module itself")
+    scripted = [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if scripted:
+        what = "the model is" if scripted[0] == "" else f"the model's layer '{scripted[0]}' is"
+        raise ConfigError(
+            f"{what} TorchScript (torch.jit.script or torch.jit.trace), which cannot be hooked or traced for pruning; "
+            "pass the nn.Module as it was before scripting (export.formats can write TorchScript of the shrunk model)"
+        )
+    params = list(model.parameters())
+    if not params:
+        raise ConfigError("the model has no parameters, so there is nothing to train or prune; give a model with conv or linear layers")
+    work = model
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in params):
+        work = copy.deepcopy(model).float()  # trained in float32 (adapt.to_float32); the caller's stays as it is
+    x = example_inputs.to(params[0].device)
+    was_training = work.training
+    work.eval()
+    try:
+        with torch.no_grad():
+            work(x)
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises, every stage would raise it too
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        shape = "x".join(str(s) for s in x.shape)
+        raise ConfigError(
+            f"the model does not run on the data's inputs of shape {shape} ({type(exc).__name__}: {first}); "
+            "give a model for inputs of this shape, or data of the shape it takes"
+        ) from None
+    finally:
+        work.train(was_training)
+
+
 # -------------------------------------------------------------------------------------- output
 
 
@@ -207,6 +257,7 @@ __all__ = [
     "EXPORT_PACKAGES",
     "check_device",
     "check_exports",
+    "check_model",
     "check_output_dir",
     "check_precision",
     "check_run",

@@ -208,14 +208,30 @@ def _describe(fracs: dict[str, float], kinds) -> str:
     return ", ".join(f"{fracs[k]:.3f} of the {_NAMES[k]}" for k in kinds if k in fracs)
 
 
-def _unreachable(targets: dict[str, float], probes: list[_Candidate], max_layer_ratio: float, round_to) -> TargetUnreachableError:
-    where = f"(prune.max_layer_ratio={max_layer_ratio}, round_to={round_to})"
-    fix = "raise prune.max_layer_ratio, lower round_to, or raise the target"
+def _setting(name: str, value) -> str:
+    return f"prune.{name}={'null' if value is None else value}"
+
+
+def _unreachable(targets: dict[str, float], probes: list[_Candidate], max_layer_ratio: float, round_to,
+                 alternative: tuple[dict, _Candidate] | None = None, tried: list[dict] = ()) -> TargetUnreachableError:
+    """The refusal: what the allowed settings reach at most, and a setting that does reach the targets
+    (``alternative``: the settings changed and the candidate they gave) or, when none of ``tried`` did,
+    the targets that are reachable."""
+    where = f"({_setting('max_layer_ratio', max_layer_ratio)}, {_setting('round_to', round_to)})"
+    if alternative is not None:
+        changed, c = alternative
+        fix = (f"{' and '.join(_setting(k, v) for k, v in changed.items())} reaches it "
+               f"(down to {_describe(c.fracs, targets)}), or raise the target")
+    else:
+        others = " or ".join(" and ".join(_setting(k, v) for k, v in t.items()) for t in tried)
+        fix = f"{others} does not reach it either; raise the target" if others else "raise the target"
     if len(targets) == 1:
         ((kind, target),) = targets.items()
         smallest = min(c.fracs[kind] for c in probes)
+        if alternative is None:
+            fix += f" to at least {math.ceil(smallest * 1000) / 1000:g}"
         return TargetUnreachableError(
-            f"target {_NAMES[kind]} {target} is unreachable: the smallest reachable is {smallest:.3f} of the {_NAMES[kind]} {where}; {fix}"
+            f"target {_NAMES[kind]} {target:g} is unreachable: the smallest reachable is {smallest:.3f} of the {_NAMES[kind]} {where}; {fix}"
         )
     # the most pruned model that comes nearest to meeting every target, and the targets it does meet
     nearest = min(probes, key=lambda c: max(c.fracs[k] / t for k, t in targets.items()))
@@ -225,6 +241,21 @@ def _unreachable(targets: dict[str, float], probes: list[_Candidate], max_layer_
         f"the targets {asked} are unreachable together: the most pruned model measures {_describe(nearest.fracs, targets)} "
         f"{where}; the closest reachable combination is {closest}; {fix}"
     )
+
+
+def layer_floors(channels: dict[str, int], max_layer_ratio: float, round_to: int | None) -> dict[str, int]:
+    """The fewest channels each layer may keep: no more than ``max_layer_ratio`` of its ``channels``
+    removed, and, with ``round_to``, a multiple of it (the whole layer where that multiple is more than
+    the layer has). Torch-pruning's own limit is looser: it truncates a layer's kept channels
+    (``int(C * (1 - ratio))``), rounds them down to ``round_to``, and with global pruning lets one layer
+    lose any share while the whole model keeps its ratio."""
+    floors = {}
+    for name, c in channels.items():
+        keep = c - math.floor(c * max_layer_ratio + 1e-9)
+        if round_to:
+            keep = math.ceil(keep / round_to) * round_to
+        floors[name] = min(keep, c)
+    return floors
 
 def _group_roots(model, example_inputs, ignored) -> list[str]:
     """Names of the root modules of the model's prunable groups, in network order."""
@@ -296,6 +327,7 @@ def prune_to_target(
     warn: bool = True,
     cost_exponent: float = 0.0,
     compensator: Any = None,
+    base_channels: dict[str, int] | None = None,
 ) -> PruneResult:
     """A pruned copy of ``model`` that meets every given target, each a fraction of the base model:
     parameters (``target_params``), MACs (``target_macs``) and measured latency (``target_latency``).
@@ -323,16 +355,24 @@ def prune_to_target(
     (compensation changes no size), then the winner is pruned once more from ``model`` with the same
     channels, every removed channel's consumers compensated; ``result.uncompensated`` keeps the plain one.
 
+    ``max_layer_ratio``: no layer loses more than this fraction of its channels (of ``base_channels``,
+    the layers' channels by name before an iterative pruning's first step; default: ``model``'s), with
+    ``round_to`` too: a layer keeps at least :func:`layer_floors` channels, whole where no multiple of
+    ``round_to`` fits. Where torch-pruning's own limit lets a layer lose more, the candidate is pruned
+    again layer by layer with that layer at its floor.
+
     Raises :class:`ConfigError` for a target outside (0, 1) or none at all, and
-    :class:`TargetUnreachableError` when the most pruned allowed model misses a target: the message gives
-    the smallest reachable size and, for combined targets, the closest reachable combination.
+    :class:`TargetUnreachableError` when no allowed model meets the targets (not even the smallest, every
+    layer at its floor): the message gives that smallest size and, for combined targets, the closest
+    reachable combination; then a setting that reaches the targets (``round_to`` off, ``max_layer_ratio``
+    0.95 or 0.99), or that none of those does.
     """
     targets = {k: t for k, t in zip(KINDS, (target_params, target_macs, target_latency)) if t is not None}
     if not targets:
         raise ConfigError("give a pruning target: target_params, target_macs and/or target_latency")
     for kind, t in targets.items():
         if not 0 < t < 1:
-            raise ConfigError(f"the {kind} target must be a fraction between 0 and 1 (exclusive), got {t}")
+            raise ConfigError(f"the {kind} target must be a fraction between 0 and 1 (exclusive), got {t:g}")
     tol = {"params": tolerance, "macs": tolerance, "latency": latency_tolerance}
     device = next(model.parameters()).device
     example_inputs = example_inputs.to(device)
@@ -392,15 +432,33 @@ def prune_to_target(
         history.append({"channel_ratio": ratio, **{f"{k}_ratio": v for k, v in fracs.items()}})
         return c
 
-    def trial(ratio: float, overrides: dict[str, float] | None = None, *, use_global: bool = global_pruning, all_kinds: bool = False):
+    here = channel_counts(model)
+    roots: list[str] = []  # the groups' root layers, found when a trial first needs them
+
+    def trial(ratio: float, overrides: dict[str, float] | None = None, *, use_global: bool = global_pruning, all_kinds: bool = False,
+              limit: float = max_layer_ratio, rounding: int | None = round_to):
         nonlocal trials
-        pruned = _prune_copy(
-            model, example_inputs, cached, ratio, round_to=round_to, global_pruning=use_global,
-            max_layer_ratio=max_layer_ratio, ignored=ignored, overrides=overrides,
-        )
-        trials += 1
+        args = {"ratio": ratio, "overrides": overrides, "global_pruning": use_global}
+        floors = layer_floors({n: (base_channels or here).get(n, c) for n, c in here.items()}, limit, rounding)
+        for attempt in range(3):
+            pruned = _prune_copy(
+                model, example_inputs, cached, args["ratio"], round_to=rounding, global_pruning=args["global_pruning"],
+                max_layer_ratio=limit, ignored=ignored, overrides=args["overrides"],
+            )
+            trials += 1
+            # Torch-pruning can take more than the limit of a layer (see layer_floors): prune the copy again
+            # layer by layer, giving each layer it over-pruned its fewest allowed channels.
+            counts = channel_counts(pruned)
+            if all(counts[n] >= min(f, here[n]) for n, f in floors.items() if n in counts):
+                break
+            roots[:] = roots or _group_roots(model, example_inputs, ignored)
+            want = {r: max(counts[r], min(floors[r], here[r])) for r in roots}
+            if attempt:
+                # a repair that still fell short (channels that go in groups of several, e.g. grouped convs)
+                want = {r: min(here[r], want[r] + max(0, floors[r] - counts[r])) for r in roots}
+            args = {"ratio": 0.0, "overrides": {r: 1 - (want[r] + 0.5) / here[r] for r in roots}, "global_pruning": False}
         c = evaluate(pruned, ratio, all_kinds=all_kinds)
-        c.args = {"ratio": ratio, "overrides": overrides, "global_pruning": use_global}
+        c.args = args
         return c
 
     def result(c: _Candidate, note: str | None = None) -> PruneResult:
@@ -424,25 +482,40 @@ def prune_to_target(
             return result(current)
         raise TargetUnreachableError(
             f"the model is already at {_describe(current.fracs, targets)} of the base, below the target "
-            + ", ".join(f"{_NAMES[k]} {t}" for k, t in targets.items())
+            + ", ".join(f"{_NAMES[k]} {t:g}" for k, t in targets.items())
         )
 
-    # The upper end first: with rounding, a layer whose kept channels would round to zero is left whole,
-    # so the largest ratio is not always the smallest size; step down until the targets hold.
-    probes: list[_Candidate] = []
-    found = None
-    hi_ratio = max_layer_ratio
-    while hi_ratio > 0.05:
-        c = trial(hi_ratio, all_kinds=True)
-        probes.append(c)
-        if fits(c):
-            found = c
-            break
-        if round_to is None:
-            break  # without rounding the size falls monotonically with the ratio
-        hi_ratio = round(hi_ratio - 0.1, 6)
+    # The upper end first. Where it misses, the smallest model the limit allows (every layer at its floor)
+    # says whether anything can fit; if so, step down from the upper end: a layer whose kept channels
+    # truncate (int(C * 0.1) = 0 for C <= 10 at 0.9) or round to zero, or that global ranking would empty,
+    # is left whole, so the largest ratio is not always the smallest size.
+    def smallest(limit: float, rounding: int | None) -> _Candidate:
+        roots[:] = roots or _group_roots(model, example_inputs, ignored)
+        floors = layer_floors({n: (base_channels or here).get(n, c) for n, c in here.items()}, limit, rounding)
+        overrides = {r: 1 - (min(floors[r], here[r]) + 0.5) / here[r] for r in roots}
+        c = trial(0.0, overrides, use_global=False, all_kinds=True, limit=limit, rounding=rounding)
+        c.ratio = limit
+        return c
+
+    probes = [trial(max_layer_ratio, all_kinds=True)]
+    found = probes[0] if fits(probes[0]) else None
     if found is None:
-        raise _unreachable(targets, probes, max_layer_ratio, round_to)
+        probes.append(smallest(max_layer_ratio, round_to))
+        if fits(probes[-1]):
+            hi_ratio = round(max_layer_ratio - 0.1, 6)
+            while found is None and hi_ratio > 0.05:
+                probes.append(trial(hi_ratio, all_kinds=True))
+                found = probes[-1] if fits(probes[-1]) else None
+                hi_ratio = round(hi_ratio - 0.1, 6)
+            found = found or probes[1]
+    if found is None:
+        # a refusal names a setting that reaches the targets, if one of these does
+        tried = ([{"round_to": None}] if round_to else []) + [{"max_layer_ratio": m} for m in (0.95, 0.99) if m > max_layer_ratio]
+        for changed in tried:
+            c = smallest(changed.get("max_layer_ratio", max_layer_ratio), changed.get("round_to", round_to))
+            if fits(c):
+                raise _unreachable(targets, probes, max_layer_ratio, round_to, alternative=(changed, c))
+        raise _unreachable(targets, probes, max_layer_ratio, round_to, tried=tried)
 
     def bisect(lo: float, hi: float, best: _Candidate, budget: int) -> tuple[float, float, _Candidate]:
         """The smallest channel ratio whose candidate fits, until the binding target is in its window."""
@@ -519,7 +592,7 @@ def prune_to_target(
         if retries == 2:
             notes.append(
                 f"the pruned model's latency re-measured at {best.fracs['latency']:.3f} of the dense model's, above the "
-                f"target {targets['latency']}: the timings vary more than the search can resolve"
+                f"target {targets['latency']:g}: the timings vary more than the search can resolve"
             )
             break
         retries += 1
@@ -532,7 +605,7 @@ def prune_to_target(
     if fits(best) and not in_window(best):
         k = binding(best)
         notes.append(
-            f"pruned to {best.fracs[k]:.4f} of the base {_NAMES[k]}: the nearest channel count below {targets[k]} "
+            f"pruned to {best.fracs[k]:.4f} of the base {_NAMES[k]}: the nearest channel count below {targets[k]:g} "
             f"(round_to={round_to}) is more than {tol[k]} below the target"
         )
     if timer is not None and timer.warning:
@@ -584,6 +657,7 @@ def iterative_prune(
     targets = {k: t for k, t in zip(KINDS, (target_params, target_macs, target_latency)) if t is not None}
     x = example_inputs.to(next(model.parameters()).device)
     base = measure(model, x)
+    kwargs.setdefault("base_channels", channel_counts(model))  # max_layer_ratio holds over all the steps together
     if target_latency is not None and latency_fn is None:
         from .deploy import latency_meter
 

@@ -44,7 +44,7 @@ from .data import DataBundle, DataInfo
 from .errors import CheckpointError, ConfigError, ConvSimError, unknown
 from .io import atomic_write_text
 from .models import list_models
-from .preflight import check_run
+from .preflight import check_model, check_run
 from .ranking import get_criterion
 from .recipe import Recipe
 from .report import build_report, speedup_text, write_report
@@ -63,7 +63,7 @@ from .stages import (
     train_stage,
 )
 from .state import ModelSize, RunState
-from .train import resolve_device, resolve_precision, seed_everything
+from .train import is_channels_last, resolve_device, resolve_precision, seed_everything, set_memory_format
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,7 @@ class Runner:
         self.epochs_asked = epochs_asked
         self.source = None  # sources.Source of a model the recipe names outside the zoo's random weights
         self.dtype: torch.dtype | None = None  # the given model's half dtype, restored on the returned model
+        self.channels_last = False  # the given model's 2-d kernels were channels_last: so are the returned model's
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -235,6 +236,9 @@ class Runner:
             self.source = resolve_source(name, num_classes=info.num_classes or None, in_channels=info.in_channels, weights=r.model.weights,
                                          width=r.model.width, small_input=r.model.small_input)
             self.pretrained = self.pretrained or self.source.pretrained
+        brought = self.given_model if self.given_model is not None else (self.source.model if self.source else None)
+        if brought is not None:  # TorchScript, no parameters, or not running on the data: before any training
+            check_model(brought, self.example_inputs)
         if not self.resume:
             self._dense_rule()
         if self.run_dir is None:
@@ -270,6 +274,7 @@ class Runner:
                                                              if self.given_model is not None else f"zoo model {r.model.name}, random weights")
         self.log(f"model: {m.source}")
         if given is not None:
+            self.channels_last = is_channels_last(given)
             self.dtype = to_float32(given)
             if self.dtype is not None:
                 m.dtype_note = f"the model came in {str(self.dtype).removeprefix('torch.')}: trained, pruned and exported in float32"
@@ -420,6 +425,9 @@ class Runner:
         if self.dtype is not None:  # the Python API gets the model back in the dtype it came in
             for model in {id(m): m for m in (self.model, self.dense) if m is not None}.values():
                 restore_dtype(model, self.dtype)
+        if self.channels_last:  # and in the memory format it came in (training leaves it contiguous)
+            for model in {id(m): m for m in (self.model, self.dense) if m is not None}.values():
+                set_memory_format(model, True)
         report = distributed.broadcast_json(report)  # the others wait here for rank 0's files
         return ShrinkResult(self.model, self.dense, report, self.run_dir)
 

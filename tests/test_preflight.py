@@ -170,3 +170,56 @@ def test_cli_export_command_checks_its_packages_first(tmp_path, capsys, no_onnxr
         main(["export", str(tmp_path / "m.safetensors"), "--format", "onnx"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "pip install onnxruntime" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------- models it cannot hook or trace (issue 24)
+
+def _plain(in_channels=1):
+    return torch.nn.Sequential(torch.nn.Conv2d(in_channels, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 3))
+
+
+def _inner_scripted():
+    model = _plain()
+    model[0] = torch.jit.script(model[0])
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+@pytest.mark.parametrize("make,expected", [
+    (lambda: torch.jit.script(_plain()), "the model is TorchScript (torch.jit.script or torch.jit.trace)"),
+    (lambda: torch.jit.trace(_plain(), torch.zeros(1, 1, 8, 8)), "the model is TorchScript"),
+    (_inner_scripted, "the model's layer '0' is TorchScript"),
+    (lambda: torch.nn.Sequential(torch.nn.Flatten()), "the model has no parameters"),
+    (lambda: _plain(in_channels=3), "the model does not run on the data's inputs of shape 1x1x8x8 (RuntimeError: "),
+], ids=["script", "trace", "scripted-layer", "no-parameters", "wrong-channels"])
+def test_a_model_the_tool_cannot_hook_or_trace_is_refused_in_one_line(make, expected):
+    with pytest.raises(ConfigError) as err:
+        preflight.check_model(make(), torch.zeros(1, 1, 8, 8))
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_models_it_can_work_with_pass_and_are_left_as_they_were():
+    half = _plain().half()
+    preflight.check_model(half, torch.zeros(1, 1, 8, 8))  # run on a float copy
+    assert next(half.parameters()).dtype == torch.float16 and half.training
+    conv3d = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    preflight.check_model(conv3d, torch.zeros(1, 1, 5, 8, 8))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_cli_refuses_a_torchscript_model_before_training_and_writes_nothing(tmp_path, monkeypatch, capsys, fashion_dir):
+    (tmp_path / "scripted_models.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def make(num_classes=10, in_channels=1):\n"
+        "    return torch.jit.script(nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), "
+        "nn.Flatten(), nn.Linear(4, num_classes)))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        main(["scripted_models:make", "--data-dir", str(fashion_dir.parent), "--set", "data.subset=64", "--device", "cpu",
+              "--set", "export.formats=[convsim]", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "the model is TorchScript" in err
+    assert not (tmp_path / "run").exists()

@@ -330,3 +330,101 @@ def test_cost_weighting_spends_a_macs_target_where_compute_is():
     first, last = "conv1", "layer4.1.conv2"
     kept = {name: channel_counts(r.model) for name, r in (("plain", plain), ("costed", costed))}
     assert kept["costed"][first] <= kept["plain"][first] and kept["costed"][last] > kept["plain"][last]
+
+
+# ------------------------------------------------------------------ max_layer_ratio and refusals (issue 24)
+
+def wide_cnn():
+    """A 128-channel conv and a 24-channel conv: a small target takes both to prune.max_layer_ratio."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 128, 3), nn.BatchNorm2d(128), nn.ReLU(), nn.Conv2d(128, 24, 3), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
+
+
+def narrow_cnn():
+    """Every prunable layer at most 10 channels wide: torch-pruning keeps int(0.1 * C) = 0 of them at 0.9."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 10, 3), nn.ReLU(), nn.Conv2d(10, 10, 3), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(10, 10))
+
+
+X16 = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+X16_RGB = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+SMALLEST = re.compile(r"smallest reachable is (\d\.\d+) of the params")
+AT_LEAST = re.compile(r"raise the target to at least (\d\.\d+)")
+
+
+def assert_within_limit(model, pruned, ratio, round_to=None):
+    before, after = channel_counts(model), channel_counts(pruned)
+    for name, c in before.items():
+        removed = c - after[name]
+        assert removed <= ratio * c + 1e-9, (name, c, after[name])
+        if round_to and removed:
+            assert after[name] % round_to == 0, (name, after[name])
+
+
+@pytest.mark.parametrize("round_to,target", [(None, 0.02), (8, 0.06)])
+@pytest.mark.parametrize("global_pruning", [False, True], ids=["local", "global"])
+def test_max_layer_ratio_holds_for_every_layer(global_pruning, round_to, target):
+    # torch-pruning alone keeps 2 of 24 channels (local: int(24 * 0.1) = 2), 8 of 128 (round_to rounds 12 down)
+    # or, with global ranking, empties the 24-channel layer and leaves it whole
+    model = wide_cnn()
+    result = prune_to_target(model, X16, make_importance("l1"), target_params=target, global_pruning=global_pruning,
+                             round_to=round_to, max_layer_ratio=0.9, warn=False)
+    assert result.params_ratio <= target
+    assert_within_limit(model, result.model, 0.9, round_to)
+    assert channel_counts(result.model)["0"] < 128 and channel_counts(result.model)["3"] < 24  # both layers pruned
+
+
+def test_max_layer_ratio_holds_over_iterative_steps():
+    model = wide_cnn()
+    result = iterative_prune(model, X16, lambda: make_importance("l1"), steps=2, target_params=0.02, max_layer_ratio=0.9,
+                             global_pruning=True, warn=False)
+    assert result.params_ratio <= 0.02
+    assert_within_limit(model, result.model, 0.9)  # of the layers before the first step, not of each step's
+
+
+@pytest.mark.parametrize("global_pruning", [False, True], ids=["local", "global"])
+def test_layers_of_ten_channels_or_fewer_are_pruned_to_the_target(global_pruning):
+    # At channel ratio 0.9 torch-pruning leaves every layer here whole (1.000 of the params): the search
+    # must not stop there
+    model = narrow_cnn()
+    result = prune_to_target(model, X16_RGB, make_importance("l1"), target_params=0.5, global_pruning=global_pruning, warn=False)
+    assert result.params_ratio <= 0.5
+    assert_within_limit(model, result.model, 0.9)
+
+
+def test_a_refusal_names_a_setting_that_reaches_the_target():
+    model = wide_cnn()
+    with pytest.raises(TargetUnreachableError) as err:
+        prune_to_target(model, X16, make_importance("l1"), target_params=0.02, round_to=8, global_pruning=True)
+    msg = str(err.value)
+    assert "\n" not in msg and "prune.round_to=null reaches it" in msg and "prune.max_layer_ratio" not in msg.split(";")[-1]
+    assert float(SMALLEST.search(msg).group(1)) > 0.02
+    # and it is true: that setting reaches it
+    result = prune_to_target(model, X16, make_importance("l1"), target_params=0.02, round_to=None, global_pruning=True, warn=False)
+    assert result.params_ratio <= 0.02
+
+
+@pytest.mark.parametrize("model_fn,x", [(wide_cnn, X16), (narrow_cnn, X16_RGB)], ids=["wide", "narrow"])
+def test_a_refusal_gives_the_true_floor(model_fn, x):
+    model = model_fn()
+    with pytest.raises(TargetUnreachableError) as err:
+        prune_to_target(model, x, make_importance("l1"), target_params=0.001, max_layer_ratio=0.5)
+    msg = str(err.value)
+    assert "prune.max_layer_ratio=0.95 or prune.max_layer_ratio=0.99 does not reach it either" in msg
+    smallest, floor = float(SMALLEST.search(msg).group(1)), float(AT_LEAST.search(msg).group(1))
+    assert smallest < 1 and floor >= smallest
+    # the floor is reachable, and it is the floor: every layer at the limit
+    result = prune_to_target(model, x, make_importance("l1"), target_params=floor, max_layer_ratio=0.5, tolerance=1.0, warn=False)
+    assert result.params_ratio == pytest.approx(smallest, abs=5e-4)
+    counts = channel_counts(result.model)
+    assert all(counts[n] == c - c // 2 for n, c in channel_counts(model).items() if n != "8" and n != "7")
+
+
+def test_a_note_prints_the_target_as_given():
+    model = narrow_cnn()
+    # steps=1: the step's target is 1 - (1 - 0.3) * 1 / 1 = 0.30000000000000004
+    result = iterative_prune(model, X16_RGB, lambda: make_importance("l1"), steps=1, target_params=0.3, round_to=4,
+                             tolerance=0.001, warn=False)
+    assert result.note and "below 0.3 " in result.note and "0.3000000" not in result.note

@@ -157,3 +157,51 @@ def test_report_reads_the_typed_state():
     assert set(report) == REPORT_KEYS
     assert report["dense"] == {"params": 100, "macs": 400, "accuracy": None, "note": None} and report["params_ratio"] is None
     assert report["cs"]["init"] == 2.0 and report["stages"] == {"build": 0.25} and report["total_seconds"] == 0.2
+
+
+# ----------------------------------------------------------- models given to the Python API (issue 24)
+
+def _batches(shape, n=2):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, *shape, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+
+
+API_RECIPE = {"train": {"epochs": 1}, "finetune": {"epochs": 0}, "premin": {"steps": 1}, "prune": {"round_to": None},
+              "run": {"quiet": True, "device": "cpu"}}
+
+
+def _cnn(conv=torch.nn.Conv2d, bn=torch.nn.BatchNorm2d, pool=torch.nn.AdaptiveAvgPool2d):
+    return torch.nn.Sequential(conv(1, 8, 3), bn(8), torch.nn.ReLU(), conv(8, 8, 3), torch.nn.ReLU(), pool(1),
+                               torch.nn.Flatten(), torch.nn.Linear(8, 3))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_shrink_refuses_a_torchscript_model_before_any_stage(monkeypatch):
+    spy = Spy(monkeypatch)
+    data = _batches((1, 12, 12))
+    with pytest.raises(ConfigError, match="the model is TorchScript"):
+        runner.shrink(torch.jit.script(_cnn()), data, data, target_params=0.6, recipe=API_RECIPE, num_classes=3)
+    assert spy.calls == []
+
+
+def test_a_conv3d_model_shrinks_with_channels_last_on():
+    recipe = {**API_RECIPE, "train": {"epochs": 1, "channels_last": True}}
+    data = _batches((1, 6, 10, 10))
+    result = runner.shrink(_cnn(torch.nn.Conv3d, torch.nn.BatchNorm3d, torch.nn.AdaptiveAvgPool3d), data, data,
+                           target_params=0.6, recipe=recipe, num_classes=3)
+    assert result.report["params_ratio"] <= 0.6
+    assert result.model(data[0][0]).shape == (8, 3)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_returned_model_keeps_the_memory_format_it_came_in(channels_last):
+    model = _cnn()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    recipe = {**API_RECIPE, "train": {"epochs": 1, "channels_last": True}}  # training leaves the model contiguous
+    data = _batches((1, 12, 12))
+    result = runner.shrink(model, data, data, target_params=0.6, recipe=recipe, num_classes=3)
+    kernels = [p for p in result.model.parameters() if p.dim() == 4 and p.shape[1] > 1]  # where the two formats differ
+    assert kernels
+    assert all(p.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format) for p in kernels)
+    assert not any(p.is_contiguous(memory_format=torch.contiguous_format if channels_last else torch.channels_last) for p in kernels)

@@ -11,7 +11,7 @@
 """
 
 from .calibrate import accumulate_gradients, recalibrate_bn
-from .device import Precision, cpu_has_fast_bf16, resolve_device, resolve_precision, seed_everything, to_device
+from .device import Precision, cpu_has_fast_bf16, is_channels_last, resolve_device, resolve_precision, seed_everything, set_memory_format, to_device
 from .distributed import is_main_process, rank, unwrap, world_size
 from .loop import FitResult, evaluate, fit, load_training_state, train_one_epoch
 from .losses import LossTerm, cs_regularizer, distillation
@@ -20,7 +20,7 @@ from .progress import make_progress
 
 __all__ = [
     "FitResult", "LossTerm", "Precision", "Schedule", "accumulate_gradients", "cpu_has_fast_bf16", "cs_regularizer",
-    "distillation", "evaluate", "fit", "is_main_process", "load_training_state", "make_optimizer", "make_progress",
-    "make_schedule", "rank", "recalibrate_bn", "resolve_device", "resolve_precision", "seed_everything", "to_device",
+    "distillation", "evaluate", "fit", "is_channels_last", "is_main_process", "load_training_state", "make_optimizer", "make_progress",
+    "make_schedule", "rank", "recalibrate_bn", "resolve_device", "resolve_precision", "seed_everything", "set_memory_format", "to_device",
     "train_one_epoch", "unwrap", "world_size",
 ]

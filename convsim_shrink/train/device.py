@@ -80,6 +80,20 @@ def resolve_precision(device: torch.device, precision: str = "auto", channels_la
     return Precision(device, dtype, scaler=dtype == torch.float16, channels_last=cl)
 
 
+def set_memory_format(model: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
+    """``model`` in place with its 4-d parameters and buffers (2-d conv kernels) in channels_last (or back
+    in the contiguous format). ``model.to(memory_format=...)`` also converts 5-d tensors and raises for
+    channels_last on them (Conv3d kernels); those, and every other rank, stay as they are."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return model._apply(lambda t: t.contiguous(memory_format=fmt) if t.dim() == 4 else t)
+
+
+def is_channels_last(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s 4-d parameters are laid out channels_last (some of them, none contiguous)."""
+    weights = [p for p in model.parameters() if p.dim() == 4 and not p.is_contiguous()]
+    return bool(weights) and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+
+
 def to_device(x: torch.Tensor, y: torch.Tensor, prec: Precision) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch on ``prec.device``, images in the precision's memory format."""
     x = x.to(prec.device, non_blocking=True)

@@ -34,7 +34,7 @@ from torch import nn
 from ..adapt import diverged_loss_limit, divergence, logits_of, nonfinite_tensors
 from ..errors import CheckpointError, ConfigError, TrainingDivergedError
 from ..io import atomic_torch_save
-from .device import Precision, resolve_precision, to_device
+from .device import Precision, resolve_precision, set_memory_format, to_device
 from . import distributed
 from .distributed import is_main_process, unwrap, world_size
 from .losses import LossTerm, cs_regularizer
@@ -257,7 +257,7 @@ def fit(
     prec = resolve_precision(device, cfg.precision, cfg.channels_last)
     model.to(device)
     if prec.channels_last:
-        model.to(memory_format=torch.channels_last)
+        set_memory_format(model, True)  # 2-d kernels only: a Conv3d stays as it is
     if hasattr(train_loader, "to") and device.type != "cpu":
         train_loader.to(device)
         if eval_loader is not None and hasattr(eval_loader, "to"):
@@ -347,5 +347,5 @@ def fit(
     distributed.unwrap_after_training(model)
     result.final = result.history[-1] if result.history else {}
     if prec.channels_last:
-        model.to(memory_format=torch.contiguous_format)
+        set_memory_format(model, False)
     return result
