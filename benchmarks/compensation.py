@@ -50,9 +50,11 @@ CONFIGS = {
 
 class CompensationBench(Bench):
     def __init__(self, args):
+        variants = {label: sets for label, *sets in args.variant or []}
         args.criteria, args.variant, args.b_criteria, args.shard = [], None, [], "compensation"
         super().__init__(args)
         self.configs = {k: CONFIGS[k] for k in args.configs}
+        self.configs.update(variants)
         for sets in self.configs.values():
             self.recipe(sets)  # bad settings fail before any work
 
@@ -160,6 +162,9 @@ def main(argv=None):
     p.add_argument("--model", help="zoo model (default: the preset's)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any recipe setting for every unit (repeatable)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--variant", nargs="+", action="append", metavar=("LABEL", "KEY=VALUE"),
+                   help="an extra configuration: a label and its prune.* settings, e.g. --variant ridge1e-2 "
+                        "prune.compensation_ridge=0.01 (repeatable)")
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.25, 0.1])
     p.add_argument("--budgets", type=int, nargs="+", default=[0, 1],
                    help="fine-tuning budgets (0 = the pruned model; add the recipe's, e.g. 4, for the full budget)")

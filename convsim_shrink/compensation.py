@@ -155,10 +155,8 @@ def collect_input_statistics(
     if distributed.world_size() > 1:
         for name in stats.count:
             stats.count[name] = distributed.all_reduce_sum([stats.count[name]])[0]
-            for t in (stats.sums[name], stats.products[name]):
-                buf = t.to(distributed._comm_device())
-                torch.distributed.all_reduce(buf)
-                t.copy_(buf.cpu())
+            distributed.all_reduce_tensor_(stats.sums[name])
+            distributed.all_reduce_tensor_(stats.products[name])
     stats.batches = used
     return stats
 

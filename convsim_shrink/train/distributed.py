@@ -218,6 +218,16 @@ def all_reduce_sum(values: list[float], device: torch.device | None = None) -> l
     return t.tolist()
 
 
+def all_reduce_tensor_(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over the ranks in place (through the backend's device), and return it."""
+    if world_size() == 1:
+        return t
+    buf = t.to(_comm_device())
+    torch.distributed.all_reduce(buf)
+    t.copy_(buf.to(t.device))
+    return t
+
+
 def from_rank0(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` measured on rank 0 only, its value (seconds, a float, or anything with a ``seconds``
     attribute) handed to every rank: measurements such as latency differ from process to process, and

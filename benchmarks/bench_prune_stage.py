@@ -1,0 +1,64 @@
+"""The prune stage's time with and without compensation, side by side in one process.
+
+    python benchmarks/bench_prune_stage.py bench-out/compare-main/dense-A-0.safetensors --preset main --repeats 3
+
+Runs ``stages.prune_stage`` on the dense model with the preset's recipe (compare.py's presets), alternating
+``prune.compensate=false`` and ``true`` (A B A B ...), with ``prune.step_accuracy=false`` in both so that
+only the stage's own work is timed (the per-step evaluations are a report option).  Prints each run's
+seconds, the medians and the ratio of the medians, and the pruned models' sizes (which must match).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import convsim_shrink
+from convsim_shrink.recipe import default_recipe_for, resolve
+from convsim_shrink.stages import example_inputs_for, prepare_data, prune_stage
+from convsim_shrink.train import resolve_device
+from convsim_shrink.train.device import cpu_has_fast_bf16
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import PRESETS  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dense", help="a dense model saved by compare.py (OUT/dense-A-SEED.safetensors)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="main")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    recipe = resolve(default_recipe_for(preset["model"]), overrides={"run.seed": args.seed, "run.quiet": True},
+                     sets=[*preset["sets"], "prune.step_accuracy=false", *args.set])
+    device = resolve_device(recipe.run.device)
+    print(f"{torch.get_num_threads()} threads, {device}, native bf16: {cpu_has_fast_bf16()}; torch {torch.__version__}")
+    data = prepare_data(recipe)
+    dense = convsim_shrink.load(args.dense).to(device)
+    x = example_inputs_for(data.info)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    sizes = {}
+    for _ in range(args.repeats):
+        for compensate in (False, True):
+            cfg = recipe.prune.model_copy(update={"compensate": compensate})
+            torch.manual_seed(args.seed)
+            t0 = time.perf_counter()
+            out = prune_stage(dense, data, cfg, example_inputs=x, finetune=recipe.finetune, device=device)
+            times[compensate].append(time.perf_counter() - t0)
+            sizes[compensate] = out.result.pruned.params
+            print(f"compensate={compensate}: {times[compensate][-1]:.1f} s, params {out.result.params_ratio:.4f}, "
+                  f"top-1 {out.accuracy:.2f}", flush=True)
+    a, b = statistics.median(times[False]), statistics.median(times[True])
+    print(f"median: plain {a:.1f} s, compensated {b:.1f} s, ratio {b / a:.2f}; same size: {sizes[False] == sizes[True]}")
+
+
+if __name__ == "__main__":
+    main()
