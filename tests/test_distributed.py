@@ -473,3 +473,38 @@ def test_nproc_mistakes_are_one_line_before_anything_starts(monkeypatch, capsys)
         monkeypatch.setenv(key, value)
     assert _main_exit(["simple_cnn", "--nproc", "2"]) == 2
     assert "under torchrun leave it out" in capsys.readouterr().err
+
+
+def _statistics_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Conv2d(6, 3, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+
+
+def _statistics_images() -> torch.Tensor:
+    return torch.randn(16, 2, 5, 5, generator=torch.Generator().manual_seed(1))
+
+
+def _statistics_worker(rank: int, out: str) -> None:
+    """Each rank reads its half of the images; the all-reduced statistics go to statistics{rank}.pt."""
+    from convsim_shrink.compensation import collect_input_statistics
+
+    with distributed.session(torch.device("cpu")):
+        x = _statistics_images()[rank::2]
+        stats = collect_input_statistics(_statistics_model(), [(x[i:i + 4], torch.zeros(4, dtype=torch.long)) for i in (0, 4)], 2)
+        torch.save({"count": stats.count, "sums": stats.sums, "products": stats.products}, Path(out) / f"statistics{rank}.pt")
+
+
+def test_compensation_statistics_are_all_reduced_to_the_single_process_ones(tmp_path):
+    """Under torchrun every rank must compensate identically: the statistics of two ranks, each over its
+    shard, equal one process's over all the images."""
+    from convsim_shrink.compensation import collect_input_statistics
+
+    _spawn(_statistics_worker, str(tmp_path))
+    x = _statistics_images()
+    single = collect_input_statistics(_statistics_model(), [(x[i:i + 4], torch.zeros(4, dtype=torch.long)) for i in range(0, 16, 4)], 4)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"statistics{rank}.pt", weights_only=True)
+        assert got["count"] == single.count
+        for name in single.count:
+            torch.testing.assert_close(got["sums"][name], single.sums[name])
+            torch.testing.assert_close(got["products"][name], single.products[name])
