@@ -17,6 +17,10 @@ applied to every consumer of torch-pruning's dependency groups, each fitted on i
 residual stream's channel is read by each block's first conv, the shortcut and the classifier, and
 each is compensated from the kept channels as *it* sees them.
 
+A linear layer that reads a flattened C×H×W map sees each channel as H·W features; torch-pruning removes
+all of them, and each is refitted from the kept features (the fit is per feature, which includes the
+per-position fit a conv gets).
+
 What is not compensated (left as plain dropping, and listed in :attr:`InputStatistics.skipped`):
 grouped and depthwise convs (an output reads only its own group's channels, so a removed channel's
 filter has no kept channels to move to), transposed convs, linear layers with more than

@@ -292,3 +292,27 @@ def test_prune_to_target_with_compensation_keeps_a_redundant_model_exact():
     assert err_plain > 0.1
     assert err < 1e-3
     assert comp.params_ratio == plain.params_ratio
+
+
+def test_a_linear_layer_after_flatten_is_compensated_feature_by_feature():
+    """A linear layer reading a flattened C×H×W map loses H·W features per removed channel; each is refitted
+    from the kept features, so a channel that kept channels reproduce is removed without loss."""
+    torch.manual_seed(6)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+    with torch.no_grad():
+        m[0].weight[3] = 2.0 * m[0].weight[0] - m[0].weight[2]
+        m[0].bias[3] = 2.0 * m[0].bias[0] - m[0].bias[2] + 0.5
+    x = torch.randn(80, 3, 5, 5)
+    stats = collect_input_statistics(m, _loader(x), batches=10)
+    assert stats.count["2"] == 80 and stats.sums["2"].shape == (36,)
+    with torch.no_grad():
+        want = m(x)
+    dg = tp.DependencyGraph().build_dependency(m, example_inputs=x[:1])
+    group = dg.get_pruning_group(m[0], tp.prune_conv_out_channels, [3])
+    comp = Compensator(stats, ridge=0.0)
+    comp.bind(m)
+    comp.before_prune(group, dg)
+    group.prune()
+    assert m[2].in_features == 27 and comp.report.compensated == ["2"]
+    with torch.no_grad():
+        assert (m(x) - want).abs().max().item() < 1e-3
