@@ -25,7 +25,7 @@ from convsim_shrink.train import resolve_device
 from convsim_shrink.train.device import cpu_has_fast_bf16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import PRESETS  # noqa: E402
+from compare import PRESETS
 
 
 def main(argv=None):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -33,10 +32,10 @@ import torch
 import convsim_shrink
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import PRESETS, SHORTCUTS, Bench  # noqa: E402  (the dense models, data and recipes of compare.py)
-from pair import t_critical, t_statistic  # noqa: E402
+from compare import PRESETS, SHORTCUTS, Bench
+from pair import t_critical, t_statistic
 
-from convsim_shrink.stages import example_inputs_for, finetune_stage, prune_stage  # noqa: E402
+from convsim_shrink.stages import example_inputs_for, finetune_stage, prune_stage
 
 #: label -> recipe settings of the prune stage
 CONFIGS = {

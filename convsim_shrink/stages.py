@@ -23,15 +23,35 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .compensation import CompensationReport, Compensator, InputStatistics, collect_input_statistics
+from .compensation import (
+    CompensationReport,
+    Compensator,
+    InputStatistics,
+    collect_input_statistics,
+)
 from .data import DataBundle, DataInfo, build_data
 from .errors import ConfigError
 from .models import SPEC_ATTR, create_model
 from .premin import PreminResult, preminimize
 from .pruneability import IgnorePlan, PruningError, plan_ignored_layers
-from .pruning import PruneResult, Size, channel_counts, group_sparsity_regularizer, iterative_prune, measure
+from .pruning import (
+    PruneResult,
+    Size,
+    channel_counts,
+    group_sparsity_regularizer,
+    iterative_prune,
+    measure,
+)
 from .ranking import Criterion, get_criterion
-from .recipe import ExportConfig, FinetuneConfig, ModelConfig, PreminConfig, PruneConfig, Recipe, TrainConfig
+from .recipe import (
+    ExportConfig,
+    FinetuneConfig,
+    ModelConfig,
+    PreminConfig,
+    PruneConfig,
+    Recipe,
+    TrainConfig,
+)
 from .similarity import layer_similarities, model_conv_similarity
 from .train import (
     Precision,
@@ -263,7 +283,6 @@ def prune_stage(
     if cfg.target_latency is not None:
         # measured on the run's device, in fp32 as the exported model runs, at the latency batch
         from .deploy import latency_meter
-
         from .train.distributed import from_rank0
 
         # under torchrun rank 0 measures and every rank decides on its numbers

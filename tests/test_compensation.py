@@ -8,8 +8,13 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from convsim_shrink.compensation import (
+    Compensator,
+    collect_input_statistics,
+    fold_into_consumer,
+    least_squares,
+)
 from convsim_shrink.errors import ConfigError
-from convsim_shrink.compensation import Compensator, collect_input_statistics, fold_into_consumer, least_squares
 from convsim_shrink.pruning import prune_to_target
 from convsim_shrink.ranking import ResidualImportance, get_criterion
 
@@ -279,7 +284,8 @@ def test_prune_to_target_with_compensation_keeps_a_redundant_model_exact():
             n = len(group[0].idxs)
             return torch.arange(n, 0, -1, dtype=torch.float32) if n == 16 else torch.arange(1, n + 1, dtype=torch.float32)
 
-    kwargs = dict(target_params=0.7, global_pruning=False, round_to=8, ignored_layers=[net.b1.conv1, net.b2.conv1], warn=False)
+    kwargs = {"target_params": 0.7, "global_pruning": False, "round_to": 8, "ignored_layers": [net.b1.conv1, net.b2.conv1],
+              "warn": False}
     plain = prune_to_target(net, x[:1], CopiesFirst(), **kwargs)
     comp = prune_to_target(net, x[:1], CopiesFirst(), compensator=Compensator(stats, ridge=0.0), **kwargs)
     assert net.stem.out_channels == 16  # the model given is left as it was
