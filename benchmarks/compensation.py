@@ -50,7 +50,8 @@ CONFIGS = {
 class CompensationBench(Bench):
     def __init__(self, args):
         variants = {label: sets for label, *sets in args.variant or []}
-        args.criteria, args.variant, args.b_criteria, args.shard = [], None, [], "compensation"
+        args.criteria, args.variant, args.b_criteria = [], None, []
+        args.shard = f"compensation-{args.shard}" if args.shard else "compensation"
         super().__init__(args)
         self.configs = {k: CONFIGS[k] for k in args.configs}
         self.configs.update(variants)
@@ -169,6 +170,7 @@ def main(argv=None):
                    help="fine-tuning budgets (0 = the pruned model; add the recipe's, e.g. 4, for the full budget)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--time-budget", type=float, default=None, help="start no new unit after this many seconds")
+    p.add_argument("--shard", default=None, help="write results-compensation-SHARD.json (parallel processes into one --out)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None)
