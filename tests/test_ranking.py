@@ -19,7 +19,7 @@ from convsim_shrink.similarity import conv_similarity_reference
 
 
 def test_every_required_criterion_is_selectable_by_name():
-    assert set(list_criteria()) == {"convsim", "convsim-taylor", "l1", "l2", "taylor", "fpgm", "lamp", "bn-scale", "random"}
+    assert set(list_criteria()) == {"convsim", "convsim-taylor", "l1", "l2", "taylor", "fpgm", "lamp", "bn-scale", "random", "residual"}
     assert isinstance(make_importance("convsim"), ConvSimImportance)
     with pytest.raises(UnknownNameError, match="l1"):
         make_importance("l3")
