@@ -165,6 +165,169 @@ def collect_input_statistics(
     return stats
 
 
+def kernel_output_covariance(weight: torch.Tensor, groups: int = 1, autocorrelation: float = 0.0) -> torch.Tensor:
+    """The covariance of a conv's output channels predicted from its kernels alone (no data).
+
+    ``weight`` is the conv's ``(O, C/groups, kh, kw)`` kernel (or ``(O, C)`` of a linear layer / 1×1 conv).
+    The input is assumed zero-mean with unit variance in every channel, channels independent, and the
+    spatial autocorrelation of each channel ``R(Δy, Δx) = ρ^{|Δy|+|Δx|}`` (``ρ = autocorrelation`` in [0, 1):
+    0 is white noise; natural images and their feature maps are smooth, ρ ≈ 0.5–0.9).  Then, by the paper's
+    identity ⟨F_i, F_j⟩ = ⟨K_i ⋆ K_j, X ⋆ X⟩ (Belmekki et al., arXiv 2411.03226, eq. for a single conv),
+    evaluated at one output position,
+
+        Cov(F_i, F_j) = Σ_c Σ_{a, a'} K_ic(a) K_jc(a') R(a − a'),
+
+    zero for filters in different groups (they read different input channels).  Returns ``(O, O)`` float64.
+    """
+    if not 0.0 <= autocorrelation < 1.0:
+        raise ConfigError(f"autocorrelation = {autocorrelation} must be in [0, 1)")
+    w = weight.detach().double().cpu()
+    if w.dim() == 2:
+        w = w[:, :, None, None]
+    w = w.reshape(w.shape[0], w.shape[1], w.shape[2], -1) if w.dim() > 4 else w
+    kh, kw = w.shape[-2], w.shape[-1]
+    lag_h = torch.arange(kh, dtype=torch.float64)
+    lag_w = torch.arange(kw, dtype=torch.float64)
+    mh = autocorrelation ** (lag_h[:, None] - lag_h[None, :]).abs()
+    mw = autocorrelation ** (lag_w[:, None] - lag_w[None, :]).abs()
+    if autocorrelation == 0.0:  # 0 ** 0 = 1 on the diagonal, 0 elsewhere
+        mh, mw = torch.eye(kh, dtype=torch.float64), torch.eye(kw, dtype=torch.float64)
+    smoothed = torch.einsum("ocab,aA,bB->ocAB", w, mh, mw)
+    out = w.shape[0]
+    cov = torch.zeros(out, out, dtype=torch.float64)
+    per = out // groups
+    for g in range(groups):
+        sl = slice(g * per, (g + 1) * per)
+        cov[sl, sl] = torch.einsum("ocab,pcab->op", smoothed[sl], w[sl])
+    return cov
+
+
+def _relu_moments(mean: torch.Tensor, cov: torch.Tensor, samples: int, generator: torch.Generator):
+    """``(Σ x, Σ x xᵀ)`` over ``samples`` draws of ``x = relu(z)``, ``z ~ N(mean, cov)`` (float64, seeded)."""
+    c = mean.shape[0]
+    jitter = 1e-9 * float(cov.diagonal().mean().clamp_min(1e-12))
+    chol = torch.linalg.cholesky_ex(cov + jitter * torch.eye(c, dtype=cov.dtype))[0]
+    sums = torch.zeros(c, dtype=torch.float64)
+    products = torch.zeros(c, c, dtype=torch.float64)
+    done = 0
+    while done < samples:
+        n = min(4096, samples - done)
+        z = mean + torch.randn(n, c, dtype=torch.float64, generator=generator) @ chol.T
+        x = z.clamp_min(0)
+        sums += x.sum(0)
+        products += x.T @ x
+        done += n
+    return sums, products
+
+
+def predict_input_statistics(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    *,
+    autocorrelation: float = 0.5,
+    samples: int = 16384,
+    seed: int = 0,
+    max_features: int = MAX_FEATURES,
+) -> InputStatistics:
+    """Data-free input statistics of every conv (``groups=1``) and linear layer, from the model's weights.
+
+    For each consumer, the channels it reads are traced back (torch-pruning's dependency graph) to the
+    batch norms that produce them.  Each batch norm's output is modelled as Gaussian with mean β and
+    covariance ``(γγᵀ) ⊙ corr``, where ``corr`` is the correlation of the conv before it predicted from
+    its kernels (:func:`kernel_output_covariance`, the paper's identity with an assumed input
+    autocorrelation); branches that add into one channel (a residual stream) are summed as independent,
+    using those that run before the consumer.  When the consumer's input is non-negative on a probe
+    forward pass of ``example_inputs`` (a ReLU before it), the moments are those of ``relu(z)``, estimated
+    from ``samples`` seeded Gaussian draws; otherwise the Gaussian's own.  Channels with no batch norm
+    behind them (the network's input, a concatenation this does not map) get mean 0, variance 1.
+
+    This is an approximation: nested ReLUs along a residual stream, spatial statistics after pooling and
+    non-ReLU activations are not modelled.  Returns :class:`InputStatistics` (``count = samples``) in the
+    dense model's channels, usable by :class:`Compensator` in place of :func:`collect_input_statistics`.
+    """
+    if not 0.0 <= autocorrelation < 1.0:
+        raise ConfigError(f"prune.compensation_autocorrelation = {autocorrelation} must be in [0, 1) (0.5 is the default)")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    order: dict[nn.Module, int] = {}
+    nonnegative: dict[nn.Module, bool] = {}
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
+            def hook(mod, inputs):
+                order.setdefault(mod, len(order))
+                x = inputs[0]
+                if isinstance(x, torch.Tensor) and x.is_floating_point():
+                    nonnegative[mod] = nonnegative.get(mod, True) and bool((x >= 0).all())
+            hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.enable_grad():  # torch-pruning traces through autograd
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    generator = torch.Generator().manual_seed(seed)
+    branch_cache: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def branch(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        if bn not in branch_cache:
+            c = bn.num_features
+            corr = torch.eye(c, dtype=torch.float64)
+            node = graph.module2node.get(bn)
+            conv = node.inputs[0].module if node is not None and len(node.inputs) == 1 else None
+            if isinstance(conv, (nn.Linear, nn.modules.conv._ConvNd)) and not getattr(conv, "transposed", False):
+                cov = kernel_output_covariance(conv.weight, getattr(conv, "groups", 1), autocorrelation)
+                if cov.shape[0] == c:
+                    d = cov.diagonal().clamp_min(1e-12).sqrt()
+                    corr = cov / torch.outer(d, d)
+            gamma = bn.weight.detach().double().cpu() if bn.weight is not None else torch.ones(c, dtype=torch.float64)
+            beta = bn.bias.detach().double().cpu() if bn.bias is not None else torch.zeros(c, dtype=torch.float64)
+            branch_cache[bn] = (beta, torch.outer(gamma, gamma) * corr)
+        return branch_cache[bn]
+
+    stats = InputStatistics()
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            continue
+        reason = _consumer_kind(module, max_features)
+        if reason is not None:
+            stats.skipped[name] = reason
+            continue
+        if module not in order:
+            stats.skipped[name] = "not run by the example input"
+            continue
+        c = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+        mean = torch.zeros(c, dtype=torch.float64)
+        cov = torch.zeros(c, c, dtype=torch.float64)
+        covered = torch.zeros(c, dtype=torch.bool)
+        fn = graph.get_pruner_of_module(module).prune_in_channels
+        group = graph.get_pruning_group(module, fn, idxs=list(range(c)))
+        for item in group:
+            bn = item.dep.target.module
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or order.get(bn, len(order) + 1) > order[module]:
+                continue
+            mine = torch.tensor(item.root_idxs, dtype=torch.long)
+            theirs = torch.tensor(item.idxs, dtype=torch.long)
+            if len(mine) == 0 or int(mine.max()) >= c or int(theirs.max()) >= bn.num_features:
+                continue
+            m, s = branch(bn)
+            mean[mine] += m[theirs]
+            cov[mine[:, None], mine[None, :]] += s[theirs][:, theirs]
+            covered[mine] = True
+        cov[~covered, ~covered] += 1.0
+        if nonnegative.get(module, False):
+            sums, products = _relu_moments(mean, cov, samples, generator)
+        else:
+            sums, products = mean * samples, (cov + torch.outer(mean, mean)) * samples
+        stats.count[name] = float(samples)
+        stats.sums[name] = sums
+        stats.products[name] = products
+    stats.batches = 0
+    return stats
+
+
 def least_squares(
     stats: InputStatistics, name: str, removed: list[int], kept: list[int], ridge: float = 1e-3
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,5 +469,5 @@ def _following_norm(module: nn.Module, graph: tp.DependencyGraph) -> nn.Module |
 
 __all__ = [
     "CompensationReport", "Compensator", "InputStatistics", "collect_input_statistics", "fold_into_consumer",
-    "least_squares",
+    "kernel_output_covariance", "least_squares", "predict_input_statistics",
 ]

@@ -153,6 +153,14 @@ class PruneConfig(_Section):
     compensation_ridge: float = Field(
         1e-3, ge=0, le=1, description="ridge of the compensation's least squares, relative to the kept channels' mean variance",
     )
+    compensation_data: Literal["train", "kernels"] = Field(
+        "train",
+        description="what the compensation is fitted on: 'train' measures the layers' inputs on training batches; "
+                    "'kernels' predicts them from the weights alone (data-free: kernels and batch-norm statistics)",
+    )
+    compensation_autocorrelation: float = Field(
+        0.5, ge=0, lt=1, description="with compensation_data=kernels: the spatial autocorrelation assumed of every layer's input",
+    )
     step_accuracy: bool = Field(
         True, description="measure top-1 after each step of pruning (dropped, compensated, BN re-estimated) for the report",
     )

@@ -28,6 +28,7 @@ from .compensation import (
     Compensator,
     InputStatistics,
     collect_input_statistics,
+    predict_input_statistics,
 )
 from .data import DataBundle, DataInfo, build_data
 from .errors import ConfigError
@@ -267,8 +268,12 @@ def prune_stage(
             with _fixed_order(data.train) as train:
                 accumulate_gradients(model, train, cfg.calibration_batches)
         if needs_statistics:  # the layers' inputs before this step's pruning, for compensation and the residual criterion
-            with _fixed_order(data.train) as train:
-                statistics["now"] = collect_input_statistics(model, train, cfg.compensation_batches)
+            if cfg.compensation_data == "kernels":
+                statistics["now"] = predict_input_statistics(
+                    model, example_inputs, autocorrelation=cfg.compensation_autocorrelation)
+            else:
+                with _fixed_order(data.train) as train:
+                    statistics["now"] = collect_input_statistics(model, train, cfg.compensation_batches)
 
     def make_importance():
         importance = criterion.create(**options)

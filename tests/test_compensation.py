@@ -12,7 +12,9 @@ from convsim_shrink.compensation import (
     Compensator,
     collect_input_statistics,
     fold_into_consumer,
+    kernel_output_covariance,
     least_squares,
+    predict_input_statistics,
 )
 from convsim_shrink.errors import ConfigError
 from convsim_shrink.pruning import prune_to_target
@@ -322,3 +324,96 @@ def test_a_linear_layer_after_flatten_is_compensated_feature_by_feature():
     assert m[2].in_features == 27 and comp.report.compensated == ["2"]
     with torch.no_grad():
         assert (m(x) - want).abs().max().item() < 1e-3
+
+
+# --- data-free statistics (prune.compensation_data=kernels) -----------------------------------------------------
+
+
+def _smooth_field(n, c, size, rho, g):
+    """Zero-mean unit-variance fields whose spatial autocorrelation is ρ^{|Δy|+|Δx|} (separable AR(1) in each
+    direction, started from the stationary distribution), float64 ``(n, c, size, size)``."""
+    x = torch.randn(n, c, size, size, dtype=torch.float64, generator=g)
+    s = (1 - rho ** 2) ** 0.5
+    for dim in (2, 3):
+        y = x.clone()
+        for i in range(1, size):
+            y.select(dim, i).copy_(rho * y.select(dim, i - 1) + s * x.select(dim, i))
+        x = y
+    return x
+
+
+@pytest.mark.parametrize("rho,groups", [(0.0, 1), (0.6, 1), (0.6, 2)])
+def test_kernel_covariance_is_the_covariance_of_the_conv_on_inputs_with_that_autocorrelation(rho, groups):
+    g = torch.Generator().manual_seed(1)
+    x = _smooth_field(48, 4, 36, rho, g)
+    w = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64, generator=g)
+    rows = _rows(nn.functional.conv2d(x, w, groups=groups))
+    empirical = torch.cov(rows.T)
+    predicted = kernel_output_covariance(w, groups, rho)
+    scale = predicted.diagonal().max()
+    assert (empirical - predicted).abs().max() < 0.03 * scale
+    if groups > 1:  # filters of different groups read different channels: uncorrelated, exactly
+        assert predicted[:3, 3:].abs().max() == 0
+
+
+def test_predicted_statistics_are_those_of_the_relu_after_a_normalised_conv():
+    """conv → BN → ReLU → conv on white-noise images: the BN output is Gaussian with the kernels' correlation,
+    scaled by γ and shifted by β; the second conv's input moments, predicted with no data, must match the
+    moments measured on such images."""
+    g = torch.Generator().manual_seed(2)
+    m = nn.Sequential(nn.Conv2d(3, 5, 3, bias=False), nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 4, 1)).double()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.randn(5, 3, 3, 3, dtype=torch.float64, generator=g))
+        m[1].weight.copy_(torch.rand(5, dtype=torch.float64, generator=g) + 0.5)
+        m[1].bias.copy_(torch.randn(5, dtype=torch.float64, generator=g) * 0.5)
+        m[1].running_mean.zero_()
+        m[1].running_var.copy_(kernel_output_covariance(m[0].weight, 1, 0.0).diagonal() - m[1].eps)
+    m.eval()
+    x = torch.randn(256, 3, 10, 10, dtype=torch.float64, generator=g)
+    stats = predict_input_statistics(m.float(), torch.randn(1, 3, 10, 10), autocorrelation=0.0, samples=200_000)
+    m.double()
+    with torch.no_grad():
+        rows = _rows(m[2](m[1](m[0](x))))
+    mean, cov = rows.mean(0), torch.cov(rows.T, correction=0)
+    assert (stats.mean("3") - mean).abs().max() < 0.03 * mean.abs().max()
+    assert (stats.covariance("3") - cov).abs().max() < 0.04 * cov.diagonal().max()
+    assert "0" not in stats.count or stats.mean("0").abs().max() < 0.05  # the image: no batch norm behind it
+
+
+def test_data_free_compensation_recovers_a_redundant_filter():
+    """conv1's filter 7 is 0.7·filter 0 − 1.3·filter 1 (no bias), its batch norm calibrated on the input the
+    test feeds (white noise): the kernels alone show that BN output 7 is an affine combination of outputs 0
+    and 1, so the data-free compensation removes channel 7 with (almost) no change to the model's output (the
+    consumer has no padding, where the constant would be off at the border),
+    where dropping it changes the output a lot."""
+    g = torch.Generator().manual_seed(3)
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 6, 3), nn.BatchNorm2d(6),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4),
+    )
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        m[0].weight[7] = 0.7 * m[0].weight[0] - 1.3 * m[0].weight[1]
+        m[1].running_mean.zero_()
+        m[1].running_var.copy_(kernel_output_covariance(m[0].weight, 1, 0.0).diagonal().float() - m[1].eps)
+    m.eval()
+    x = torch.randn(64, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        dense = m(x)
+    stats = predict_input_statistics(m, x[:1], autocorrelation=0.0)
+
+    def prune(compensator):
+        model = copy.deepcopy(m)
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+        group = graph.get_pruning_group(model[0], tp.prune_conv_out_channels, idxs=[7])
+        if compensator is not None:
+            compensator.bind(model)
+            compensator.before_prune(group, graph)
+        group.prune()
+        with torch.no_grad():
+            return (model(x) - dense).pow(2).mean().item()
+
+    dropped, compensated = prune(None), prune(Compensator(stats, ridge=1e-9))
+    assert dropped > 1e-3
+    assert compensated < 1e-4 * dropped
