@@ -4,7 +4,7 @@ and int8 ONNX against fp32 ONNX under onnxruntime (throughput and top-1).
     python benchmarks/bench_deploy.py RUN_DIR                      # dense.safetensors vs model.safetensors of a run
     python benchmarks/bench_deploy.py DENSE.safetensors SHRUNK.safetensors [--data-dir DIR]
 
-Measured with the library's own functions (convsim_shrink.deploy), as a run's report would:
+Measured with the library's own functions (convsim_shrink.export.deploy), as a run's report would:
 * torch, fp32, contiguous, eval: dense vs shrunk at each ``--batches`` size, taking turns (``rounds``)
   so drift on a shared machine hits both; median of ``--repeats`` timed passes, spread = IQR / median;
 * ONNX (opset 17, dynamic batch) of both models, and the int8 ONNX of both (static quantization,
@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 import convsim_shrink
-from convsim_shrink import deploy
-from convsim_shrink.checkpoint import export_onnx, read_metadata
+from convsim_shrink.export import deploy
+from convsim_shrink.export.checkpoint import export_onnx, read_metadata
 from convsim_shrink.data import build_data
 from convsim_shrink.train import evaluate
-from convsim_shrink.pruning import measure
+from convsim_shrink.prune.pruning import measure
 from convsim_shrink.recipe import DataConfig
 
 
@@ -131,8 +131,8 @@ def main() -> None:
 
 def search_cost(dense, shape, args) -> dict:
     """prune_to_target(target_latency=R) on the dense model with the library's timer: trials, timings, result."""
-    from convsim_shrink.pruning import prune_to_target
-    from convsim_shrink.ranking import make_importance
+    from convsim_shrink.prune.pruning import prune_to_target
+    from convsim_shrink.prune.ranking import make_importance
 
     meter = deploy.latency_meter(shape, args.search_batch)
     t0 = time.perf_counter()

@@ -14,19 +14,19 @@ from .errors import ConvSimError
 
 #: public name -> the module that defines it
 _LAZY = {
-    "conv_similarity": "similarity",
-    "conv_similarity_reference": "similarity",
-    "layer_similarities": "similarity",
-    "model_conv_similarity": "similarity",
-    "pairwise_similarity": "similarity",
-    "load": "checkpoint",
-    "save": "checkpoint",
+    "conv_similarity": "cs.similarity",
+    "conv_similarity_reference": "cs.similarity",
+    "layer_similarities": "cs.similarity",
+    "model_conv_similarity": "cs.similarity",
+    "pairwise_similarity": "cs.similarity",
+    "load": "export.checkpoint",
+    "save": "export.checkpoint",
     "create_model": "models",
     "list_models": "models",
-    "Pipeline": "runner",
-    "Runner": "runner",
-    "ShrinkResult": "runner",
-    "shrink": "runner",
+    "Pipeline": "pipeline.runner",
+    "Runner": "pipeline.runner",
+    "ShrinkResult": "pipeline.runner",
+    "shrink": "pipeline.runner",
 }
 _SUBMODULES = ("recipe",)
 
@@ -38,16 +38,16 @@ __all__ = [
 
 if TYPE_CHECKING:
     from . import recipe
-    from .checkpoint import load, save
-    from .models import create_model, list_models
-    from .runner import Pipeline, Runner, ShrinkResult, shrink
-    from .similarity import (
+    from .cs.similarity import (
         conv_similarity,
         conv_similarity_reference,
         layer_similarities,
         model_conv_similarity,
         pairwise_similarity,
     )
+    from .export.checkpoint import load, save
+    from .models import create_model, list_models
+    from .pipeline.runner import Pipeline, Runner, ShrinkResult, shrink
 
 
 def __getattr__(name: str) -> Any:

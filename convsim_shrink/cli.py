@@ -75,8 +75,8 @@ def _run_pipeline(
     nproc: int | None = None,
 ) -> None:
     from .recipe import default_recipe_for, parse_set, read_recipe_file, resolve
-    from .report import print_summary
-    from .runner import Runner, default_run_dir
+    from .pipeline.report import print_summary
+    from .pipeline.runner import Runner, default_run_dir
 
     if nproc is not None:
         for name, value in (("--target-params", target_params), ("--target-macs", target_macs), ("--target-latency", target_latency)):
@@ -138,7 +138,7 @@ def _launch(nproc: int, model: str | None, *, recipe: str | None, resume: Path |
     """``--nproc N``: this command line again in N processes under torchrun (the recipe checked here
     first, so a mistake is one line before anything starts)."""
     from .recipe import default_recipe_for, resolve
-    from .runner import default_run_dir
+    from .pipeline.runner import default_run_dir
     from .train import resolve_device
     from .train.distributed import check_setup, launch, launched, strip_option
 
@@ -266,7 +266,7 @@ def list_(
             table.add_row(name, description.splitlines()[0] if description else "")
         console.print(table)
     elif what == "criteria":
-        from .ranking import get_criterion, list_criteria
+        from .prune.ranking import get_criterion, list_criteria
 
         for name in list_criteria():
             c = get_criterion(name)
@@ -317,7 +317,7 @@ def export(
     """Export a saved model to ONNX (checked against onnxruntime) or TorchScript."""
     from .tools import export_file, parse_shape
 
-    from .preflight import check_exports
+    from .pipeline.preflight import check_exports
 
     check_exports([format_], opset=opset)  # a missing package is one line, before anything is written
     shape = parse_shape(input_shape) if input_shape else None

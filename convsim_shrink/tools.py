@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
 from .data import INFO, DataBundle, build_data, sample_batch
 from .errors import ConfigError, DataNotFoundError, unknown
+from .export import checkpoint as ckpt
 from .recipe import DataConfig
 
 
@@ -147,8 +147,8 @@ def inspect_model(
 ) -> Inspection:
     """Per conv layer of a saved model or a registry model name: channels, normalized CS and (with
     ``images`` > 0 real test images, when the data set is found) feature-map similarity."""
-    from .redundancy import feature_map_similarity
-    from .similarity import conv_layers, conv_similarity
+    from .cs.redundancy import feature_map_similarity
+    from .cs.similarity import conv_layers, conv_similarity
 
     model, data_name = _model_for(target, data, width)
     result = Inspection(params=sum(p.numel() for p in model.parameters()))

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 import convsim_shrink
-from convsim_shrink.checkpoint import (
+from convsim_shrink.errors import CheckpointError
+from convsim_shrink.export.checkpoint import (
     export_onnx,
     export_torchscript,
     input_shape,
@@ -12,10 +13,9 @@ from convsim_shrink.checkpoint import (
     save,
     save_full,
 )
-from convsim_shrink.errors import CheckpointError
 from convsim_shrink.models import create_model
-from convsim_shrink.pruning import prune_to_target
-from convsim_shrink.ranking import make_importance
+from convsim_shrink.prune.pruning import prune_to_target
+from convsim_shrink.prune.ranking import make_importance
 
 X = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # drawn at import: its own generator
 

@@ -8,15 +8,15 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from convsim_shrink.compensation import (
+from convsim_shrink.errors import ConfigError
+from convsim_shrink.prune.compensation import (
     Compensator,
     collect_input_statistics,
     fold_into_consumer,
     least_squares,
 )
-from convsim_shrink.errors import ConfigError
-from convsim_shrink.pruning import prune_to_target
-from convsim_shrink.ranking import ResidualImportance, get_criterion
+from convsim_shrink.prune.pruning import prune_to_target
+from convsim_shrink.prune.ranking import ResidualImportance, get_criterion
 
 
 def _loader(x, batch=16):

@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from convsim_shrink import deploy
-from convsim_shrink.checkpoint import export_onnx
+from convsim_shrink.export import deploy
+from convsim_shrink.export.checkpoint import export_onnx
 from convsim_shrink.data import build_data
 from convsim_shrink.train import evaluate, fit
 from convsim_shrink.errors import CheckpointError, ConfigError
 from convsim_shrink.models import create_model
-from convsim_shrink.pruning import prune_to_target
-from convsim_shrink.ranking import make_importance
+from convsim_shrink.prune.pruning import prune_to_target
+from convsim_shrink.prune.ranking import make_importance
 from convsim_shrink.recipe import DataConfig, TrainConfig
 
 X = torch.randn(1, 1, 28, 28)

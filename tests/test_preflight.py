@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from convsim_shrink import preflight
+from convsim_shrink.pipeline import preflight
 from convsim_shrink.cli import main
 from convsim_shrink.errors import ConfigError, MissingDependencyError, OutputNotWritableError
 from convsim_shrink.recipe import resolve
@@ -142,7 +142,7 @@ def test_run_without_a_directory_skips_the_checks_of_what_it_would_write(no_onnx
 
 
 def test_the_pipeline_checks_before_reading_data_or_writing(tmp_path, monkeypatch, no_onnxruntime):
-    import convsim_shrink.runner as runner
+    import convsim_shrink.pipeline.runner as runner
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the data was read before the preflight checks")

@@ -3,9 +3,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from convsim_shrink.cs.similarity import conv_similarity_reference
 from convsim_shrink.errors import UnknownNameError
 from convsim_shrink.models import create_model
-from convsim_shrink.ranking import (
+from convsim_shrink.prune.ranking import (
     ConvSimImportance,
     get_criterion,
     greedy_redundancy_order,
@@ -15,7 +16,6 @@ from convsim_shrink.ranking import (
     make_importance,
     similarity_matrix,
 )
-from convsim_shrink.similarity import conv_similarity_reference
 
 
 def test_every_required_criterion_is_selectable_by_name():

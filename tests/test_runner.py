@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-import convsim_shrink.runner as runner
-import convsim_shrink.stages as stages
-from convsim_shrink import checkpoint as ckpt
+import convsim_shrink.pipeline.runner as runner
+import convsim_shrink.pipeline.stages as stages
 from convsim_shrink.errors import CheckpointError, ConfigError
+from convsim_shrink.export import checkpoint as ckpt
+from convsim_shrink.pipeline.report import build_report
+from convsim_shrink.pipeline.runner import STAGES, Runner, resumable
+from convsim_shrink.pipeline.state import RunState
 from convsim_shrink.recipe import resolve
-from convsim_shrink.report import build_report
-from convsim_shrink.runner import STAGES, Runner, resumable
-from convsim_shrink.state import RunState
 
 SETS = [
     "model.name=simple_cnn", "model.width=0.25", "data.subset=200", "data.test_subset=100", "premin.steps=3",

@@ -13,7 +13,7 @@ import convsim_shrink
 from convsim_shrink.data import DataBundle, DataInfo
 from convsim_shrink.errors import ConfigError, TrainingDivergedError
 from convsim_shrink.recipe import FinetuneConfig, resolve
-from convsim_shrink.runner import Runner
+from convsim_shrink.pipeline.runner import Runner
 from convsim_shrink.train import fit
 
 #: short stages: one epoch of dense training and of fine-tuning, a few pre-minimisation steps

@@ -10,10 +10,10 @@ import torchvision
 from torch import nn
 from torchvision.models._api import WeightsEnum
 
-from convsim_shrink import checkpoint as ckpt
 from convsim_shrink.errors import CheckpointError, ConfigError, UnknownNameError
+from convsim_shrink.export import checkpoint as ckpt
 from convsim_shrink.models import SPEC_ATTR, create_model
-from convsim_shrink.pruneability import plan_ignored_layers, tolerant_tracing
+from convsim_shrink.prune.pruneability import plan_ignored_layers, tolerant_tracing
 from convsim_shrink.sources import (
     TIMM_INSTALL,
     adapt_input_channels,

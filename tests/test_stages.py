@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from convsim_shrink import checkpoint as ckpt
+from convsim_shrink.export import checkpoint as ckpt
 from convsim_shrink.data import INFO, DataBundle
 from convsim_shrink.errors import ConfigError, UnknownNameError
 from convsim_shrink.models import create_model
-from convsim_shrink.pruning import measure
+from convsim_shrink.prune.pruning import measure
 from convsim_shrink.recipe import ExportConfig, FinetuneConfig, ModelConfig, PreminConfig, PruneConfig, TrainConfig, resolve
-from convsim_shrink.similarity import model_conv_similarity
-from convsim_shrink.stages import (
+from convsim_shrink.cs.similarity import model_conv_similarity
+from convsim_shrink.pipeline.stages import (
     build_stage,
     example_inputs_for,
     export_stage,
@@ -204,7 +204,7 @@ def test_a_pt2_export_loads_back_with_load_without_pickle(tmp_path):
 
 
 def test_finetune_stage_trains_at_finetune_batch_size(data, dense, monkeypatch):
-    import convsim_shrink.stages as stages
+    import convsim_shrink.pipeline.stages as stages
 
     seen = []
     real_fit = stages.fit

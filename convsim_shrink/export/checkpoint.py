@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._version import __version__
-from .errors import CheckpointError, ConvSimError
-from .io import atomic_path, atomic_torch_save, atomic_write_bytes
-from .models import SPEC_ATTR, create_model
+from .._version import __version__
+from ..errors import CheckpointError, ConvSimError
+from ..io import atomic_path, atomic_torch_save, atomic_write_bytes
+from ..models import SPEC_ATTR, create_model
 
 FORMAT = "convsim-shrink/1"
 _SHAPE_ATTRS = (
@@ -190,7 +190,7 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu", trust_pi
         if spec.get("source", "zoo") == "zoo":
             model = create_model(spec["name"], **spec["kwargs"])
         else:
-            from .sources import rebuild
+            from ..sources import rebuild
 
             model = rebuild(spec)
     except ConvSimError as exc:

@@ -1,7 +1,7 @@
 """Preflight: what a run needs from the machine and the user, checked before any work is done.
 
 A long run must never die at its end for something knowable at its start.  :func:`check_run` is the
-first thing :meth:`~convsim_shrink.runner.Runner.prepare` does, before the data is read, the run
+first thing :meth:`~convsim_shrink.pipeline.runner.Runner.prepare` does, before the data is read, the run
 directory is created or a single step is trained.  Each check raises a subclass of
 :class:`~convsim_shrink.errors.ConvSimError` whose message is one line naming the problem and the fix
 (the command line prints it and exits with status 2), and none of them leaves anything behind.
@@ -38,7 +38,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from .errors import ConfigError, MissingDependencyError, OutputNotWritableError
+from ..errors import ConfigError, MissingDependencyError, OutputNotWritableError
 
 #: Python packages (import names) that each export format needs beyond the core dependencies
 EXPORT_PACKAGES: dict[str, tuple[str, ...]] = {
@@ -74,14 +74,14 @@ def check_run(recipe, run_dir: str | Path | None, *, resume: bool = False) -> No
 
 def check_device(name: str):
     """The ``torch.device`` for ``run.device``; raises :class:`ConfigError` when it is not available."""
-    from .train import resolve_device
+    from ..train import resolve_device
 
     return resolve_device(name)
 
 
 def check_precision(device, recipe) -> None:
     """Both training stages' precision settings work on ``device`` (fp16 autocast does not on a CPU)."""
-    from .train import resolve_precision
+    from ..train import resolve_precision
 
     for section in ("train", "finetune"):
         cfg = getattr(recipe, section)
@@ -137,7 +137,7 @@ def check_exports(formats, *, opset: int = 17) -> None:
     if "onnx" in formats or "onnx-int8" in formats:
         _check_onnx_round_trip(opset)
     if "onnx-int8" in formats:
-        from .deploy import check_int8_supported
+        from ..export.deploy import check_int8_supported
 
         check_int8_supported()  # quantizes a one-conv model in memory: int8 works on this platform
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataNotFoundError, unknown
+from ..errors import ConfigError, DataNotFoundError, unknown
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CACHE_DIR = Path(os.environ.get("CONVSIM_DATA", Path.home() / ".cache" / "convsim-shrink"))
@@ -542,7 +542,7 @@ def scan_image_folder(root: str | Path, *, verify: bool = True, workers: int | N
         every = [p for files in (*train_files.values(), *val_files.values()) for p in files]
         from concurrent.futures import ThreadPoolExecutor
 
-        from .train import distributed
+        from ..train import distributed
 
         # under torchrun each process decodes its share and the (few) problems are gathered
         mine = every[distributed.rank() :: distributed.world_size()]

@@ -22,19 +22,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
-from .compensation import (
+from ..cs.premin import PreminResult, preminimize
+from ..cs.similarity import layer_similarities, model_conv_similarity
+from ..data import DataBundle, DataInfo, build_data
+from ..errors import ConfigError
+from ..export import checkpoint as ckpt
+from ..models import SPEC_ATTR, create_model
+from ..prune.compensation import (
     CompensationReport,
     Compensator,
     InputStatistics,
     collect_input_statistics,
 )
-from .data import DataBundle, DataInfo, build_data
-from .errors import ConfigError
-from .models import SPEC_ATTR, create_model
-from .premin import PreminResult, preminimize
-from .pruneability import IgnorePlan, PruningError, plan_ignored_layers
-from .pruning import (
+from ..prune.pruneability import IgnorePlan, PruningError, plan_ignored_layers
+from ..prune.pruning import (
     PruneResult,
     Size,
     channel_counts,
@@ -42,8 +43,8 @@ from .pruning import (
     iterative_prune,
     measure,
 )
-from .ranking import Criterion, get_criterion
-from .recipe import (
+from ..prune.ranking import Criterion, get_criterion
+from ..recipe import (
     ExportConfig,
     FinetuneConfig,
     ModelConfig,
@@ -52,8 +53,7 @@ from .recipe import (
     Recipe,
     TrainConfig,
 )
-from .similarity import layer_similarities, model_conv_similarity
-from .train import (
+from ..train import (
     Precision,
     accumulate_gradients,
     distillation,
@@ -70,7 +70,7 @@ from .train import (
 def prepare_data(recipe: Recipe) -> DataBundle:
     """The recipe's data: training loader (global batch ``train.batch_size``, shuffled by ``run.seed``),
     optional validation split, test loader; under ``torchrun`` this process's shard of each."""
-    from .train.distributed import rank, world_size
+    from ..train.distributed import rank, world_size
 
     return build_data(recipe.data, batch_size=recipe.train.batch_size, seed=recipe.run.seed, rank=rank(), world_size=world_size())
 
@@ -174,7 +174,7 @@ def train_stage(
     per-epoch training checkpoint; with ``resume`` training continues after its last epoch.
 
     ``cfg.sparsity > 0``: pruning-aware training
-    (:func:`~convsim_shrink.pruning.group_sparsity_regularizer`), leaving alone the layers the prune
+    (:func:`~convsim_shrink.prune.pruning.group_sparsity_regularizer`), leaving alone the layers the prune
     stage will leave alone; a model of which nothing can be pruned raises :class:`PruningError` before
     the first step."""
     device = device or _device_of(model)
@@ -233,16 +233,16 @@ def prune_stage(
     """A pruned copy of ``dense`` at ``cfg``'s measured target (``dense`` is left as it was).
 
     First the layers torch-pruning cannot prune safely are planned
-    (:func:`~convsim_shrink.pruneability.plan_ignored_layers`: the output layers, channel shuffles,
+    (:func:`~convsim_shrink.prune.pruneability.plan_ignored_layers`: the output layers, channel shuffles,
     split/concatenate blocks, pixel shuffles, and whatever fails a trial pruning); every pruning step
-    leaves them alone and is verified (:func:`~convsim_shrink.pruneability.prune_safely`), so
-    torch-pruning's own errors become one-line :class:`~convsim_shrink.pruneability.PruningError`.
+    leaves them alone and is verified (:func:`~convsim_shrink.prune.pruneability.prune_safely`), so
+    torch-pruning's own errors become one-line :class:`~convsim_shrink.prune.pruneability.PruningError`.
     Criteria that need gradients score a copy after ``cfg.calibration_batches`` batches of task-loss
     gradients; with ``cfg.iterative_steps > 1`` the model is fine-tuned ``cfg.steps_epochs`` epochs
     (``finetune``'s settings) between steps.  With ``cfg.compensate`` (the default) the inputs of every
     conv and linear layer are measured on ``cfg.compensation_batches`` training batches before each step,
     the target search runs as without compensation, and the winner's removed channels are then handed to
-    the kept channels of every layer that reads them (:mod:`~convsim_shrink.compensation`); criteria that
+    the kept channels of every layer that reads them (:mod:`~convsim_shrink.prune.compensation`); criteria that
     need statistics (``residual``) score on the same measurements.  Batch-norm statistics are then re-estimated on
     ``cfg.bn_recalibration`` training batches and the test accuracy measured (with ``cfg.step_accuracy``
     also after each step: ``outcome.steps``).  Calibration, statistics and re-estimation
@@ -282,8 +282,8 @@ def prune_stage(
     latency_fn = None
     if cfg.target_latency is not None:
         # measured on the run's device, in fp32 as the exported model runs, at the latency batch
-        from .deploy import latency_meter
-        from .train.distributed import from_rank0
+        from ..export.deploy import latency_meter
+        from ..train.distributed import from_rank0
 
         # under torchrun rank 0 measures and every rank decides on its numbers
         latency_fn = from_rank0(latency_meter(tuple(example_inputs.shape[1:]), latency_batch_size(cfg, ft, data), device=device))
@@ -451,7 +451,7 @@ def export_stage(
                 except ImportError:
                     pass
             elif fmt == "onnx-int8":
-                from .deploy import export_onnx_int8
+                from ..export.deploy import export_onnx_int8
 
                 if data is None:
                     raise ConfigError("the onnx-int8 export needs training images to calibrate on and a test set; pass data")
@@ -461,7 +461,7 @@ def export_stage(
                 outcome.exports["onnx-int8"] = str(done.path)
                 outcome.int8 = done.to_dict()
             elif fmt == "pt2":
-                from .deploy import export_pt2
+                from ..export.deploy import export_pt2
 
                 outcome.pt2_max_abs_diff = export_pt2(model, out / "model.pt2", x)
                 outcome.exports["pt2"] = str(out / "model.pt2")

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io import atomic_write_bytes
-from .train import Precision, resolve_precision
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..io import atomic_write_bytes
+from ..train import Precision, resolve_precision
 
 # IQR / median above which a latency is reported as unreliable. A judgement, not yet checked on an idle
 # machine: on the shared 2-core CPU under load (load average 9-14, 2026-11-29, benchmarks/bench_deploy.py on
@@ -308,7 +308,11 @@ def check_int8_supported() -> None:
         import numpy as np
         import onnx  # noqa: F401
         import onnxruntime as ort
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static  # noqa: F401
+        from onnxruntime.quantization import (  # noqa: F401
+            CalibrationDataReader,
+            QuantFormat,
+            quantize_static,
+        )
     except ImportError as exc:
         raise ConfigError(
             f"export format onnx-int8 needs onnx and onnxruntime with its quantization tools ({exc}); "
@@ -486,7 +490,7 @@ def qdq_node_counts(path: str | Path) -> dict[str, int]:
 def calibration_view(loader: Iterable) -> Iterable:
     """The same images without augmentation, in a fixed order, for calibration: a new ``TensorLoader``
     in evaluation mode when ``loader`` is an augmenting one, else ``loader`` itself."""
-    from .data import TensorLoader
+    from ..data import TensorLoader
 
     if isinstance(loader, TensorLoader) and loader.augment:
         return TensorLoader(loader.images.cpu(), loader.labels.cpu(), loader.info, batch_size=loader.batch_size, train=False)

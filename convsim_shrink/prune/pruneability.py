@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import ConvSimError
+from ..errors import ConvSimError
 
 _PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
 _COMPUTE = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear"}
@@ -100,7 +100,7 @@ class IgnorePlan:
     """The layers to leave unpruned, each with its reason.
 
     Iterating a plan yields the *modules* of the model it was made for, so it can be passed as
-    ``ignored_layers=plan`` to :func:`convsim_shrink.pruning.prune_to_target`; for a copy of that model
+    ``ignored_layers=plan`` to :func:`convsim_shrink.prune.pruning.prune_to_target`; for a copy of that model
     use :meth:`for_model`.  ``trials`` counts the trial prunings run to make it.
     """
 
@@ -855,7 +855,7 @@ def prune_safely(
     """Plan, prune and verify.
 
     ``prune(ignored_layers=...)`` (e.g. a ``functools.partial`` of
-    :func:`convsim_shrink.pruning.prune_to_target` with the model, inputs, importance and target) runs
+    :func:`convsim_shrink.prune.pruning.prune_to_target` with the model, inputs, importance and target) runs
     inside :func:`tolerant_tracing` with the plan bound to ``model``; the ``.model`` of what it returns
     (or the returned module) is checked by :func:`verify_pruned`.  If torch-pruning raises, or the
     check fails, the plan is extended by trials pruned as ``retry_settings`` say (default: global

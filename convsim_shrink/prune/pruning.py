@@ -26,8 +26,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .errors import ConfigError, TargetUnreachableError
-from .models import classifier_of
+from ..errors import ConfigError, TargetUnreachableError
+from ..models import classifier_of
 
 
 @dataclass
@@ -181,7 +181,7 @@ class _Candidate:
 
 class _Timer:
     """Calls the latency function, converting what it returns to seconds, and keeps count, wall time and
-    the first spread warning of a :class:`~convsim_shrink.deploy.Latency`."""
+    the first spread warning of a :class:`~convsim_shrink.export.deploy.Latency`."""
 
     def __init__(self, fn: Callable[[nn.Module], Any]):
         self.fn, self.count, self.seconds, self.warning = fn, 0, 0.0, None
@@ -272,7 +272,7 @@ def _group_roots(model, example_inputs, ignored) -> list[str]:
 def _prune_copy(model, example_inputs, importance, ratio, *, round_to, global_pruning, max_layer_ratio, ignored, overrides=None,
                 compensator=None):
     """A pruned copy of ``model``; with a ``compensator``
-    (:class:`~convsim_shrink.compensation.Compensator`), every group's consumers are compensated just before
+    (:class:`~convsim_shrink.prune.compensation.Compensator`), every group's consumers are compensated just before
     the group is removed."""
     trial = copy.deepcopy(model)
     for p, q in zip(model.parameters(), trial.parameters()):  # deepcopy drops .grad; Taylor needs it
@@ -338,8 +338,8 @@ def prune_to_target(
     absolute, in ratio). ``base`` (default: ``model``'s size) is what the fractions are of.
 
     Latency: ``latency_fn(model)`` returns seconds per batch (a float or a
-    :class:`~convsim_shrink.deploy.Latency`, whose median and spread are used); the default times
-    ``example_inputs`` with :func:`~convsim_shrink.deploy.latency_meter`. Every candidate that meets the
+    :class:`~convsim_shrink.export.deploy.Latency`, whose median and spread are used); the default times
+    ``example_inputs`` with :func:`~convsim_shrink.export.deploy.latency_meter`. Every candidate that meets the
     params/MACs targets is measured in full (no per-layer model); the dense model is measured in the same
     process before the search (unless ``base_latency``, in seconds, is given). Timings are noisy, so a
     candidate's latency is the median of every measurement of its channel allocation (revisits measure
@@ -351,7 +351,7 @@ def prune_to_target(
     (:func:`channel_costs`): with global pruning, channels are then compared by importance per unit of
     compute, which spends a MACs or latency target where compute is (0: scores as the criterion gives them).
 
-    ``compensator`` (:class:`~convsim_shrink.compensation.Compensator`): the search runs as without it
+    ``compensator`` (:class:`~convsim_shrink.prune.compensation.Compensator`): the search runs as without it
     (compensation changes no size), then the winner is pruned once more from ``model`` with the same
     channels, every removed channel's consumers compensated; ``result.uncompensated`` keeps the plain one.
 
@@ -381,7 +381,7 @@ def prune_to_target(
     dense_latencies: list[float] = []
     if "latency" in targets:
         if latency_fn is None:
-            from .deploy import latency_meter
+            from ..export.deploy import latency_meter
 
             latency_fn = latency_meter(example_inputs)
         timer = _Timer(latency_fn)
@@ -646,20 +646,20 @@ def iterative_prune(
     target), calling ``between(model, step)`` (e.g. fine-tuning) after every stage but the last.
     ``before_scoring`` runs before each stage's scoring (e.g. to accumulate gradients for Taylor importance).
     ``make_compensator(model)`` (after ``before_scoring``) gives each stage's
-    :class:`~convsim_shrink.compensation.Compensator`, fitted on that stage's model.
+    :class:`~convsim_shrink.prune.compensation.Compensator`, fitted on that stage's model.
     With a latency target and several steps, the dense model's latency (median of 3 measurements) is the
     base of every stage. Other keyword arguments go to :func:`prune_to_target`.
 
-    ``plan``: an :class:`~convsim_shrink.pruneability.IgnorePlan` of the layers to leave alone; every
-    stage then runs through :func:`~convsim_shrink.pruneability.prune_safely` (the plan rebound to that
+    ``plan``: an :class:`~convsim_shrink.prune.pruneability.IgnorePlan` of the layers to leave alone; every
+    stage then runs through :func:`~convsim_shrink.prune.pruneability.prune_safely` (the plan rebound to that
     stage's model, the pruned model verified, torch-pruning's errors turned into one-line
-    :class:`~convsim_shrink.pruneability.PruningError`), and ``result.plan`` is the plan used last."""
+    :class:`~convsim_shrink.prune.pruneability.PruningError`), and ``result.plan`` is the plan used last."""
     targets = {k: t for k, t in zip(KINDS, (target_params, target_macs, target_latency)) if t is not None}
     x = example_inputs.to(next(model.parameters()).device)
     base = measure(model, x)
     kwargs.setdefault("base_channels", channel_counts(model))  # max_layer_ratio holds over all the steps together
     if target_latency is not None and latency_fn is None:
-        from .deploy import latency_meter
+        from ..export.deploy import latency_meter
 
         latency_fn = latency_meter(x)
     base_latency = None

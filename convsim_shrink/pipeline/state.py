@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
-from .io import atomic_write_text
+from ..errors import CheckpointError
+from ..io import atomic_write_text
 
 
 @dataclass

@@ -4,7 +4,7 @@
           -> finetune -> export -> report
 
 Each stage is a function in :mod:`.stages`; the runner hands it its inputs, records its outcome in the
-typed :class:`~convsim_shrink.state.RunState` (``state.json``, written atomically after every stage)
+typed :class:`~convsim_shrink.pipeline.state.RunState` (``state.json``, written atomically after every stage)
 and saves the model it made into the run directory.  A resumed run skips the finished stages and
 reloads the last model each left on disk; training stages checkpoint every epoch, so an interrupted
 run loses at most one epoch.  :func:`shrink` is the Python API's entry point to the same runner.
@@ -14,7 +14,7 @@ string ``package.module:function`` or a checkpoint (:func:`~convsim_shrink.sourc
 or any ``nn.Module`` given to the Python API.  It is resolved in :meth:`Runner.prepare`, before anything
 is written.  A model that arrives with trained weights (a checkpoint, ``model.weights``, the Python
 API's ``pretrained=True``) skips pre-minimisation and dense training unless epochs were asked for
-(:func:`~convsim_shrink.adapt.dense_stages`); the decision is written into the run's ``recipe.yaml``
+(:func:`~convsim_shrink.models.adapt.dense_stages`); the decision is written into the run's ``recipe.yaml``
 (``premin.steps``/``train.epochs``), so a resumed run follows it.  A half-precision model is trained,
 pruned and exported in float32; the Python API hands the shrunk model back in its own dtype.
 
@@ -37,19 +37,26 @@ import torch
 from rich.markup import escape
 from torch import nn
 
-from . import checkpoint as ckpt
-from .adapt import dense_stages, restore_dtype, to_float32
-from .console import console
-from .data import DataBundle, DataInfo
-from .errors import CheckpointError, ConfigError, ConvSimError, unknown
-from .io import atomic_write_text
-from .models import list_models
+from ..console import console
+from ..data import DataBundle, DataInfo
+from ..errors import CheckpointError, ConfigError, ConvSimError, unknown
+from ..export import checkpoint as ckpt
+from ..io import atomic_write_text
+from ..models import list_models
+from ..models.adapt import dense_stages, restore_dtype, to_float32
+from ..prune.ranking import get_criterion
+from ..recipe import Recipe
+from ..train import (
+    distributed,
+    is_channels_last,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    set_memory_format,
+)
+from ..train.distributed import is_main_process
 from .preflight import check_model, check_run
-from .ranking import get_criterion
-from .recipe import Recipe
 from .report import build_report, speedup_text, write_report
-from .train import distributed
-from .train.distributed import is_main_process
 from .stages import (
     build_stage,
     example_inputs_for,
@@ -63,7 +70,6 @@ from .stages import (
     train_stage,
 )
 from .state import ModelSize, RunState
-from .train import is_channels_last, resolve_device, resolve_precision, seed_everything, set_memory_format
 
 
 @dataclass(frozen=True)
@@ -229,7 +235,7 @@ class Runner:
         if self.example_inputs is None:
             self.example_inputs = example_inputs_for(self.data.info)
         if self.given_model is None and not zoo:
-            from .sources import resolve_source
+            from ..sources import resolve_source
 
             info = self.data.info
             seed_everything(r.run.seed)
@@ -251,7 +257,7 @@ class Runner:
 
     def _dense_rule(self) -> None:
         """A pretrained model skips pre-minimisation and dense training unless epochs were asked for
-        (:func:`~convsim_shrink.adapt.dense_stages`); the recipe is changed to say so."""
+        (:func:`~convsim_shrink.models.adapt.dense_stages`); the recipe is changed to say so."""
         r = self.recipe
         if not self.pretrained:
             return
@@ -361,7 +367,7 @@ class Runner:
 
     def _export(self) -> float | None:
         if self.dense is not None:  # every run reports speed: dense vs shrunk, batch 1 and the latency batch
-            from .deploy import speed_rows
+            from ..export.deploy import speed_rows
 
             pr, ft = self.recipe.prune, self.recipe.finetune
             rows = speed_rows(self.dense, self.model, tuple(self.example_inputs.shape[1:]), (1, latency_batch_size(pr, ft, self.data)), device=self.device)
@@ -466,7 +472,7 @@ def shrink(
 
     Raises :class:`~convsim_shrink.errors.ConvSimError` subclasses (one line) for what the user can fix.
     """
-    from .recipe import resolve
+    from ..recipe import resolve
 
     overrides: dict[str, Any] = {}
     if target_params is not None:

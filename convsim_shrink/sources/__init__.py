@@ -48,8 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError, ConvSimError, unknown
-from .models import SPEC_ATTR, create_model, list_models
+from ..errors import CheckpointError, ConfigError, ConvSimError, unknown
+from ..models import SPEC_ATTR, create_model, list_models
 
 TIMM_INSTALL = "pip install 'convsim-shrink[timm]'"
 _IMPORT_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -114,7 +114,7 @@ def resolve_source(spec: str, *, num_classes: int | None, in_channels: int | Non
 def rebuild(spec: dict[str, Any]) -> nn.Module:
     """The architecture ``spec`` describes, with fresh weights (nothing downloaded, nothing unpickled);
     the model carries ``spec`` as ``model.convsim_spec``.  Pruned layer shapes (``spec["layers"]``) are
-    re-applied by :func:`convsim_shrink.checkpoint.load`, not here.  Raises ConfigError/CheckpointError."""
+    re-applied by :func:`convsim_shrink.export.checkpoint.load`, not here.  Raises ConfigError/CheckpointError."""
     source = spec.get("source", "zoo")
     clean = {k: v for k, v in spec.items() if k != "layers"}
     if source == "zoo":
@@ -273,8 +273,8 @@ def _resized(layer: nn.Module, *, out_features: int | None = None, in_channels: 
 
 def _find_heads_and_stem(model: nn.Module, in_channels: int, size: int) -> tuple[list[str], str | None]:
     """The layers producing the model's outputs (eval and training mode) and the first conv reading the
-    input, found by tracing one forward pass (see :mod:`convsim_shrink.pruneability`)."""
-    from .pruneability import _record
+    input, found by tracing one forward pass (see :mod:`convsim_shrink.prune.pruneability`)."""
+    from ..prune.pruneability import _record
 
     x = torch.randn(1, in_channels, size, size)
     heads: list[str] = []
@@ -551,7 +551,7 @@ def checkpoint_data(spec: str) -> dict[str, Any] | None:
     Raises :class:`~convsim_shrink.errors.CheckpointError` for a missing or unreadable checkpoint."""
     if not is_checkpoint_spec(spec):
         return None
-    from .checkpoint import read_metadata
+    from ..export.checkpoint import read_metadata
 
     data = (read_metadata(checkpoint_file(spec)).get("recipe") or {}).get("data") or {}
     return {"name": data["name"], "dir": data.get("dir")} if data.get("name") else None
@@ -566,7 +566,7 @@ def checkpoint_recipe(spec: str) -> dict[str, Any] | None:
     Raises :class:`~convsim_shrink.errors.CheckpointError` for a missing or unreadable checkpoint."""
     if not is_checkpoint_spec(spec):
         return None
-    from .checkpoint import read_metadata
+    from ..export.checkpoint import read_metadata
 
     file = checkpoint_file(spec)
     recipe = read_metadata(file).get("recipe")
@@ -580,7 +580,7 @@ def checkpoint_recipe(spec: str) -> dict[str, Any] | None:
 
 
 def _checkpoint(path: Path, num_classes: int | None, in_channels: int | None, weights: str | None) -> Source:
-    from .checkpoint import load, read_metadata
+    from ..export.checkpoint import load, read_metadata
 
     if weights is not None:
         raise ConfigError(f"{path} already holds its weights; drop --weights")
