@@ -19,8 +19,8 @@ _LAZY = {
     "layer_similarities": "cs.similarity",
     "model_conv_similarity": "cs.similarity",
     "pairwise_similarity": "cs.similarity",
-    "load": "export.checkpoint",
-    "save": "export.checkpoint",
+    "load": "export.load",
+    "save": "export.native",
     "create_model": "models",
     "list_models": "models",
     "Pipeline": "pipeline.runner",
@@ -45,7 +45,8 @@ if TYPE_CHECKING:
         model_conv_similarity,
         pairwise_similarity,
     )
-    from .export.checkpoint import load, save
+    from .export.load import load
+    from .export.native import save
     from .models import create_model, list_models
     from .pipeline.runner import Pipeline, Runner, ShrinkResult, shrink
 

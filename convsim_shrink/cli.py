@@ -309,23 +309,21 @@ def evaluate(
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="An exported model (.safetensors).")],
-    format_: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    format_: Annotated[str, typer.Option("--format", help="convsim, onnx, onnx-int8, pt2 or torchscript (as export.formats).")] = "onnx",
     out: Annotated[Optional[Path], typer.Option("--out", help="Output file (default: next to the checkpoint).")] = None,
     opset: Annotated[int, typer.Option("--opset", min=11)] = 17,
     input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="C,H,W of one input (default: from the file's header).")] = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
-    """Export a saved model to ONNX (checked against onnxruntime) or TorchScript."""
+    """Export a saved model to any format the pipeline writes (ONNX checked against onnxruntime, int8 ONNX, pt2, TorchScript)."""
+    from .pipeline.preflight import check_exports
     from .tools import export_file, parse_shape
 
-    from .pipeline.preflight import check_exports
-
-    check_exports([format_], opset=opset)  # a missing package is one line, before anything is written
+    check_exports([format_], opset=opset)  # an unknown format or a missing package is one line, before anything is written
     shape = parse_shape(input_shape) if input_shape else None
-    done = export_file(checkpoint, format_, out, opset=opset, input_shape=shape)
-    if done.onnx_max_abs_diff is not None:
-        typer.echo(f"wrote {done.path} (onnxruntime max abs difference {done.onnx_max_abs_diff:.2e})")
-    else:
-        typer.echo(f"wrote {done.path}")
+    done = export_file(checkpoint, format_, out, opset=opset, input_shape=shape, data=data, data_dir=data_dir)
+    typer.echo(f"wrote {done.path}" + (f" ({done.note})" if done.note else ""))
 
 
 @app.command()

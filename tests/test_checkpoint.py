@@ -4,15 +4,9 @@ from torch import nn
 
 import convsim_shrink
 from convsim_shrink.errors import CheckpointError
-from convsim_shrink.export.checkpoint import (
-    export_onnx,
-    export_torchscript,
-    input_shape,
-    onnx_max_difference,
-    read_metadata,
-    save,
-    save_full,
-)
+from convsim_shrink.export.native import input_shape, read_metadata, save, save_full
+from convsim_shrink.export.onnx import export_onnx, onnx_max_difference
+from convsim_shrink.export.torchscript import export_torchscript
 from convsim_shrink.models import create_model
 from convsim_shrink.prune.pruning import prune_to_target
 from convsim_shrink.prune.ranking import make_importance

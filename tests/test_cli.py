@@ -112,7 +112,7 @@ def test_list_criteria_shows_needs_and_options():
 
 
 def test_export_of_a_file_without_input_shape_says_how(tmp_path, capsys):
-    from convsim_shrink.export.checkpoint import save
+    from convsim_shrink.export.native import save
     from convsim_shrink.models import create_model
 
     old = save(create_model("simple_cnn", in_channels=1, width=0.25), tmp_path / "old.safetensors")

@@ -6,9 +6,14 @@ import sys
 import pytest
 import torch
 
-from convsim_shrink.pipeline import preflight
 from convsim_shrink.cli import main
-from convsim_shrink.errors import ConfigError, MissingDependencyError, OutputNotWritableError
+from convsim_shrink.errors import (
+    ConfigError,
+    MissingDependencyError,
+    OutputNotWritableError,
+)
+from convsim_shrink.export.onnx import newest_opset
+from convsim_shrink.pipeline import preflight
 from convsim_shrink.recipe import resolve
 
 
@@ -80,7 +85,7 @@ def test_onnx_export_needs_onnx_and_onnxruntime(monkeypatch, missing, expected):
 
 def test_onnx_export_is_tried_in_memory_at_the_recipes_opset():
     preflight.check_exports(["onnx"], opset=17)  # a tiny model through torch.onnx and onnxruntime
-    newest = preflight._max_onnx_opset()
+    newest = newest_opset()
     if newest is not None:
         with pytest.raises(ConfigError, match=rf"export.opset={newest + 1} is newer than this torch writes \(up to {newest}\)"):
             preflight.check_exports(["onnx"], opset=newest + 1)

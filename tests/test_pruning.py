@@ -261,7 +261,7 @@ def test_a_revisited_allocation_pools_its_measurements():
 
 
 def test_noisy_timings_still_meet_the_target_and_a_wide_spread_is_a_note():
-    from convsim_shrink.export.deploy import Latency
+    from convsim_shrink.measure.latency import Latency
 
     torch.manual_seed(0)
     model = create_model("simple_cnn", in_channels=1, width=0.5)

@@ -11,7 +11,8 @@ from torch import nn
 from torchvision.models._api import WeightsEnum
 
 from convsim_shrink.errors import CheckpointError, ConfigError, UnknownNameError
-from convsim_shrink.export import checkpoint as ckpt
+from convsim_shrink.export import native as ckpt
+from convsim_shrink.export.load import load
 from convsim_shrink.models import SPEC_ATTR, create_model
 from convsim_shrink.prune.pruneability import plan_ignored_layers, tolerant_tracing
 from convsim_shrink.sources import (
@@ -181,7 +182,7 @@ def test_pruned_torchvision_model_loads_back_without_pickle(tmp_path, spec, shap
         tp.pruner.MetaPruner(pruned, x, tp.importance.MagnitudeImportance(), pruning_ratio=0.3, ignored_layers=plan.modules(pruned)).step()
     assert sum(p.numel() for p in pruned.parameters()) < 0.8 * sum(p.numel() for p in model.parameters())
     path = ckpt.save(pruned, tmp_path / "model.safetensors")
-    back = ckpt.load(path)
+    back = load(path)
     assert type(back) is type(pruned)
     assert _same_outputs(pruned, back, torch.randn(2, *shape, generator=G))
     assert ckpt.read_metadata(path)["spec"]["source"] == "torchvision"
@@ -267,7 +268,7 @@ def test_import_string_builds_and_round_trips(user_package, tmp_path):
     assert src.spec == {"source": "import", "name": f"{user_package}:build_net", "kwargs": {"num_classes": 4, "in_channels": 1}}
     assert src.model(X1).shape == (2, 4)
     path = ckpt.save(src.model, tmp_path / "model.safetensors")
-    assert _same_outputs(src.model, ckpt.load(path), X1)
+    assert _same_outputs(src.model, load(path), X1)
 
 
 def test_import_string_errors_are_one_line(user_package):
@@ -303,7 +304,7 @@ def test_timm_model_round_trip(tmp_path):
     with pytest.raises(UnknownNameError, match="Did you mean"):
         resolve_source("timm:test_resnett", num_classes=5, in_channels=1)
     path = ckpt.save(src.model, tmp_path / "model.safetensors")
-    assert _same_outputs(src.model, ckpt.load(path), X1)
+    assert _same_outputs(src.model, load(path), X1)
     assert timm.is_model("test_resnet")
 
 

@@ -354,6 +354,13 @@ class TensorLoader:
         out.batch_size = global_batch // self.world_size
         return out
 
+    def unaugmented(self) -> "TensorLoader":
+        """The same images without augmentation, in a fixed order (a new loader in evaluation mode, on the
+        CPU, at this batch size), for calibration; ``self`` when this loader does not augment."""
+        if not self.augment:
+            return self
+        return TensorLoader(self.images.cpu(), self.labels.cpu(), self.info, batch_size=self.batch_size, train=False)
+
     def _indices(self) -> torch.Tensor:
         n = len(self.labels)
         if self.train:

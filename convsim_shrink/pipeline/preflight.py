@@ -32,22 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import io
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
 from ..errors import ConfigError, MissingDependencyError, OutputNotWritableError
 
-#: Python packages (import names) that each export format needs beyond the core dependencies
-EXPORT_PACKAGES: dict[str, tuple[str, ...]] = {
-    "convsim": ("safetensors",),
-    "onnx": ("onnx", "onnxruntime"),
-    "onnx-int8": ("onnx", "onnxruntime"),
-    "pt2": (),
-    "torchscript": (),
-}
 REPORT_PACKAGES = ("matplotlib",)
 
 
@@ -125,58 +115,20 @@ def require_packages(packages: tuple[str, ...] | list[str], needed_for: str, *, 
 
 
 def check_exports(formats, *, opset: int = 17) -> None:
-    """Every export format in ``formats`` can be written here; for ONNX also that ``opset`` is one this
-    torch writes and that a tiny model exports and runs through onnxruntime, in memory."""
+    """Every export format in ``formats`` can be written here: it is registered
+    (:mod:`convsim_shrink.export.registry`), its packages import, and its own ``check`` passes (ONNX: the
+    opset is one this torch writes and a tiny model exports and runs through onnxruntime, in memory;
+    onnx-int8: a one-conv model quantizes and runs)."""
+    from ..export.registry import get_format
+
     formats = list(formats)
-    for fmt in formats:
-        if fmt not in EXPORT_PACKAGES:
-            raise ConfigError(f"export format '{fmt}' is unknown; use {', '.join(EXPORT_PACKAGES)}")
-        others = [f for f in formats if f != fmt]
+    chosen = [get_format(fmt) for fmt in formats]  # an unknown name lists the known ones
+    for fmt in chosen:
+        others = [f for f in formats if f != fmt.name]
         instead = f"drop it: --set 'export.formats=[{', '.join(others)}]'" if others else ""
-        require_packages(EXPORT_PACKAGES[fmt], f"export format '{fmt}'", instead=instead)
-    if "onnx" in formats or "onnx-int8" in formats:
-        _check_onnx_round_trip(opset)
-    if "onnx-int8" in formats:
-        from ..export.deploy import check_int8_supported
-
-        check_int8_supported()  # quantizes a one-conv model in memory: int8 works on this platform
-
-
-def _max_onnx_opset() -> int | None:
-    import torch.onnx
-
-    constants = getattr(torch.onnx, "_constants", None)
-    return getattr(constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", None)
-
-
-def _check_onnx_round_trip(opset: int) -> None:
-    import torch
-    from torch import nn
-
-    newest = _max_onnx_opset()
-    if newest is not None and opset > newest:
-        raise ConfigError(f"export.opset={opset} is newer than this torch writes (up to {newest}); use --set export.opset={newest}")
-    import onnxruntime as ort
-
-    tiny = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)).eval()
-    x = torch.zeros(2, 1, 8, 8)
-    buffer = io.BytesIO()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                tiny, (x,), buffer, dynamo=False, opset_version=opset, input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )
-        session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
-        session.run(None, {"input": x.numpy()})
-    except Exception as exc:  # noqa: BLE001 - any failure here would fail the real export at the end
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MissingDependencyError(
-            f"ONNX export does not work here at opset {opset} ({type(exc).__name__}: {first}); "
-            "update onnx and onnxruntime (pip install -U onnx onnxruntime), lower export.opset, "
-            "or drop onnx from export.formats"
-        ) from None
+        require_packages(fmt.packages, f"export format '{fmt.name}'", instead=instead)
+    for fmt in chosen:
+        fmt.implementation().check(opset)
 
 
 # --------------------------------------------------------------------------------------- model
@@ -254,7 +206,6 @@ def check_output_dir(run_dir: Path, *, resume: bool = False) -> None:
 
 
 __all__ = [
-    "EXPORT_PACKAGES",
     "check_device",
     "check_exports",
     "check_model",

@@ -40,7 +40,8 @@ from torch import nn
 from ..console import console
 from ..data import DataBundle, DataInfo
 from ..errors import CheckpointError, ConfigError, ConvSimError, unknown
-from ..export import checkpoint as ckpt
+from ..export import native
+from ..export.load import load
 from ..io import atomic_write_text
 from ..models import list_models
 from ..models.adapt import dense_stages, restore_dtype, to_float32
@@ -183,7 +184,7 @@ class Runner:
     def _save_model(self, model: nn.Module, name: str) -> None:
         path = self._path(name)
         if path is not None and is_registered(model) and is_main_process():
-            ckpt.save(
+            native.save(
                 model.cpu(), path, recipe=self.recipe.to_dict(), metrics=self.state.metrics.to_dict(),
                 input_shape=tuple(self.example_inputs.shape[1:]),
             )
@@ -197,7 +198,7 @@ class Runner:
                 path = self._path(name)
                 if path is None or not path.is_file():
                     raise CheckpointError(f"cannot resume: {path} is missing; start a new run")
-                loaded[name] = ckpt.load(path).to(self.device)
+                loaded[name] = load(path).to(self.device)
             setattr(self, slot, loaded[name])
 
     # ---------------------------------------------------------------------------------- prepare
@@ -367,7 +368,7 @@ class Runner:
 
     def _export(self) -> float | None:
         if self.dense is not None:  # every run reports speed: dense vs shrunk, batch 1 and the latency batch
-            from ..export.deploy import speed_rows
+            from ..measure.latency import speed_rows
 
             pr, ft = self.recipe.prune, self.recipe.finetune
             rows = speed_rows(self.dense, self.model, tuple(self.example_inputs.shape[1:]), (1, latency_batch_size(pr, ft, self.data)), device=self.device)

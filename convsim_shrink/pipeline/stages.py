@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +28,7 @@ from ..cs.premin import PreminResult, preminimize
 from ..cs.similarity import layer_similarities, model_conv_similarity
 from ..data import DataBundle, DataInfo, build_data
 from ..errors import ConfigError
-from ..export import checkpoint as ckpt
+from ..export.registry import ExportJob, get_format
 from ..models import SPEC_ATTR, create_model
 from ..prune.compensation import (
     CompensationReport,
@@ -282,7 +284,7 @@ def prune_stage(
     latency_fn = None
     if cfg.target_latency is not None:
         # measured on the run's device, in fp32 as the exported model runs, at the latency batch
-        from ..export.deploy import latency_meter
+        from ..measure.latency import latency_meter
         from ..train.distributed import from_rank0
 
         # under torchrun rank 0 measures and every rank decides on its numbers
@@ -403,10 +405,22 @@ def finetune_stage(
 
 @dataclass
 class ExportOutcome:
-    exports: dict[str, str] = field(default_factory=dict)  # format -> file
-    onnx_max_abs_diff: float | None = None
-    pt2_max_abs_diff: float | None = None
-    int8: dict | None = None  # deploy.Int8Export.to_dict(): both models' top-1 under onnxruntime
+    exports: dict[str, str] = field(default_factory=dict)  # format (or "pickle") -> file
+    #: what the formats measured of their files, by report field (``onnx_max_abs_diff``, ``pt2_max_abs_diff``,
+    #: ``int8``: :meth:`~convsim_shrink.export.onnx_int8.Int8Export.to_dict`)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def onnx_max_abs_diff(self) -> float | None:
+        return self.checks.get("onnx_max_abs_diff")
+
+    @property
+    def pt2_max_abs_diff(self) -> float | None:
+        return self.checks.get("pt2_max_abs_diff")
+
+    @property
+    def int8(self) -> dict | None:
+        return self.checks.get("int8")
 
 
 def export_stage(
@@ -419,13 +433,14 @@ def export_stage(
     metrics: dict | None = None,
     data: DataBundle | None = None,
 ) -> ExportOutcome:
-    """Write ``model`` into the folder ``out`` in every format of ``cfg.formats``: ``convsim``
+    """Write ``model`` into the folder ``out`` in every format of ``cfg.formats``, in order, each by its
+    module in the export registry (:mod:`convsim_shrink.export.registry`): ``convsim``
     (``model.safetensors`` with ``recipe``, ``metrics`` and the input shape in its header; a model from
     outside the registry becomes a full pickle ``model.pt``), ``onnx`` (checked against onnxruntime when
     it is installed), ``onnx-int8`` (static int8 quantization with onnxruntime, calibrated on
-    ``cfg.int8_calibration`` training images of ``data``, both models' top-1 measured on ``data.test``),
-    ``pt2`` (a ``torch.export`` program, checked against the eager model) and ``torchscript``.  The model
-    ends on the device it started on.
+    ``cfg.int8_calibration`` training images of ``data``, read in epoch 0's order, both models' top-1
+    measured on ``data.test``), ``pt2`` (a ``torch.export`` program, checked against the eager model) and
+    ``torchscript``.  The model ends on the device it started on.
 
     Raises:
         ConfigError: ``onnx-int8`` without ``data``.
@@ -433,40 +448,16 @@ def export_stage(
     out = Path(out)
     device = _device_of(model)
     model = model.cpu().eval()
-    x = example_inputs.cpu()
     outcome = ExportOutcome()
+    job = ExportJob(model, out, example_inputs.cpu(), opset=cfg.opset, recipe=recipe, metrics=metrics, data=data,
+                    int8_calibration=cfg.int8_calibration, written=outcome.exports)
     try:
-        for fmt in cfg.formats:
-            if fmt == "convsim":
-                if is_registered(model):
-                    path = ckpt.save(model, out / "model.safetensors", recipe=recipe, metrics=metrics, input_shape=tuple(x.shape[1:]))
-                    outcome.exports["convsim"] = str(path)
-                else:
-                    outcome.exports["pickle"] = str(ckpt.save_full(model, out / "model.pt"))
-            elif fmt == "onnx":
-                path = ckpt.export_onnx(model, out / "model.onnx", x, opset=cfg.opset)
-                outcome.exports["onnx"] = str(path)
-                try:
-                    outcome.onnx_max_abs_diff = ckpt.onnx_max_difference(model, path, torch.randn(4, *x.shape[1:]))
-                except ImportError:
-                    pass
-            elif fmt == "onnx-int8":
-                from ..export.deploy import export_onnx_int8
-
-                if data is None:
-                    raise ConfigError("the onnx-int8 export needs training images to calibrate on and a test set; pass data")
-                fp32 = outcome.exports.get("onnx")
-                with _fixed_order(data.train) as train:
-                    done = export_onnx_int8(model, out, x, train, data.test, images=cfg.int8_calibration, opset=cfg.opset, fp32_path=fp32)
-                outcome.exports["onnx-int8"] = str(done.path)
-                outcome.int8 = done.to_dict()
-            elif fmt == "pt2":
-                from ..export.deploy import export_pt2
-
-                outcome.pt2_max_abs_diff = export_pt2(model, out / "model.pt2", x)
-                outcome.exports["pt2"] = str(out / "model.pt2")
-            elif fmt == "torchscript":
-                outcome.exports["torchscript"] = str(ckpt.export_torchscript(model, out / "model.ts", x))
+        with _fixed_order(data.train) if data is not None else contextlib.nullcontext():
+            for name in cfg.formats:
+                fmt = get_format(name)
+                done = fmt.implementation().write(dataclasses.replace(job, path=out / fmt.filename))
+                outcome.exports[done.label] = str(done.path)
+                outcome.checks.update(done.checks)
     finally:
         model.to(device)
     return outcome

@@ -381,7 +381,7 @@ def prune_to_target(
     dense_latencies: list[float] = []
     if "latency" in targets:
         if latency_fn is None:
-            from ..export.deploy import latency_meter
+            from ..measure.latency import latency_meter
 
             latency_fn = latency_meter(example_inputs)
         timer = _Timer(latency_fn)
@@ -659,7 +659,7 @@ def iterative_prune(
     base = measure(model, x)
     kwargs.setdefault("base_channels", channel_counts(model))  # max_layer_ratio holds over all the steps together
     if target_latency is not None and latency_fn is None:
-        from ..export.deploy import latency_meter
+        from ..measure.latency import latency_meter
 
         latency_fn = latency_meter(x)
     base_latency = None

@@ -114,7 +114,7 @@ def resolve_source(spec: str, *, num_classes: int | None, in_channels: int | Non
 def rebuild(spec: dict[str, Any]) -> nn.Module:
     """The architecture ``spec`` describes, with fresh weights (nothing downloaded, nothing unpickled);
     the model carries ``spec`` as ``model.convsim_spec``.  Pruned layer shapes (``spec["layers"]``) are
-    re-applied by :func:`convsim_shrink.export.checkpoint.load`, not here.  Raises ConfigError/CheckpointError."""
+    re-applied by :func:`convsim_shrink.export.native.load`, not here.  Raises ConfigError/CheckpointError."""
     source = spec.get("source", "zoo")
     clean = {k: v for k, v in spec.items() if k != "layers"}
     if source == "zoo":
@@ -551,7 +551,7 @@ def checkpoint_data(spec: str) -> dict[str, Any] | None:
     Raises :class:`~convsim_shrink.errors.CheckpointError` for a missing or unreadable checkpoint."""
     if not is_checkpoint_spec(spec):
         return None
-    from ..export.checkpoint import read_metadata
+    from ..export.native import read_metadata
 
     data = (read_metadata(checkpoint_file(spec)).get("recipe") or {}).get("data") or {}
     return {"name": data["name"], "dir": data.get("dir")} if data.get("name") else None
@@ -566,7 +566,7 @@ def checkpoint_recipe(spec: str) -> dict[str, Any] | None:
     Raises :class:`~convsim_shrink.errors.CheckpointError` for a missing or unreadable checkpoint."""
     if not is_checkpoint_spec(spec):
         return None
-    from ..export.checkpoint import read_metadata
+    from ..export.native import read_metadata
 
     file = checkpoint_file(spec)
     recipe = read_metadata(file).get("recipe")
@@ -580,7 +580,7 @@ def checkpoint_recipe(spec: str) -> dict[str, Any] | None:
 
 
 def _checkpoint(path: Path, num_classes: int | None, in_channels: int | None, weights: str | None) -> Source:
-    from ..export.checkpoint import load, read_metadata
+    from ..export.native import load, read_metadata
 
     if weights is not None:
         raise ConfigError(f"{path} already holds its weights; drop --weights")
