@@ -100,7 +100,7 @@ def _run_pipeline(
     _fraction("--target-macs", target_macs)
     _fraction("--target-latency", target_latency)
     if recipe is None and model is not None:
-        from .sources import checkpoint_recipe
+        from .sources.from_checkpoint import checkpoint_recipe
 
         # a checkpoint is shrunk again with the recipe it was made with (its data set included), a zoo
         # model with its shipped recipe; --recipe, options and --set override either

@@ -39,12 +39,12 @@ from torch import nn
 
 from ..console import console
 from ..data import DataBundle, DataInfo
-from ..errors import CheckpointError, ConfigError, ConvSimError, unknown
+from ..errors import CheckpointError, ConfigError, ConvSimError
 from ..export import native
 from ..export.load import load
 from ..io import atomic_write_text
-from ..models import list_models
 from ..models.adapt import dense_stages, restore_dtype, to_float32
+from ..sources import parse_spec, resolve_source
 from ..prune.ranking import get_criterion
 from ..recipe import Recipe
 from ..train import (
@@ -222,10 +222,9 @@ class Runner:
         r = self.recipe
         check_run(r, self.run_dir, resume=self.resume)  # device, packages, output folder: before any work
         distributed.check_setup(r, self.device)  # the global batch divides by the processes
-        name = r.model.name
-        zoo = self.given_model is None and r.model.weights is None and name in list_models()
-        if self.given_model is None and not zoo and ":" not in name and not name.endswith(".safetensors") and not Path(name).exists():
-            raise unknown("model", name, list_models())  # a typo of a zoo name: before the data is read
+        # which source the recipe names (a typo of a zoo name fails here, before the data is read)
+        spec = parse_spec(r.model.name) if self.given_model is None else None
+        zoo = spec is not None and spec.kind == "zoo" and r.model.weights is None
         get_criterion(r.prune.criterion).create(**r.prune.criterion_options)  # unknown criterion or option fails here
         if self.data is None:
             self.data = prepare_data(r)
@@ -236,11 +235,9 @@ class Runner:
         if self.example_inputs is None:
             self.example_inputs = example_inputs_for(self.data.info)
         if self.given_model is None and not zoo:
-            from ..sources import resolve_source
-
             info = self.data.info
             seed_everything(r.run.seed)
-            self.source = resolve_source(name, num_classes=info.num_classes or None, in_channels=info.in_channels, weights=r.model.weights,
+            self.source = resolve_source(r.model.name, num_classes=info.num_classes or None, in_channels=info.in_channels, weights=r.model.weights,
                                          width=r.model.width, small_input=r.model.small_input)
             self.pretrained = self.pretrained or self.source.pretrained
         brought = self.given_model if self.given_model is not None else (self.source.model if self.source else None)
@@ -490,7 +487,7 @@ def shrink(
     if example_inputs is None:
         x, _ = next(iter(val_data))
         example_inputs = x[:1]
-    if isinstance(model, str) and num_classes is None and not model.endswith(".safetensors") and not Path(model).exists():
+    if isinstance(model, str) and num_classes is None and parse_spec(model).kind != "checkpoint":
         raise ConfigError(f"give num_classes= to build '{model}' for your data")
     info = DataInfo("custom", num_classes or 0, example_inputs.shape[1], example_inputs.shape[-1], (), (), pad=0)
     bundle = DataBundle(info, train_data, None, val_data)

@@ -272,7 +272,7 @@ class _Recorder(TorchFunctionMode):
 
 
 @dataclass
-class _Trace:
+class Trace:
     ops: list[_Op]
     outputs: list[int | None]  # producing op of every output tensor
     names: dict[str, nn.Module]  # module name -> module
@@ -371,7 +371,7 @@ def _call(model: nn.Module, inputs):
     return model(inputs)
 
 
-def _record(model: nn.Module, example_inputs, train: bool) -> _Trace:
+def record_trace(model: nn.Module, example_inputs, train: bool) -> Trace:
     """One forward pass of (a copy of) ``model`` in the given mode, recorded op by op."""
     work = copy.deepcopy(model) if train else model
     was_training = work.training
@@ -388,7 +388,7 @@ def _record(model: nn.Module, example_inputs, train: bool) -> _Trace:
     outputs = [recorder.producer.get(id(t)) for t in _flatten(out)]
     names = dict(work.named_modules())
     used = {op.module for op in recorder.ops if op.module is not None and op.func in _COMPUTE}
-    return _Trace(recorder.ops, outputs, names, used)
+    return Trace(recorder.ops, outputs, names, used)
 
 
 # ----------------------------------------------------------------------------------- static rules
@@ -409,7 +409,7 @@ def _is_bad_reshape(op: _Op) -> bool:
     return True
 
 
-def _split_reaches_cat(trace: _Trace, start: int, consumers: dict[int, list[int]]) -> bool:
+def _split_reaches_cat(trace: Trace, start: int, consumers: dict[int, list[int]]) -> bool:
     """Whether the pieces of a channel split reach a channel concatenation before any conv/linear layer."""
     stack, seen = [start], set()
     while stack:
@@ -431,9 +431,9 @@ RULES = ("output", "reshape", "pixel-shuffle", "split-cat", "train-only")
 
 
 def _static_plan(model: nn.Module, example_inputs, plan: IgnorePlan, rules=RULES) -> None:
-    eval_trace = _record(model, example_inputs, train=False)
+    eval_trace = record_trace(model, example_inputs, train=False)
     try:
-        train_trace = _record(model, example_inputs, train=True)
+        train_trace = record_trace(model, example_inputs, train=True)
     except Exception:  # a model that cannot run in training mode on this input: eval rules only
         train_trace = None
     for trace in (eval_trace, train_trace):
