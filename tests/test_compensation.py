@@ -15,7 +15,7 @@ from convsim_shrink.prune.compensation import (
     fold_into_consumer,
     least_squares,
 )
-from convsim_shrink.prune.pruning import prune_to_target
+from convsim_shrink.prune.search import prune_to_target
 from convsim_shrink.prune.ranking import ResidualImportance, get_criterion
 
 

@@ -1,12 +1,12 @@
 """Issue 12 through the product's Python API: the failure kinds of the issue, tried with
 ``convsim_shrink.shrink`` on a few seeded synthetic 3x32x32 batches (the pieces themselves are tested in
-test_pruneability.py, test_adapt.py, test_sources.py and test_data.py)."""
+test_safety.py, test_adapt.py, test_sources.py and test_data.py)."""
 
 import copy
 
 import pytest
 import torch
-from test_pruneability import KINDS, LogitsAndFeatures  # the smallest failing models of the issue
+from test_safety import KINDS, LogitsAndFeatures  # the smallest failing models of the issue
 from torch import nn
 
 import convsim_shrink

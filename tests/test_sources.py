@@ -14,7 +14,7 @@ from convsim_shrink.errors import CheckpointError, ConfigError, UnknownNameError
 from convsim_shrink.export import native as ckpt
 from convsim_shrink.export.load import load
 from convsim_shrink.models import SPEC_ATTR, create_model
-from convsim_shrink.prune.pruneability import plan_ignored_layers, tolerant_tracing
+from convsim_shrink.prune.safety import plan_ignored_layers, tolerant_tracing
 from convsim_shrink.sources import rebuild, resolve_source
 from convsim_shrink.sources.adapting import adapt_input_channels, read_state_dict
 from convsim_shrink.sources.from_checkpoint import checkpoint_file

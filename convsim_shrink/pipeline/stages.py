@@ -36,16 +36,10 @@ from ..prune.compensation import (
     InputStatistics,
     collect_input_statistics,
 )
-from ..prune.pruneability import IgnorePlan, PruningError, plan_ignored_layers
-from ..prune.pruning import (
-    PruneResult,
-    Size,
-    channel_counts,
-    group_sparsity_regularizer,
-    iterative_prune,
-    measure,
-)
+from ..prune.safety import IgnorePlan, PruningError, plan_ignored_layers
+from ..prune.pruning import Size, channel_counts, group_sparsity_regularizer, measure
 from ..prune.ranking import Criterion, get_criterion
+from ..prune.search import PruneResult, iterative_prune
 from ..recipe import (
     ExportConfig,
     FinetuneConfig,
@@ -235,10 +229,10 @@ def prune_stage(
     """A pruned copy of ``dense`` at ``cfg``'s measured target (``dense`` is left as it was).
 
     First the layers torch-pruning cannot prune safely are planned
-    (:func:`~convsim_shrink.prune.pruneability.plan_ignored_layers`: the output layers, channel shuffles,
+    (:func:`~convsim_shrink.prune.safety.plan_ignored_layers`: the output layers, channel shuffles,
     split/concatenate blocks, pixel shuffles, and whatever fails a trial pruning); every pruning step
-    leaves them alone and is verified (:func:`~convsim_shrink.prune.pruneability.prune_safely`), so
-    torch-pruning's own errors become one-line :class:`~convsim_shrink.prune.pruneability.PruningError`.
+    leaves them alone and is verified (:func:`~convsim_shrink.prune.safety.prune_safely`), so
+    torch-pruning's own errors become one-line :class:`~convsim_shrink.prune.safety.PruningError`.
     Criteria that need gradients score a copy after ``cfg.calibration_batches`` batches of task-loss
     gradients; with ``cfg.iterative_steps > 1`` the model is fine-tuned ``cfg.steps_epochs`` epochs
     (``finetune``'s settings) between steps.  With ``cfg.compensate`` (the default) the inputs of every

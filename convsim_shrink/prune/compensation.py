@@ -229,7 +229,7 @@ class CompensationReport:
 class Compensator:
     """Compensates every consumer of a group's removed channels just before torch-pruning removes them.
 
-    Used by :func:`convsim_shrink.prune.pruning.prune_to_target`: ``bind(model)`` on the copy about to be
+    Used by :func:`convsim_shrink.prune.search.prune_to_target`: ``bind(model)`` on the copy about to be
     pruned, then ``before_prune(group, graph)`` for every group the pruner yields, in order.  Each
     consumer's current input positions are mapped back to the dense model's channels (earlier groups may
     have removed some of them, e.g. from a concatenation), so the fit always uses the dense model's

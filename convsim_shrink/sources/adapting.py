@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, first_line
-from ..prune.pruneability import record_trace
+from ..prune.safety.tracing import record_trace
 
 
 def need(value: int | None, what: str) -> int:
@@ -141,7 +141,7 @@ def resized(layer: nn.Module, *, out_features: int | None = None, in_channels: i
 
 def find_heads_and_stem(model: nn.Module, in_channels: int, size: int) -> tuple[list[str], str | None]:
     """The layers producing the model's outputs (eval and training mode) and the first conv reading the
-    input, found by tracing one forward pass (see :mod:`convsim_shrink.prune.pruneability`)."""
+    input, found by tracing one forward pass (see :mod:`convsim_shrink.prune.safety`)."""
     x = torch.randn(1, in_channels, size, size)
     heads: list[str] = []
     stem = None

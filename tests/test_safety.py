@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.models.shufflenetv2 import InvertedResidual
 
 from convsim_shrink.errors import ConvSimError, TargetUnreachableError
-from convsim_shrink.prune.pruneability import (
+from convsim_shrink.prune.safety import (
     IgnorePlan,
     PruningError,
     output_signature,
@@ -23,7 +23,7 @@ from convsim_shrink.prune.pruneability import (
     tolerant_tracing,
     verify_pruned,
 )
-from convsim_shrink.prune.pruning import prune_to_target
+from convsim_shrink.prune.search import prune_to_target
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
