@@ -23,7 +23,6 @@ _LAZY = {
     "save": "export.native",
     "create_model": "models",
     "list_models": "models",
-    "Pipeline": "pipeline.runner",
     "Runner": "pipeline.runner",
     "ShrinkResult": "pipeline.runner",
     "shrink": "pipeline.runner",
@@ -32,7 +31,7 @@ _SUBMODULES = ("recipe",)
 
 __all__ = [
     "__version__", "ConvSimError", "conv_similarity", "conv_similarity_reference", "layer_similarities",
-    "model_conv_similarity", "pairwise_similarity", "load", "save", "create_model", "list_models", "Pipeline", "Runner",
+    "model_conv_similarity", "pairwise_similarity", "load", "save", "create_model", "list_models", "Runner",
     "ShrinkResult", "shrink", "recipe",
 ]
 
@@ -48,7 +47,7 @@ if TYPE_CHECKING:
     from .export.load import load
     from .export.native import save
     from .models import create_model, list_models
-    from .pipeline.runner import Pipeline, Runner, ShrinkResult, shrink
+    from .pipeline.runner import Runner, ShrinkResult, shrink
 
 
 def __getattr__(name: str) -> Any:

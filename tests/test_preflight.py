@@ -142,8 +142,12 @@ def test_a_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------- where it is called
 
 
-def test_run_without_a_directory_skips_the_checks_of_what_it_would_write(no_onnxruntime):
-    preflight.check_run(resolve(None, sets=["run.device=cpu"]), None)  # the Python API without run_dir exports nothing
+def test_run_without_a_directory_skips_the_checks_of_what_it_would_write(no_onnxruntime, tmp_path):
+    recipe = resolve(None, sets=["run.device=cpu"])  # exports onnx, whose checker (onnxruntime) is missing here
+    preflight.check_run(recipe, None)  # the Python API without run_dir exports nothing: no complaint
+    with pytest.raises(MissingDependencyError, match="onnxruntime"):  # with a run directory the same recipe is refused
+        preflight.check_run(recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_pipeline_checks_before_reading_data_or_writing(tmp_path, monkeypatch, no_onnxruntime):

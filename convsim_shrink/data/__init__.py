@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataNotFoundError, unknown
+from ..errors import ConfigError, DataNotFoundError, first_line, unknown
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CACHE_DIR = Path(os.environ.get("CONVSIM_DATA", Path.home() / ".cache" / "convsim-shrink"))
@@ -177,9 +177,8 @@ def _download(fetch, name: str) -> None:
     try:
         fetch()
     except (OSError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataNotFoundError(
-            f"downloading {name} into {CACHE_DIR} failed ({first}); check the network connection, "
+            f"downloading {name} into {CACHE_DIR} failed ({first_line(exc, 10_000)}); check the network connection, "
             "or put the files in a folder and pass it with --data-dir"
         ) from None
 
@@ -448,8 +447,7 @@ def verify_image(path: str | Path) -> str | None:
             im.draft("RGB", (64, 64))
             im.load()
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
-        text = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        return text
+        return first_line(exc, 120)
     return None
 
 

@@ -93,7 +93,7 @@ def check_int8_supported() -> None:
     except ImportError as exc:
         raise ConfigError(
             f"export format onnx-int8 needs onnx and onnxruntime with its quantization tools ({exc}); "
-            "install them with pip install 'convsim-shrink[onnx]' or drop onnx-int8 from export.formats"
+            "install them with pip install onnx onnxruntime or drop onnx-int8 from export.formats"
         ) from None
     if "CPUExecutionProvider" not in ort.get_available_providers():
         raise ConfigError("export format onnx-int8: this onnxruntime build has no CPU execution provider; install the standard onnxruntime package")

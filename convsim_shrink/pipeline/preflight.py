@@ -36,7 +36,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import ConfigError, MissingDependencyError, OutputNotWritableError
+from ..errors import ConfigError, MissingDependencyError, OutputNotWritableError, first_line
 
 REPORT_PACKAGES = ("matplotlib",)
 
@@ -107,9 +107,8 @@ def require_packages(packages: tuple[str, ...] | list[str], needed_for: str, *, 
             f"`pip install {' '.join(names)}`{alternative}"
         )
     name, exc = broken[0]
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     raise MissingDependencyError(
-        f"{needed_for} needs {name}, which is installed but does not import ({first}); "
+        f"{needed_for} needs {name}, which is installed but does not import ({first_line(exc, 10_000)}); "
         f"reinstall it with `pip install --force-reinstall {name}`{alternative}"
     )
 
@@ -144,6 +143,8 @@ def check_model(model, example_inputs) -> None:
     import torch
     from torch import nn
 
+    from ..models import evaluating
+
     if not isinstance(model, nn.Module):
         raise ConfigError(f"the model is a {type(model).__name__}, not a torch.nn.Module; pass the module itself")
     scripted = [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
@@ -160,20 +161,15 @@ def check_model(model, example_inputs) -> None:
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in params):
         work = copy.deepcopy(model).float()  # trained in float32 (adapt.to_float32); the caller's stays as it is
     x = example_inputs.to(params[0].device)
-    was_training = work.training
-    work.eval()
     try:
-        with torch.no_grad():
+        with evaluating(work), torch.no_grad():
             work(x)
     except Exception as exc:  # noqa: BLE001 - whatever the model raises, every stage would raise it too
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         shape = "x".join(str(s) for s in x.shape)
         raise ConfigError(
-            f"the model does not run on the data's inputs of shape {shape} ({type(exc).__name__}: {first}); "
+            f"the model does not run on the data's inputs of shape {shape} ({first_line(exc, 200, with_type=True)}); "
             "give a model for inputs of this shape, or data of the shape it takes"
         ) from None
-    finally:
-        work.train(was_training)
 
 
 # -------------------------------------------------------------------------------------- output

@@ -436,10 +436,6 @@ class Runner:
         return ShrinkResult(self.model, self.dense, report, self.run_dir)
 
 
-#: the name the Python API has always used for the runner
-Pipeline = Runner
-
-
 def shrink(
     model: nn.Module | str,
     train_data,

@@ -70,16 +70,6 @@ def greedy_removal(
     return order, values
 
 
-def greedy_redundancy_order(
-    sim: torch.Tensor, tie_break: torch.Tensor | None = None, *, weight: torch.Tensor | None = None, strength: float = 1.0
-) -> torch.Tensor:
-    """Scores in (0, 1] from :func:`greedy_removal`'s order: the first channel removed scores 1/m."""
-    order, _ = greedy_removal(sim, tie_break, weight=weight, strength=strength)
-    scores = torch.empty(len(order))
-    scores[order] = torch.arange(1, len(order) + 1, dtype=torch.float32) / len(order)
-    return scores
-
-
 def lamp_scores(order: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Scores comparable across layers for global pruning, in the removal ``order``.
 

@@ -172,6 +172,7 @@ def prune_safely(
 
 __all__ = [
     "Ignored", "IgnorePlan", "OutputSignature", "PruningError", "TrialSettings", "REASONS",
-    "RULES", "Trace", "output_signature", "plan_ignored_layers", "prune_safely", "record_trace", "tolerant_tracing",
+    "RULES", "Trace", "output_signature", "plan_ignored_layers", "prune_safely", "raised_in_torch_pruning", "record_trace",
+    "tolerant_tracing",
     "verify_pruned",
 ]
