@@ -14,8 +14,8 @@ from convsim_shrink.export import onnx_int8, pt2
 from convsim_shrink.export.onnx import export_onnx
 from convsim_shrink.measure import latency
 from convsim_shrink.models import create_model
-from convsim_shrink.prune.search import prune_to_target
 from convsim_shrink.prune.ranking import make_importance
+from convsim_shrink.prune.search import prune_to_target
 from convsim_shrink.recipe import DataConfig, TrainConfig
 from convsim_shrink.train import evaluate, fit
 

@@ -36,7 +36,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import ConfigError, MissingDependencyError, OutputNotWritableError, first_line
+from ..errors import (
+    ConfigError,
+    MissingDependencyError,
+    OutputNotWritableError,
+    first_line,
+)
 
 REPORT_PACKAGES = ("matplotlib",)
 

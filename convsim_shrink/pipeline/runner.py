@@ -44,9 +44,9 @@ from ..export import native
 from ..export.load import load
 from ..io import atomic_write_text
 from ..models.adapt import dense_stages, restore_dtype, to_float32
-from ..sources import parse_spec, resolve_source
 from ..prune.ranking import get_criterion
 from ..recipe import Recipe
+from ..sources import parse_spec, resolve_source
 from ..train import (
     distributed,
     is_channels_last,

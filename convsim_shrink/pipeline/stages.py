@@ -36,9 +36,9 @@ from ..prune.compensation import (
     InputStatistics,
     collect_input_statistics,
 )
-from ..prune.safety import IgnorePlan, PruningError, plan_ignored_layers
 from ..prune.pruning import Size, channel_counts, group_sparsity_regularizer, measure
 from ..prune.ranking import Criterion, get_criterion
+from ..prune.safety import IgnorePlan, PruningError, plan_ignored_layers
 from ..prune.search import PruneResult, iterative_prune
 from ..recipe import (
     ExportConfig,

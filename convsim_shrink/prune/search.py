@@ -42,8 +42,17 @@ from torch import nn
 from ..errors import ConfigError, TargetUnreachableError
 from ..measure.latency import latency_meter
 from ..models import classifier_of
+from .pruning import (
+    CachedImportance,
+    Size,
+    channel_costs,
+    channel_counts,
+    group_roots,
+    layer_floors,
+    measure,
+    prune_copy,
+)
 from .safety import prune_safely
-from .pruning import CachedImportance, Size, channel_costs, channel_counts, group_roots, layer_floors, measure, prune_copy
 
 KINDS = ("params", "macs", "latency")
 POOL = 3  # latency measurements of one channel allocation during the search (the winner gets 2 more)
