@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
+from convsim_shrink.cs.premin import preminimize
+from convsim_shrink.cs.redundancy import feature_map_similarity, mean_similarity
+from convsim_shrink.cs.similarity import conv_layers, model_conv_similarity
 from convsim_shrink.data import build_data, sample_batch
 from convsim_shrink.io import atomic_write_bytes
 from convsim_shrink.models import create_model
-from convsim_shrink.premin import preminimize
 from convsim_shrink.recipe import DataConfig, PreminConfig, TrainConfig
-from convsim_shrink.redundancy import feature_map_similarity, mean_similarity
-from convsim_shrink.similarity import conv_layers, model_conv_similarity
 from convsim_shrink.train import evaluate, fit, resolve_device, seed_everything
 
 

@@ -4,7 +4,7 @@ and int8 ONNX against fp32 ONNX under onnxruntime (throughput and top-1).
     python benchmarks/bench_deploy.py RUN_DIR                      # dense.safetensors vs model.safetensors of a run
     python benchmarks/bench_deploy.py DENSE.safetensors SHRUNK.safetensors [--data-dir DIR]
 
-Measured with the library's own functions (convsim_shrink.deploy), as a run's report would:
+Measured with the library's own functions (convsim_shrink.measure.latency, convsim_shrink.export), as a run's report would:
 * torch, fp32, contiguous, eval: dense vs shrunk at each ``--batches`` size, taking turns (``rounds``)
   so drift on a shared machine hits both; median of ``--repeats`` timed passes, spread = IQR / median;
 * ONNX (opset 17, dynamic batch) of both models, and the int8 ONNX of both (static quantization,
@@ -28,12 +28,15 @@ from pathlib import Path
 import torch
 
 import convsim_shrink
-from convsim_shrink import deploy
-from convsim_shrink.checkpoint import export_onnx, read_metadata
 from convsim_shrink.data import build_data
-from convsim_shrink.train import evaluate
-from convsim_shrink.pruning import measure
+from convsim_shrink.export import onnx as onnx_export
+from convsim_shrink.export import onnx_int8
+from convsim_shrink.export.native import read_metadata
+from convsim_shrink.export.onnx import export_onnx
+from convsim_shrink.measure import latency
+from convsim_shrink.prune.pruning import measure
 from convsim_shrink.recipe import DataConfig
+from convsim_shrink.train import evaluate
 
 
 def _models(paths: list[str]) -> tuple[Path, Path]:
@@ -82,7 +85,7 @@ def main() -> None:
     print(f"params {d.params:,} → {s.params:,} ({s.params / d.params:.3f}); MACs {d.macs:,} → {s.macs:,} ({s.macs / d.macs:.3f})\n")
 
     t0 = time.perf_counter()
-    rows = deploy.speed_rows(dense, shrunk, shape, args.batches, repeats=args.repeats, rounds=args.rounds)
+    rows = latency.speed_rows(dense, shrunk, shape, args.batches, repeats=args.repeats, rounds=args.rounds)
     out["torch_latency"] = rows
     print("torch, fp32, eval (dense and shrunk taking turns; median; spread = IQR / median)\n")
     print("| batch | dense ms | shrunk ms | speed-up | spread |\n|---|---|---|---|---|")
@@ -97,17 +100,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
         tmp = Path(tmp)
         onnx_paths, top1 = {}, {}
-        calibration = deploy.calibration_view(data.train)
+        calibration = onnx_int8.calibration_view(data.train)
         for name, model in (("dense", dense), ("shrunk", shrunk)):
             fp32 = export_onnx(model, tmp / f"{name}.onnx", x1)
             t0 = time.perf_counter()
-            int8 = deploy.quantize_onnx_int8(fp32, tmp / f"{name}.int8.onnx", calibration, images=args.calibration)
+            int8 = onnx_int8.quantize_onnx_int8(fp32, tmp / f"{name}.int8.onnx", calibration, images=args.calibration)
             out[f"{name}_quantize_seconds"] = time.perf_counter() - t0
             onnx_paths[f"{name} fp32"], onnx_paths[f"{name} int8"] = fp32, int8
             top1[f"{name} torch"] = evaluate(model, data.test)["acc"]
         for key, path in onnx_paths.items():
-            top1[key] = deploy.evaluate_onnx(path, data.test)
-        lat = deploy.compare_onnx_latency(onnx_paths, shape, args.onnx_batch, repeats=args.repeats, rounds=args.rounds)
+            top1[key] = onnx_export.evaluate_onnx(path, data.test)
+        lat = latency.compare_onnx_latency(onnx_paths, shape, args.onnx_batch, repeats=args.repeats, rounds=args.rounds)
     base = lat["dense fp32"].seconds
     out["onnx"] = {k: {**v.to_dict(), "throughput_vs_dense_fp32": base / v.seconds, "top1": top1[k]} for k, v in lat.items()}
     out["top1_torch"] = {"dense": top1["dense torch"], "shrunk": top1["shrunk torch"]}
@@ -131,15 +134,15 @@ def main() -> None:
 
 def search_cost(dense, shape, args) -> dict:
     """prune_to_target(target_latency=R) on the dense model with the library's timer: trials, timings, result."""
-    from convsim_shrink.pruning import prune_to_target
-    from convsim_shrink.ranking import make_importance
+    from convsim_shrink.prune.search import prune_to_target
+    from convsim_shrink.prune.ranking import make_importance
 
-    meter = deploy.latency_meter(shape, args.search_batch)
+    meter = latency.latency_meter(shape, args.search_batch)
     t0 = time.perf_counter()
     r = prune_to_target(dense, torch.randn(1, *shape), make_importance("lamp"), target_latency=args.search_latency,
                         latency_fn=meter, global_pruning=True, round_to=8, warn=False)
     wall = time.perf_counter() - t0
-    row = deploy.speed_rows(dense, r.model, shape, [args.search_batch], repeats=args.repeats, rounds=args.rounds)[0]
+    row = latency.speed_rows(dense, r.model, shape, [args.search_batch], repeats=args.repeats, rounds=args.rounds)[0]
     print(f"\npruning search to latency {args.search_latency} at batch {args.search_batch} (lamp, global, round_to 8): "
           f"{r.trials} trials, {r.latency_measurements} latency measurements, {r.latency_seconds:.1f} s of {wall:.1f} s "
           f"measuring ({r.latency_seconds / r.latency_measurements:.2f} s each); found latency {r.latency_ratio:.3f}, "

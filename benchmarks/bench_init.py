@@ -30,9 +30,9 @@ from convsim_shrink.data import build_data
 from convsim_shrink.io import atomic_write_bytes
 from convsim_shrink.train import evaluate, fit, resolve_device, seed_everything
 from convsim_shrink.models import create_model
-from convsim_shrink.premin import filter_norms, preminimize, rescale_filters
+from convsim_shrink.cs.premin import filter_norms, preminimize, rescale_filters
 from convsim_shrink.recipe import DataConfig, TrainConfig
-from convsim_shrink.similarity import model_conv_similarity
+from convsim_shrink.cs.similarity import model_conv_similarity
 
 VARIANTS = ("plain", "ours", "paper", "shrink")
 SETTINGS = {

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 import convsim_shrink
+from convsim_shrink.pipeline.stages import example_inputs_for, prepare_data, prune_stage
 from convsim_shrink.recipe import default_recipe_for, resolve
-from convsim_shrink.stages import example_inputs_for, prepare_data, prune_stage
 from convsim_shrink.train import resolve_device
 from convsim_shrink.train.device import cpu_has_fast_bf16
 

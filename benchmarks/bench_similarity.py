@@ -17,7 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-from convsim_shrink.similarity import conv_layers, conv_similarity, conv_similarity_reference, model_conv_similarity
+from convsim_shrink.cs.similarity import conv_layers, conv_similarity, conv_similarity_reference, model_conv_similarity
 
 
 def timed(fn, repeats: int) -> float:

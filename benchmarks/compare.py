@@ -5,7 +5,7 @@ ablation, each unit run by the product itself.  A row is exactly what the comman
 
 The settings come from the model's shipped recipe, then the preset's ``--set`` values (printed at the
 top of the table), then the row's; the units call the pipeline's own stage functions
-(convsim_shrink.stages) with that resolved recipe, so channel rounding, BN re-calibration, distillation
+(convsim_shrink.pipeline.stages) with that resolved recipe, so channel rounding, BN re-calibration, distillation
 and every other default are the shipped ones.  The dense model is trained once per seed and every row
 prunes a copy of it, starting from the random-number state the command line has at that point: on the
 CPU a row reproduces the command's numbers exactly.
@@ -42,10 +42,10 @@ import torch
 import convsim_shrink
 from convsim_shrink.io import atomic_path, atomic_write_bytes, atomic_write_text
 from convsim_shrink.models import create_model
-from convsim_shrink.pruning import measure
-from convsim_shrink.ranking import get_criterion
+from convsim_shrink.prune.pruning import measure
+from convsim_shrink.prune.ranking import get_criterion
 from convsim_shrink.recipe import Recipe, default_recipe_for, resolve
-from convsim_shrink.stages import build_stage, example_inputs_for, finetune_stage, premin_stage, prepare_data, prune_stage, train_stage
+from convsim_shrink.pipeline.stages import build_stage, example_inputs_for, finetune_stage, premin_stage, prepare_data, prune_stage, train_stage
 from convsim_shrink.train import evaluate, resolve_device, resolve_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # pair.py lives beside this script

@@ -35,7 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import PRESETS, SHORTCUTS, Bench
 from pair import t_critical, t_statistic
 
-from convsim_shrink.stages import example_inputs_for, finetune_stage, prune_stage
+from convsim_shrink.pipeline.stages import (
+    example_inputs_for,
+    finetune_stage,
+    prune_stage,
+)
 
 #: label -> recipe settings of the prune stage
 CONFIGS = {

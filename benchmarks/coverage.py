@@ -51,11 +51,12 @@ def run_one(name: str, *, size: int = 64, criterion: str = "convsim-taylor", tar
     import torch.nn.functional as F
     import torchvision
 
-    from convsim_shrink.adapt import logits_of
     from convsim_shrink.errors import ConvSimError
-    from convsim_shrink.pruneability import plan_ignored_layers, prune_safely
-    from convsim_shrink.pruning import measure, prune_to_target
-    from convsim_shrink.ranking import get_criterion
+    from convsim_shrink.models.adapt import logits_of
+    from convsim_shrink.prune.safety import plan_ignored_layers, prune_safely
+    from convsim_shrink.prune.pruning import measure
+    from convsim_shrink.prune.search import prune_to_target
+    from convsim_shrink.prune.ranking import get_criterion
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

@@ -14,40 +14,40 @@ from .errors import ConvSimError
 
 #: public name -> the module that defines it
 _LAZY = {
-    "conv_similarity": "similarity",
-    "conv_similarity_reference": "similarity",
-    "layer_similarities": "similarity",
-    "model_conv_similarity": "similarity",
-    "pairwise_similarity": "similarity",
-    "load": "checkpoint",
-    "save": "checkpoint",
+    "conv_similarity": "cs.similarity",
+    "conv_similarity_reference": "cs.similarity",
+    "layer_similarities": "cs.similarity",
+    "model_conv_similarity": "cs.similarity",
+    "pairwise_similarity": "cs.similarity",
+    "load": "export.load",
+    "save": "export.native",
     "create_model": "models",
     "list_models": "models",
-    "Pipeline": "runner",
-    "Runner": "runner",
-    "ShrinkResult": "runner",
-    "shrink": "runner",
+    "Runner": "pipeline.runner",
+    "ShrinkResult": "pipeline.runner",
+    "shrink": "pipeline.runner",
 }
 _SUBMODULES = ("recipe",)
 
 __all__ = [
     "__version__", "ConvSimError", "conv_similarity", "conv_similarity_reference", "layer_similarities",
-    "model_conv_similarity", "pairwise_similarity", "load", "save", "create_model", "list_models", "Pipeline", "Runner",
+    "model_conv_similarity", "pairwise_similarity", "load", "save", "create_model", "list_models", "Runner",
     "ShrinkResult", "shrink", "recipe",
 ]
 
 if TYPE_CHECKING:
     from . import recipe
-    from .checkpoint import load, save
-    from .models import create_model, list_models
-    from .runner import Pipeline, Runner, ShrinkResult, shrink
-    from .similarity import (
+    from .cs.similarity import (
         conv_similarity,
         conv_similarity_reference,
         layer_similarities,
         model_conv_similarity,
         pairwise_similarity,
     )
+    from .export.load import load
+    from .export.native import save
+    from .models import create_model, list_models
+    from .pipeline.runner import Runner, ShrinkResult, shrink
 
 
 def __getattr__(name: str) -> Any:

@@ -75,8 +75,8 @@ def _run_pipeline(
     nproc: int | None = None,
 ) -> None:
     from .recipe import default_recipe_for, parse_set, read_recipe_file, resolve
-    from .report import print_summary
-    from .runner import Runner, default_run_dir
+    from .pipeline.report import print_summary
+    from .pipeline.runner import Runner, default_run_dir
 
     if nproc is not None:
         for name, value in (("--target-params", target_params), ("--target-macs", target_macs), ("--target-latency", target_latency)):
@@ -100,7 +100,7 @@ def _run_pipeline(
     _fraction("--target-macs", target_macs)
     _fraction("--target-latency", target_latency)
     if recipe is None and model is not None:
-        from .sources import checkpoint_recipe
+        from .sources.from_checkpoint import checkpoint_recipe
 
         # a checkpoint is shrunk again with the recipe it was made with (its data set included), a zoo
         # model with its shipped recipe; --recipe, options and --set override either
@@ -138,7 +138,7 @@ def _launch(nproc: int, model: str | None, *, recipe: str | None, resume: Path |
     """``--nproc N``: this command line again in N processes under torchrun (the recipe checked here
     first, so a mistake is one line before anything starts)."""
     from .recipe import default_recipe_for, resolve
-    from .runner import default_run_dir
+    from .pipeline.runner import default_run_dir
     from .train import resolve_device
     from .train.distributed import check_setup, launch, launched, strip_option
 
@@ -266,7 +266,7 @@ def list_(
             table.add_row(name, description.splitlines()[0] if description else "")
         console.print(table)
     elif what == "criteria":
-        from .ranking import get_criterion, list_criteria
+        from .prune.ranking import get_criterion, list_criteria
 
         for name in list_criteria():
             c = get_criterion(name)
@@ -309,23 +309,21 @@ def evaluate(
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="An exported model (.safetensors).")],
-    format_: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    format_: Annotated[str, typer.Option("--format", help="convsim, onnx, onnx-int8, pt2 or torchscript (as export.formats).")] = "onnx",
     out: Annotated[Optional[Path], typer.Option("--out", help="Output file (default: next to the checkpoint).")] = None,
     opset: Annotated[int, typer.Option("--opset", min=11)] = 17,
     input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="C,H,W of one input (default: from the file's header).")] = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
-    """Export a saved model to ONNX (checked against onnxruntime) or TorchScript."""
+    """Export a saved model to any format the pipeline writes (ONNX checked against onnxruntime, int8 ONNX, pt2, TorchScript)."""
+    from .pipeline.preflight import check_exports
     from .tools import export_file, parse_shape
 
-    from .preflight import check_exports
-
-    check_exports([format_], opset=opset)  # a missing package is one line, before anything is written
+    check_exports([format_], opset=opset)  # an unknown format or a missing package is one line, before anything is written
     shape = parse_shape(input_shape) if input_shape else None
-    done = export_file(checkpoint, format_, out, opset=opset, input_shape=shape)
-    if done.onnx_max_abs_diff is not None:
-        typer.echo(f"wrote {done.path} (onnxruntime max abs difference {done.onnx_max_abs_diff:.2e})")
-    else:
-        typer.echo(f"wrote {done.path}")
+    done = export_file(checkpoint, format_, out, opset=opset, input_shape=shape, data=data, data_dir=data_dir)
+    typer.echo(f"wrote {done.path}" + (f" ({done.note})" if done.note else ""))
 
 
 @app.command()

@@ -63,3 +63,14 @@ def unknown(kind: str, name: str, choices) -> UnknownNameError:
     hint = closest(name, choices)
     did_you_mean = f" Did you mean '{hint}'?" if hint else ""
     return UnknownNameError(f"unknown {kind} '{name}'.{did_you_mean} Known: {', '.join(choices)}.")
+
+
+def first_line(exc: BaseException, limit: int = 160, *, with_type: bool = False) -> str:
+    """The first line of ``exc``'s message, at most ``limit`` characters, after ``TypeName: `` when
+    ``with_type``; its type's name alone when it has no message.  How a foreign error is quoted inside
+    one of ours."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0][:limit]
+    return f"{type(exc).__name__}: {line}" if with_type else line

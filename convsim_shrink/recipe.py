@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, unknown
+from .export.registry import format_names
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -186,7 +187,8 @@ class PruneConfig(_Section):
         return self
 
 
-ExportFormat = Literal["convsim", "onnx", "onnx-int8", "pt2", "torchscript"]
+#: the registered export formats (:mod:`convsim_shrink.export.registry`)
+ExportFormat = Literal[format_names()]
 
 
 class ExportConfig(_Section):

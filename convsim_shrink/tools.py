@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
 from .data import INFO, DataBundle, build_data, sample_batch
 from .errors import ConfigError, DataNotFoundError, unknown
+from .export import native
+from .export.load import load
 from .recipe import DataConfig
 
 
@@ -29,7 +30,7 @@ def _data_for(meta: dict, data: str | None, data_dir: str | Path | None, batch_s
 
 
 def _metadata(path: Path) -> dict:
-    return ckpt.read_metadata(path) if path.suffix == ".safetensors" else {}
+    return native.read_metadata(path) if path.suffix == ".safetensors" else {}
 
 
 @dataclass
@@ -54,7 +55,7 @@ def evaluate_file(
     from .train import evaluate, resolve_device, resolve_precision
 
     path = Path(path)
-    model = ckpt.load(path)
+    model = load(path)
     bundle = _data_for(_metadata(path), data, data_dir, batch_size, subset)
     dev = resolve_device(device or "auto")
     model.to(dev)
@@ -76,7 +77,12 @@ def parse_shape(text: str) -> tuple[int, ...]:
 @dataclass
 class ExportedFile:
     path: Path
-    onnx_max_abs_diff: float | None = None
+    checks: dict = field(default_factory=dict)  # what the format measured of the file (report fields)
+    note: str | None = None  # one line for the command line
+
+    @property
+    def onnx_max_abs_diff(self) -> float | None:
+        return self.checks.get("onnx_max_abs_diff")
 
 
 def export_file(
@@ -86,20 +92,36 @@ def export_file(
     *,
     opset: int = 17,
     input_shape: tuple[int, ...] | None = None,
+    data: str | None = None,
+    data_dir: str | Path | None = None,
+    int8_calibration: int = 300,
 ) -> ExportedFile:
-    """Export a saved model (``.safetensors``) to ONNX (checked against onnxruntime) or TorchScript,
-    next to it unless ``out`` is given.  The input shape comes from the file's header; ``input_shape``
-    (without the batch axis) overrides it and is needed for files saved before the header recorded it."""
-    if fmt not in ("onnx", "torchscript"):
-        raise ConfigError(f"--format {fmt} is not supported; use onnx or torchscript")
+    """Export a saved model (``.safetensors``) to any registered format (:mod:`convsim_shrink.export.registry`:
+    ``convsim``, ``onnx``, ``onnx-int8``, ``pt2``, ``torchscript``), written and checked as the export stage
+    does, next to it (``model.onnx`` for ``model.safetensors``, ``model.int8.onnx``, ``model.pt2``,
+    ``model.ts``) unless ``out`` is given.  The input shape comes from the file's header; ``input_shape``
+    (without the batch axis) overrides it and is needed for files saved before the header recorded it.
+    ``onnx-int8`` calibrates on ``int8_calibration`` training images of ``data`` (default: the data set the
+    file's recipe names) and measures both models' top-1 on its test split.
+
+    Raises :class:`~convsim_shrink.errors.ConfigError` for an unknown format (before anything is read),
+    :class:`~convsim_shrink.errors.CheckpointError` for an unreadable file or a missing input shape.
+    """
+    from .export.registry import FORMATS, ExportJob
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt} is not supported; use {', '.join(FORMATS)}")
+    chosen = FORMATS[fmt]
     path = Path(path)
-    model = ckpt.load(path)
-    shape = input_shape or ckpt.input_shape(path)
-    x = torch.randn(1, *shape)
-    if fmt == "onnx":
-        written = ckpt.export_onnx(model, out or path.with_suffix(".onnx"), x, opset=opset)
-        return ExportedFile(written, ckpt.onnx_max_difference(model, written, torch.randn(4, *shape)))
-    return ExportedFile(ckpt.export_torchscript(model, out or path.with_suffix(".ts"), x))
+    model = load(path)
+    meta = _metadata(path)
+    shape = input_shape or native.input_shape(path, meta or None)
+    bundle = _data_for(meta, data, data_dir, 256, None) if chosen.needs_data else None
+    target = Path(out) if out else path.with_name(path.stem + chosen.suffix)
+    job = ExportJob(model, target, torch.randn(1, *shape), opset=opset, recipe=meta.get("recipe"), metrics=meta.get("metrics"),
+                    data=bundle, int8_calibration=int8_calibration)
+    done = chosen.implementation().write(job)
+    return ExportedFile(done.path, done.checks, done.note)
 
 
 @dataclass
@@ -127,9 +149,9 @@ def _model_for(target: str, data: str | None, width: float) -> tuple[nn.Module, 
 
     data_name = data or "fashion-mnist"
     if Path(target).suffix in (".safetensors", ".ts", ".pt") or Path(target).is_file():
-        model = ckpt.load(target)
+        model = load(target)
         if Path(target).suffix == ".safetensors":
-            data_name = data or (ckpt.read_metadata(target).get("recipe") or {}).get("data", {}).get("name", data_name)
+            data_name = data or (native.read_metadata(target).get("recipe") or {}).get("data", {}).get("name", data_name)
         return model, data_name
     if data_name not in INFO:
         raise unknown("data set", data_name, INFO)
@@ -147,8 +169,8 @@ def inspect_model(
 ) -> Inspection:
     """Per conv layer of a saved model or a registry model name: channels, normalized CS and (with
     ``images`` > 0 real test images, when the data set is found) feature-map similarity."""
-    from .redundancy import feature_map_similarity
-    from .similarity import conv_layers, conv_similarity
+    from .cs.redundancy import feature_map_similarity
+    from .cs.similarity import conv_layers, conv_similarity
 
     model, data_name = _model_for(target, data, width)
     result = Inspection(params=sum(p.numel() for p in model.parameters()))

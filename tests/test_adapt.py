@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-from convsim_shrink.adapt import (
+from convsim_shrink.models.adapt import (
     cast_like_model,
     dense_stages,
     divergence,

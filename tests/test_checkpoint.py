@@ -3,19 +3,13 @@ import torch
 from torch import nn
 
 import convsim_shrink
-from convsim_shrink.checkpoint import (
-    export_onnx,
-    export_torchscript,
-    input_shape,
-    onnx_max_difference,
-    read_metadata,
-    save,
-    save_full,
-)
 from convsim_shrink.errors import CheckpointError
+from convsim_shrink.export.native import input_shape, read_metadata, save, save_full
+from convsim_shrink.export.onnx import export_onnx, onnx_max_difference
+from convsim_shrink.export.torchscript import export_torchscript
 from convsim_shrink.models import create_model
-from convsim_shrink.pruning import prune_to_target
-from convsim_shrink.ranking import make_importance
+from convsim_shrink.prune.search import prune_to_target
+from convsim_shrink.prune.ranking import make_importance
 
 X = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # drawn at import: its own generator
 

@@ -36,7 +36,7 @@ class _FakeRunner:
 
 @pytest.fixture
 def fake(monkeypatch):
-    import convsim_shrink.runner as runner
+    import convsim_shrink.pipeline.runner as runner
 
     _FakeRunner.calls = []
     monkeypatch.setattr(runner, "Runner", _FakeRunner)
@@ -112,7 +112,7 @@ def test_list_criteria_shows_needs_and_options():
 
 
 def test_export_of_a_file_without_input_shape_says_how(tmp_path, capsys):
-    from convsim_shrink.checkpoint import save
+    from convsim_shrink.export.native import save
     from convsim_shrink.models import create_model
 
     old = save(create_model("simple_cnn", in_channels=1, width=0.25), tmp_path / "old.safetensors")

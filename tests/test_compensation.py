@@ -8,7 +8,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from convsim_shrink.compensation import (
+from convsim_shrink.errors import ConfigError
+from convsim_shrink.prune.compensation import (
     Compensator,
     collect_input_statistics,
     fold_into_consumer,
@@ -16,9 +17,8 @@ from convsim_shrink.compensation import (
     least_squares,
     predict_input_statistics,
 )
-from convsim_shrink.errors import ConfigError
-from convsim_shrink.pruning import prune_to_target
-from convsim_shrink.ranking import ResidualImportance, get_criterion
+from convsim_shrink.prune.search import prune_to_target
+from convsim_shrink.prune.ranking import ResidualImportance, get_criterion
 
 
 def _loader(x, batch=16):

@@ -219,9 +219,9 @@ def _folder_worker(rank: int, out: str) -> None:
 
 def _failing_worker(rank: int, out: str) -> None:
     """A run whose preflight fails on rank 1 only (say, its node cannot write the output folder)."""
-    import convsim_shrink.runner as runner_module
+    import convsim_shrink.pipeline.runner as runner_module
     from convsim_shrink.errors import ConvSimError, OutputNotWritableError
-    from convsim_shrink.runner import Runner
+    from convsim_shrink.pipeline.runner import Runner
 
     real = runner_module.check_run
 
@@ -242,8 +242,8 @@ def _failing_worker(rank: int, out: str) -> None:
 
 
 def _pipeline_worker(rank: int, out: str, sets: list[str], port: int) -> None:
-    from convsim_shrink.runner import Runner
-    from convsim_shrink.state import RunState
+    from convsim_shrink.pipeline.runner import Runner
+    from convsim_shrink.pipeline.state import RunState
 
     out = Path(out)
     result = Runner(resolve(None, sets=sets), out / "run").run()
@@ -344,7 +344,7 @@ def _train_and_prune(rank: int, world: int, out: str) -> None:
     """Train the no-BN model 8 steps on 256 Fashion-MNIST images (global batch 32, augmented), evaluate
     on 101 test images, then prune with a gradient criterion; save what each rank has."""
     from convsim_shrink.recipe import FinetuneConfig, PruneConfig, TrainConfig
-    from convsim_shrink.stages import prune_stage
+    from convsim_shrink.pipeline.stages import prune_stage
     from convsim_shrink.train import evaluate, fit, resolve_precision
 
     with distributed.session(torch.device("cpu")):
@@ -486,7 +486,7 @@ def _statistics_images() -> torch.Tensor:
 
 def _statistics_worker(rank: int, out: str) -> None:
     """Each rank reads its half of the images; the all-reduced statistics go to statistics{rank}.pt."""
-    from convsim_shrink.compensation import collect_input_statistics
+    from convsim_shrink.prune.compensation import collect_input_statistics
 
     with distributed.session(torch.device("cpu")):
         x = _statistics_images()[rank::2]
@@ -497,7 +497,7 @@ def _statistics_worker(rank: int, out: str) -> None:
 def test_compensation_statistics_are_all_reduced_to_the_single_process_ones(tmp_path):
     """Under torchrun every rank must compensate identically: the statistics of two ranks, each over its
     shard, equal one process's over all the images."""
-    from convsim_shrink.compensation import collect_input_statistics
+    from convsim_shrink.prune.compensation import collect_input_statistics
 
     _spawn(_statistics_worker, str(tmp_path))
     x = _statistics_images()

@@ -13,7 +13,7 @@ from torchvision.models._api import WeightsEnum
 
 import convsim_shrink
 from convsim_shrink.cli import main
-from convsim_shrink.sources import TIMM_INSTALL
+from convsim_shrink.sources.from_timm import TIMM_INSTALL
 
 SMALL = [
     "--quiet", "--finetune-epochs", "1", "--set", "data.subset=64", "--set", "data.test_subset=32", "--set", "premin.steps=2",

@@ -73,7 +73,7 @@ def test_saved_recipe_repeats_the_run(finished_run):
 
 
 def test_interrupted_run_resumes_without_redoing_finished_stages(tmp_path, monkeypatch, fashion_dir):
-    import convsim_shrink.stages as stages
+    import convsim_shrink.pipeline.stages as stages
 
     out = tmp_path / "run"
     real_fit = stages.fit

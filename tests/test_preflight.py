@@ -6,9 +6,14 @@ import sys
 import pytest
 import torch
 
-from convsim_shrink import preflight
 from convsim_shrink.cli import main
-from convsim_shrink.errors import ConfigError, MissingDependencyError, OutputNotWritableError
+from convsim_shrink.errors import (
+    ConfigError,
+    MissingDependencyError,
+    OutputNotWritableError,
+)
+from convsim_shrink.export.onnx import newest_opset
+from convsim_shrink.pipeline import preflight
 from convsim_shrink.recipe import resolve
 
 
@@ -80,7 +85,7 @@ def test_onnx_export_needs_onnx_and_onnxruntime(monkeypatch, missing, expected):
 
 def test_onnx_export_is_tried_in_memory_at_the_recipes_opset():
     preflight.check_exports(["onnx"], opset=17)  # a tiny model through torch.onnx and onnxruntime
-    newest = preflight._max_onnx_opset()
+    newest = newest_opset()
     if newest is not None:
         with pytest.raises(ConfigError, match=rf"export.opset={newest + 1} is newer than this torch writes \(up to {newest}\)"):
             preflight.check_exports(["onnx"], opset=newest + 1)
@@ -137,12 +142,16 @@ def test_a_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------- where it is called
 
 
-def test_run_without_a_directory_skips_the_checks_of_what_it_would_write(no_onnxruntime):
-    preflight.check_run(resolve(None, sets=["run.device=cpu"]), None)  # the Python API without run_dir exports nothing
+def test_run_without_a_directory_skips_the_checks_of_what_it_would_write(no_onnxruntime, tmp_path):
+    recipe = resolve(None, sets=["run.device=cpu"])  # exports onnx, whose checker (onnxruntime) is missing here
+    preflight.check_run(recipe, None)  # the Python API without run_dir exports nothing: no complaint
+    with pytest.raises(MissingDependencyError, match="onnxruntime"):  # with a run directory the same recipe is refused
+        preflight.check_run(recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_pipeline_checks_before_reading_data_or_writing(tmp_path, monkeypatch, no_onnxruntime):
-    import convsim_shrink.runner as runner
+    import convsim_shrink.pipeline.runner as runner
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the data was read before the preflight checks")

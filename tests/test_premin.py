@@ -1,12 +1,12 @@
 import pytest
 import torch
 
+from convsim_shrink.cs.premin import preminimize
+from convsim_shrink.cs.redundancy import feature_map_similarity, mean_similarity
+from convsim_shrink.cs.similarity import conv_layers, model_conv_similarity
 from convsim_shrink.data import build_data, sample_batch
 from convsim_shrink.models import create_model
-from convsim_shrink.premin import preminimize
 from convsim_shrink.recipe import DataConfig
-from convsim_shrink.redundancy import feature_map_similarity, mean_similarity
-from convsim_shrink.similarity import conv_layers, model_conv_similarity
 
 
 def _norms(model):
@@ -95,7 +95,7 @@ def test_paper_mode_minimises_raw_adjacent_cs_and_shrinks_filters():
 
 
 def test_shrink_only_control_copies_norms_and_keeps_directions():
-    from convsim_shrink.premin import filter_norms, rescale_filters
+    from convsim_shrink.cs.premin import filter_norms, rescale_filters
 
     torch.manual_seed(1)
     paper = create_model("simple_cnn", in_channels=1, width=0.25)

@@ -8,8 +8,9 @@ from torch import nn
 
 from convsim_shrink.errors import ConfigError, TargetUnreachableError
 from convsim_shrink.models import classifier_of, create_model
-from convsim_shrink.pruning import POOL, channel_counts, iterative_prune, measure, prune_to_target
-from convsim_shrink.ranking import make_importance
+from convsim_shrink.prune.pruning import channel_counts, measure
+from convsim_shrink.prune.search import POOL, iterative_prune, prune_to_target
+from convsim_shrink.prune.ranking import make_importance
 
 X = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # drawn at import: its own generator
 
@@ -261,7 +262,7 @@ def test_a_revisited_allocation_pools_its_measurements():
 
 
 def test_noisy_timings_still_meet_the_target_and_a_wide_spread_is_a_note():
-    from convsim_shrink.deploy import Latency
+    from convsim_shrink.measure.latency import Latency
 
     torch.manual_seed(0)
     model = create_model("simple_cnn", in_channels=1, width=0.5)
@@ -297,7 +298,7 @@ def test_a_bad_latency_function_is_a_config_error():
 
 
 def test_channel_costs_match_a_hand_count_of_every_layer():
-    from convsim_shrink.pruning import channel_costs
+    from convsim_shrink.prune.pruning import channel_costs
 
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4), nn.ReLU(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from convsim_shrink.console import console
-from convsim_shrink.report import print_summary
+from convsim_shrink.pipeline.report import print_summary
 
 
 def _report(cs: dict) -> dict:
@@ -41,9 +41,9 @@ def test_summary_without_cs_values_prints_no_empty_cs_field(cs):
 
 
 def _written(tmp_path, sets: list[str], source: str) -> str:
+    from convsim_shrink.pipeline.report import build_report, write_report
+    from convsim_shrink.pipeline.state import RunState
     from convsim_shrink.recipe import resolve
-    from convsim_shrink.report import build_report, write_report
-    from convsim_shrink.state import RunState
 
     state = RunState.from_dict({"metrics": {"source": source, "dense_size": {"params": 100, "macs": 400},
                                             "shrunk_size": {"params": 40, "macs": 200}}})

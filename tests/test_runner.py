@@ -8,14 +8,15 @@ import json
 import pytest
 import torch
 
-import convsim_shrink.runner as runner
-import convsim_shrink.stages as stages
-from convsim_shrink import checkpoint as ckpt
+import convsim_shrink.pipeline.runner as runner
+import convsim_shrink.pipeline.stages as stages
 from convsim_shrink.errors import CheckpointError, ConfigError
+from convsim_shrink.export import native as ckpt
+from convsim_shrink.export.load import load
+from convsim_shrink.pipeline.report import build_report
+from convsim_shrink.pipeline.runner import STAGES, Runner, resumable
+from convsim_shrink.pipeline.state import RunState
 from convsim_shrink.recipe import resolve
-from convsim_shrink.report import build_report
-from convsim_shrink.runner import STAGES, Runner, resumable
-from convsim_shrink.state import RunState
 
 SETS = [
     "model.name=simple_cnn", "model.width=0.25", "data.subset=200", "data.test_subset=100", "premin.steps=3",
@@ -82,7 +83,7 @@ def test_interrupted_run_resumes_after_the_last_finished_stage(tmp_path, monkeyp
     result = Runner(recipe, out, resume=True).run()
     assert spy.calls == ["prune", "finetune", "export"]  # nothing finished is repeated
     assert dense_file.stat().st_mtime_ns == stamp
-    dense = ckpt.load(dense_file)
+    dense = load(dense_file)
     assert all(torch.equal(a, b) for a, b in zip(dense.state_dict().values(), result.dense_model.state_dict().values()))
     report = json.loads((out / "report.json").read_text())
     assert set(report) == REPORT_KEYS | {"plots"} and list(report["stages"]) == list(STAGES)

@@ -1,19 +1,19 @@
 """Issue 12 through the product's Python API: the failure kinds of the issue, tried with
 ``convsim_shrink.shrink`` on a few seeded synthetic 3x32x32 batches (the pieces themselves are tested in
-test_pruneability.py, test_adapt.py, test_sources.py and test_data.py)."""
+test_safety.py, test_adapt.py, test_sources.py and test_data.py)."""
 
 import copy
 
 import pytest
 import torch
-from test_pruneability import KINDS, LogitsAndFeatures  # the smallest failing models of the issue
+from test_safety import KINDS, LogitsAndFeatures  # the smallest failing models of the issue
 from torch import nn
 
 import convsim_shrink
 from convsim_shrink.data import DataBundle, DataInfo
 from convsim_shrink.errors import ConfigError, TrainingDivergedError
 from convsim_shrink.recipe import FinetuneConfig, resolve
-from convsim_shrink.runner import Runner
+from convsim_shrink.pipeline.runner import Runner
 from convsim_shrink.train import fit
 
 #: short stages: one epoch of dense training and of fine-tuning, a few pre-minimisation steps

@@ -10,18 +10,15 @@ import torchvision
 from torch import nn
 from torchvision.models._api import WeightsEnum
 
-from convsim_shrink import checkpoint as ckpt
 from convsim_shrink.errors import CheckpointError, ConfigError, UnknownNameError
+from convsim_shrink.export import native as ckpt
+from convsim_shrink.export.load import load
 from convsim_shrink.models import SPEC_ATTR, create_model
-from convsim_shrink.pruneability import plan_ignored_layers, tolerant_tracing
-from convsim_shrink.sources import (
-    TIMM_INSTALL,
-    adapt_input_channels,
-    checkpoint_file,
-    read_state_dict,
-    rebuild,
-    resolve_source,
-)
+from convsim_shrink.prune.safety import plan_ignored_layers, tolerant_tracing
+from convsim_shrink.sources import rebuild, resolve_source
+from convsim_shrink.sources.adapting import adapt_input_channels, read_state_dict
+from convsim_shrink.sources.from_checkpoint import checkpoint_file
+from convsim_shrink.sources.from_timm import TIMM_INSTALL
 
 G = torch.Generator().manual_seed(0)
 X1 = torch.randn(2, 1, 32, 32, generator=G)
@@ -181,7 +178,7 @@ def test_pruned_torchvision_model_loads_back_without_pickle(tmp_path, spec, shap
         tp.pruner.MetaPruner(pruned, x, tp.importance.MagnitudeImportance(), pruning_ratio=0.3, ignored_layers=plan.modules(pruned)).step()
     assert sum(p.numel() for p in pruned.parameters()) < 0.8 * sum(p.numel() for p in model.parameters())
     path = ckpt.save(pruned, tmp_path / "model.safetensors")
-    back = ckpt.load(path)
+    back = load(path)
     assert type(back) is type(pruned)
     assert _same_outputs(pruned, back, torch.randn(2, *shape, generator=G))
     assert ckpt.read_metadata(path)["spec"]["source"] == "torchvision"
@@ -267,7 +264,7 @@ def test_import_string_builds_and_round_trips(user_package, tmp_path):
     assert src.spec == {"source": "import", "name": f"{user_package}:build_net", "kwargs": {"num_classes": 4, "in_channels": 1}}
     assert src.model(X1).shape == (2, 4)
     path = ckpt.save(src.model, tmp_path / "model.safetensors")
-    assert _same_outputs(src.model, ckpt.load(path), X1)
+    assert _same_outputs(src.model, load(path), X1)
 
 
 def test_import_string_errors_are_one_line(user_package):
@@ -303,14 +300,14 @@ def test_timm_model_round_trip(tmp_path):
     with pytest.raises(UnknownNameError, match="Did you mean"):
         resolve_source("timm:test_resnett", num_classes=5, in_channels=1)
     path = ckpt.save(src.model, tmp_path / "model.safetensors")
-    assert _same_outputs(src.model, ckpt.load(path), X1)
+    assert _same_outputs(src.model, load(path), X1)
     assert timm.is_model("test_resnet")
 
 
 def test_checkpoint_recipe_is_the_recorded_recipe_for_a_new_run(tmp_path):
     """Shrinking a run's checkpoint again starts from the recipe it was made with, in a new folder."""
     from convsim_shrink.recipe import resolve
-    from convsim_shrink.sources import checkpoint_recipe
+    from convsim_shrink.sources.from_checkpoint import checkpoint_recipe
 
     recorded = resolve(None, sets=["data.subset=640", "finetune.epochs=7", "prune.round_to=8", "run.out=/old/run"]).to_dict()
     path = ckpt.save(create_model("simple_cnn", num_classes=10, in_channels=1), tmp_path / "dense.safetensors", recipe=recorded)
@@ -321,3 +318,38 @@ def test_checkpoint_recipe_is_the_recorded_recipe_for_a_new_run(tmp_path):
     assert again.run.out is None and again.finetune.epochs == 7 and again.prune.target_params == 0.3
     bare = ckpt.save(create_model("simple_cnn", num_classes=10, in_channels=1), tmp_path / "bare.safetensors")
     assert checkpoint_recipe(str(bare)) is None and checkpoint_recipe("resnet18") is None
+
+
+def test_parse_spec_is_the_one_place_that_decides_the_kind(tmp_path):
+    from convsim_shrink.sources import SOURCES, parse_spec
+
+    ckpt.save(create_model("simple_cnn", num_classes=10, in_channels=1), tmp_path / "m.safetensors")
+    (tmp_path / "run").mkdir()
+    cases = {
+        "resnet18": ("zoo", "resnet18"),
+        " torchvision:resnet18 ": ("torchvision", "resnet18"),
+        "timm:resnet18.a1_in1k": ("timm", "resnet18.a1_in1k"),
+        "pkg.mod:build": ("import", "pkg.mod:build"),
+        str(tmp_path / "m.safetensors"): ("checkpoint", str(tmp_path / "m.safetensors")),
+        str(tmp_path / "missing.safetensors"): ("checkpoint", str(tmp_path / "missing.safetensors")),  # read later: one line then
+        str(tmp_path / "run"): ("checkpoint", str(tmp_path / "run")),
+    }
+    for text, (kind, target) in cases.items():
+        spec = parse_spec(text)
+        assert (spec.kind, spec.target) == (kind, target) and spec.kind in SOURCES, text
+    with pytest.raises(UnknownNameError, match="Did you mean 'resnet18'"):
+        parse_spec("resnet19")
+    for bad in ("", "a b:c", "pkg.mod:"):
+        with pytest.raises(ConfigError):
+            parse_spec(bad)
+
+
+def test_every_registered_source_resolves_and_rebuilds():
+    from convsim_shrink.sources import SOURCES
+
+    for kind in SOURCES.values():
+        impl = kind.implementation()
+        assert callable(impl.resolve), kind.name
+        assert callable(getattr(impl, "rebuild", None)) or kind.name == "checkpoint", kind.name
+    with pytest.raises(CheckpointError, match="unknown model source 'checkpoint'"):
+        rebuild({"source": "checkpoint", "name": "x"})

@@ -6,14 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from convsim_shrink import checkpoint as ckpt
+from convsim_shrink.cs.similarity import model_conv_similarity
 from convsim_shrink.data import INFO, DataBundle
 from convsim_shrink.errors import ConfigError, UnknownNameError
+from convsim_shrink.export import native as ckpt
+from convsim_shrink.export.load import load
 from convsim_shrink.models import create_model
-from convsim_shrink.pruning import measure
-from convsim_shrink.recipe import ExportConfig, FinetuneConfig, ModelConfig, PreminConfig, PruneConfig, TrainConfig, resolve
-from convsim_shrink.similarity import model_conv_similarity
-from convsim_shrink.stages import (
+from convsim_shrink.pipeline.stages import (
     build_stage,
     example_inputs_for,
     export_stage,
@@ -22,6 +21,16 @@ from convsim_shrink.stages import (
     prepare_data,
     prune_stage,
     train_stage,
+)
+from convsim_shrink.prune.pruning import measure
+from convsim_shrink.recipe import (
+    ExportConfig,
+    FinetuneConfig,
+    ModelConfig,
+    PreminConfig,
+    PruneConfig,
+    TrainConfig,
+    resolve,
 )
 from convsim_shrink.train import evaluate, resolve_precision
 
@@ -163,7 +172,7 @@ def test_export_stage_records_the_input_shape(tmp_path):
     assert meta["input_shape"] == [1, 28, 28] and meta["recipe"] == {"k": 1} and meta["metrics"] == {"m": 2.0}
     assert ckpt.input_shape(out.exports["convsim"]) == (1, 28, 28)
     with torch.no_grad():
-        assert torch.allclose(ckpt.load(out.exports["torchscript"])(X), model.eval()(X), atol=1e-5)
+        assert torch.allclose(load(out.exports["torchscript"])(X), model.eval()(X), atol=1e-5)
 
 
 def test_export_stage_pickles_a_model_outside_the_registry(tmp_path):
@@ -198,13 +207,13 @@ def test_export_stage_writes_int8_onnx_and_pt2_with_their_checks(tmp_path, data,
 def test_a_pt2_export_loads_back_with_load_without_pickle(tmp_path):
     model = create_model("simple_cnn", in_channels=1, width=0.25).eval()
     out = export_stage(model, ExportConfig(formats=["pt2"]), tmp_path, example_inputs=X)
-    loaded = ckpt.load(out.exports["pt2"])  # no trust_pickle needed: torch.export programs are not pickles
+    loaded = load(out.exports["pt2"])  # no trust_pickle needed: torch.export programs are not pickles
     with torch.no_grad():
         assert torch.allclose(loaded(X), model(X), atol=1e-5)
 
 
 def test_finetune_stage_trains_at_finetune_batch_size(data, dense, monkeypatch):
-    import convsim_shrink.stages as stages
+    import convsim_shrink.pipeline.stages as stages
 
     seen = []
     real_fit = stages.fit

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from convsim_shrink.errors import CheckpointError
-from convsim_shrink.state import LayerStats, Metrics, ModelSize, RunState
+from convsim_shrink.pipeline.state import LayerStats, Metrics, ModelSize, RunState
 
 # state.json as the untyped pipeline wrote it before the run state was typed (trimmed)
 OLD = {

@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from convsim_shrink.checkpoint import load, onnx_max_difference, save
+from convsim_shrink.cs.similarity import conv_layers, conv_similarity
 from convsim_shrink.errors import CheckpointError, ConfigError, UnknownNameError
+from convsim_shrink.export.load import load
+from convsim_shrink.export.native import save
+from convsim_shrink.export.onnx import onnx_max_difference
 from convsim_shrink.models import create_model
-from convsim_shrink.similarity import conv_layers, conv_similarity
 from convsim_shrink.tools import export_file, inspect_model, parse_shape
 
 

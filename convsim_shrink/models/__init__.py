@@ -2,8 +2,9 @@
 
 from . import mobilenet, resnet, simple, vgg  # noqa: F401  (registers the families)
 from ._registry import SPEC_ATTR, create_model, list_models, register_model, scale
+from .modes import evaluating
 
-__all__ = ["SPEC_ATTR", "create_model", "list_models", "register_model", "scale", "classifier_of"]
+__all__ = ["SPEC_ATTR", "create_model", "list_models", "register_model", "scale", "classifier_of", "evaluating"]
 
 
 def classifier_of(model):

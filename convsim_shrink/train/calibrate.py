@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapt import logits_of
 from ..errors import ConfigError
+from ..models.adapt import logits_of
 from . import distributed
 from .device import Precision, resolve_precision, to_device
 

@@ -57,11 +57,6 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def launched_world_size() -> int:
-    """The number of processes ``torchrun`` started (``WORLD_SIZE``; 1 when not started by it)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
 def launched_rank() -> int:
     """This process's rank as ``torchrun`` set it (``RANK``; 0 when not started by it)."""
     return int(os.environ.get("RANK", "0") or 0)

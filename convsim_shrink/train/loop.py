@@ -4,7 +4,7 @@
   computed outside autocast.
 * A checkpoint is written atomically after every epoch (model, optimizer, step, epoch, RNG states,
   history, settings); ``resume=True`` continues from it.
-* The logits are taken from the model's output by :func:`~convsim_shrink.adapt.logits_of`'s rule (a
+* The logits are taken from the model's output by :func:`~convsim_shrink.models.adapt.logits_of`'s rule (a
   tensor, a ``logits`` field, or the first element of a tuple: GoogLeNet's training-mode named tuple,
   ``(logits, features)`` pairs).
 * Divergence stops training where it happens, with :class:`~convsim_shrink.errors.TrainingDivergedError`
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapt import diverged_loss_limit, divergence, logits_of, nonfinite_tensors
+from ..models.adapt import diverged_loss_limit, divergence, logits_of, nonfinite_tensors
 from ..errors import CheckpointError, ConfigError, TrainingDivergedError
 from ..io import atomic_torch_save
 from .device import Precision, resolve_precision, set_memory_format, to_device

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapt import logits_of
-from ..similarity import model_conv_similarity
+from ..models.adapt import logits_of
+from ..cs.similarity import model_conv_similarity
 from .distributed import unwrap
 
 LossTerm = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

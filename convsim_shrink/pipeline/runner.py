@@ -4,7 +4,7 @@
           -> finetune -> export -> report
 
 Each stage is a function in :mod:`.stages`; the runner hands it its inputs, records its outcome in the
-typed :class:`~convsim_shrink.state.RunState` (``state.json``, written atomically after every stage)
+typed :class:`~convsim_shrink.pipeline.state.RunState` (``state.json``, written atomically after every stage)
 and saves the model it made into the run directory.  A resumed run skips the finished stages and
 reloads the last model each left on disk; training stages checkpoint every epoch, so an interrupted
 run loses at most one epoch.  :func:`shrink` is the Python API's entry point to the same runner.
@@ -14,7 +14,7 @@ string ``package.module:function`` or a checkpoint (:func:`~convsim_shrink.sourc
 or any ``nn.Module`` given to the Python API.  It is resolved in :meth:`Runner.prepare`, before anything
 is written.  A model that arrives with trained weights (a checkpoint, ``model.weights``, the Python
 API's ``pretrained=True``) skips pre-minimisation and dense training unless epochs were asked for
-(:func:`~convsim_shrink.adapt.dense_stages`); the decision is written into the run's ``recipe.yaml``
+(:func:`~convsim_shrink.models.adapt.dense_stages`); the decision is written into the run's ``recipe.yaml``
 (``premin.steps``/``train.epochs``), so a resumed run follows it.  A half-precision model is trained,
 pruned and exported in float32; the Python API hands the shrunk model back in its own dtype.
 
@@ -37,19 +37,27 @@ import torch
 from rich.markup import escape
 from torch import nn
 
-from . import checkpoint as ckpt
-from .adapt import dense_stages, restore_dtype, to_float32
-from .console import console
-from .data import DataBundle, DataInfo
-from .errors import CheckpointError, ConfigError, ConvSimError, unknown
-from .io import atomic_write_text
-from .models import list_models
+from ..console import console
+from ..data import DataBundle, DataInfo
+from ..errors import CheckpointError, ConfigError, ConvSimError
+from ..export import native
+from ..export.load import load
+from ..io import atomic_write_text
+from ..models.adapt import dense_stages, restore_dtype, to_float32
+from ..prune.ranking import get_criterion
+from ..recipe import Recipe
+from ..sources import parse_spec, resolve_source
+from ..train import (
+    distributed,
+    is_channels_last,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    set_memory_format,
+)
+from ..train.distributed import is_main_process
 from .preflight import check_model, check_run
-from .ranking import get_criterion
-from .recipe import Recipe
 from .report import build_report, speedup_text, write_report
-from .train import distributed
-from .train.distributed import is_main_process
 from .stages import (
     build_stage,
     example_inputs_for,
@@ -63,7 +71,6 @@ from .stages import (
     train_stage,
 )
 from .state import ModelSize, RunState
-from .train import is_channels_last, resolve_device, resolve_precision, seed_everything, set_memory_format
 
 
 @dataclass(frozen=True)
@@ -177,7 +184,7 @@ class Runner:
     def _save_model(self, model: nn.Module, name: str) -> None:
         path = self._path(name)
         if path is not None and is_registered(model) and is_main_process():
-            ckpt.save(
+            native.save(
                 model.cpu(), path, recipe=self.recipe.to_dict(), metrics=self.state.metrics.to_dict(),
                 input_shape=tuple(self.example_inputs.shape[1:]),
             )
@@ -191,7 +198,7 @@ class Runner:
                 path = self._path(name)
                 if path is None or not path.is_file():
                     raise CheckpointError(f"cannot resume: {path} is missing; start a new run")
-                loaded[name] = ckpt.load(path).to(self.device)
+                loaded[name] = load(path).to(self.device)
             setattr(self, slot, loaded[name])
 
     # ---------------------------------------------------------------------------------- prepare
@@ -215,10 +222,9 @@ class Runner:
         r = self.recipe
         check_run(r, self.run_dir, resume=self.resume)  # device, packages, output folder: before any work
         distributed.check_setup(r, self.device)  # the global batch divides by the processes
-        name = r.model.name
-        zoo = self.given_model is None and r.model.weights is None and name in list_models()
-        if self.given_model is None and not zoo and ":" not in name and not name.endswith(".safetensors") and not Path(name).exists():
-            raise unknown("model", name, list_models())  # a typo of a zoo name: before the data is read
+        # which source the recipe names (a typo of a zoo name fails here, before the data is read)
+        spec = parse_spec(r.model.name) if self.given_model is None else None
+        zoo = spec is not None and spec.kind == "zoo" and r.model.weights is None
         get_criterion(r.prune.criterion).create(**r.prune.criterion_options)  # unknown criterion or option fails here
         if self.data is None:
             self.data = prepare_data(r)
@@ -229,11 +235,9 @@ class Runner:
         if self.example_inputs is None:
             self.example_inputs = example_inputs_for(self.data.info)
         if self.given_model is None and not zoo:
-            from .sources import resolve_source
-
             info = self.data.info
             seed_everything(r.run.seed)
-            self.source = resolve_source(name, num_classes=info.num_classes or None, in_channels=info.in_channels, weights=r.model.weights,
+            self.source = resolve_source(r.model.name, num_classes=info.num_classes or None, in_channels=info.in_channels, weights=r.model.weights,
                                          width=r.model.width, small_input=r.model.small_input)
             self.pretrained = self.pretrained or self.source.pretrained
         brought = self.given_model if self.given_model is not None else (self.source.model if self.source else None)
@@ -251,7 +255,7 @@ class Runner:
 
     def _dense_rule(self) -> None:
         """A pretrained model skips pre-minimisation and dense training unless epochs were asked for
-        (:func:`~convsim_shrink.adapt.dense_stages`); the recipe is changed to say so."""
+        (:func:`~convsim_shrink.models.adapt.dense_stages`); the recipe is changed to say so."""
         r = self.recipe
         if not self.pretrained:
             return
@@ -361,7 +365,7 @@ class Runner:
 
     def _export(self) -> float | None:
         if self.dense is not None:  # every run reports speed: dense vs shrunk, batch 1 and the latency batch
-            from .deploy import speed_rows
+            from ..measure.latency import speed_rows
 
             pr, ft = self.recipe.prune, self.recipe.finetune
             rows = speed_rows(self.dense, self.model, tuple(self.example_inputs.shape[1:]), (1, latency_batch_size(pr, ft, self.data)), device=self.device)
@@ -432,10 +436,6 @@ class Runner:
         return ShrinkResult(self.model, self.dense, report, self.run_dir)
 
 
-#: the name the Python API has always used for the runner
-Pipeline = Runner
-
-
 def shrink(
     model: nn.Module | str,
     train_data,
@@ -466,7 +466,7 @@ def shrink(
 
     Raises :class:`~convsim_shrink.errors.ConvSimError` subclasses (one line) for what the user can fix.
     """
-    from .recipe import resolve
+    from ..recipe import resolve
 
     overrides: dict[str, Any] = {}
     if target_params is not None:
@@ -483,7 +483,7 @@ def shrink(
     if example_inputs is None:
         x, _ = next(iter(val_data))
         example_inputs = x[:1]
-    if isinstance(model, str) and num_classes is None and not model.endswith(".safetensors") and not Path(model).exists():
+    if isinstance(model, str) and num_classes is None and parse_spec(model).kind != "checkpoint":
         raise ConfigError(f"give num_classes= to build '{model}' for your data")
     info = DataInfo("custom", num_classes or 0, example_inputs.shape[1], example_inputs.shape[-1], (), (), pad=0)
     bundle = DataBundle(info, train_data, None, val_data)

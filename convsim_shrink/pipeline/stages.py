@@ -16,35 +16,32 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
-from .compensation import (
+from ..cs.premin import PreminResult, preminimize
+from ..cs.similarity import layer_similarities, model_conv_similarity
+from ..data import DataBundle, DataInfo, build_data
+from ..errors import ConfigError
+from ..export.registry import ExportJob, get_format
+from ..models import SPEC_ATTR, create_model
+from ..prune.compensation import (
     CompensationReport,
     Compensator,
     InputStatistics,
     collect_input_statistics,
     predict_input_statistics,
 )
-from .data import DataBundle, DataInfo, build_data
-from .errors import ConfigError
-from .models import SPEC_ATTR, create_model
-from .premin import PreminResult, preminimize
-from .pruneability import IgnorePlan, PruningError, plan_ignored_layers
-from .pruning import (
-    PruneResult,
-    Size,
-    channel_counts,
-    group_sparsity_regularizer,
-    iterative_prune,
-    measure,
-)
-from .ranking import Criterion, get_criterion
-from .recipe import (
+from ..prune.pruning import Size, channel_counts, group_sparsity_regularizer, measure
+from ..prune.ranking import Criterion, get_criterion
+from ..prune.safety import IgnorePlan, PruningError, plan_ignored_layers
+from ..prune.search import PruneResult, iterative_prune
+from ..recipe import (
     ExportConfig,
     FinetuneConfig,
     ModelConfig,
@@ -53,8 +50,7 @@ from .recipe import (
     Recipe,
     TrainConfig,
 )
-from .similarity import layer_similarities, model_conv_similarity
-from .train import (
+from ..train import (
     Precision,
     accumulate_gradients,
     distillation,
@@ -71,7 +67,7 @@ from .train import (
 def prepare_data(recipe: Recipe) -> DataBundle:
     """The recipe's data: training loader (global batch ``train.batch_size``, shuffled by ``run.seed``),
     optional validation split, test loader; under ``torchrun`` this process's shard of each."""
-    from .train.distributed import rank, world_size
+    from ..train.distributed import rank, world_size
 
     return build_data(recipe.data, batch_size=recipe.train.batch_size, seed=recipe.run.seed, rank=rank(), world_size=world_size())
 
@@ -175,7 +171,7 @@ def train_stage(
     per-epoch training checkpoint; with ``resume`` training continues after its last epoch.
 
     ``cfg.sparsity > 0``: pruning-aware training
-    (:func:`~convsim_shrink.pruning.group_sparsity_regularizer`), leaving alone the layers the prune
+    (:func:`~convsim_shrink.prune.pruning.group_sparsity_regularizer`), leaving alone the layers the prune
     stage will leave alone; a model of which nothing can be pruned raises :class:`PruningError` before
     the first step."""
     device = device or _device_of(model)
@@ -234,16 +230,16 @@ def prune_stage(
     """A pruned copy of ``dense`` at ``cfg``'s measured target (``dense`` is left as it was).
 
     First the layers torch-pruning cannot prune safely are planned
-    (:func:`~convsim_shrink.pruneability.plan_ignored_layers`: the output layers, channel shuffles,
+    (:func:`~convsim_shrink.prune.safety.plan_ignored_layers`: the output layers, channel shuffles,
     split/concatenate blocks, pixel shuffles, and whatever fails a trial pruning); every pruning step
-    leaves them alone and is verified (:func:`~convsim_shrink.pruneability.prune_safely`), so
-    torch-pruning's own errors become one-line :class:`~convsim_shrink.pruneability.PruningError`.
+    leaves them alone and is verified (:func:`~convsim_shrink.prune.safety.prune_safely`), so
+    torch-pruning's own errors become one-line :class:`~convsim_shrink.prune.safety.PruningError`.
     Criteria that need gradients score a copy after ``cfg.calibration_batches`` batches of task-loss
     gradients; with ``cfg.iterative_steps > 1`` the model is fine-tuned ``cfg.steps_epochs`` epochs
     (``finetune``'s settings) between steps.  With ``cfg.compensate`` (the default) the inputs of every
     conv and linear layer are measured on ``cfg.compensation_batches`` training batches before each step,
     the target search runs as without compensation, and the winner's removed channels are then handed to
-    the kept channels of every layer that reads them (:mod:`~convsim_shrink.compensation`); criteria that
+    the kept channels of every layer that reads them (:mod:`~convsim_shrink.prune.compensation`); criteria that
     need statistics (``residual``) score on the same measurements.  Batch-norm statistics are then re-estimated on
     ``cfg.bn_recalibration`` training batches and the test accuracy measured (with ``cfg.step_accuracy``
     also after each step: ``outcome.steps``).  Calibration, statistics and re-estimation
@@ -287,8 +283,8 @@ def prune_stage(
     latency_fn = None
     if cfg.target_latency is not None:
         # measured on the run's device, in fp32 as the exported model runs, at the latency batch
-        from .deploy import latency_meter
-        from .train.distributed import from_rank0
+        from ..measure.latency import latency_meter
+        from ..train.distributed import from_rank0
 
         # under torchrun rank 0 measures and every rank decides on its numbers
         latency_fn = from_rank0(latency_meter(tuple(example_inputs.shape[1:]), latency_batch_size(cfg, ft, data), device=device))
@@ -408,10 +404,22 @@ def finetune_stage(
 
 @dataclass
 class ExportOutcome:
-    exports: dict[str, str] = field(default_factory=dict)  # format -> file
-    onnx_max_abs_diff: float | None = None
-    pt2_max_abs_diff: float | None = None
-    int8: dict | None = None  # deploy.Int8Export.to_dict(): both models' top-1 under onnxruntime
+    exports: dict[str, str] = field(default_factory=dict)  # format (or "pickle") -> file
+    #: what the formats measured of their files, by report field (``onnx_max_abs_diff``, ``pt2_max_abs_diff``,
+    #: ``int8``: :meth:`~convsim_shrink.export.onnx_int8.Int8Export.to_dict`)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def onnx_max_abs_diff(self) -> float | None:
+        return self.checks.get("onnx_max_abs_diff")
+
+    @property
+    def pt2_max_abs_diff(self) -> float | None:
+        return self.checks.get("pt2_max_abs_diff")
+
+    @property
+    def int8(self) -> dict | None:
+        return self.checks.get("int8")
 
 
 def export_stage(
@@ -424,13 +432,14 @@ def export_stage(
     metrics: dict | None = None,
     data: DataBundle | None = None,
 ) -> ExportOutcome:
-    """Write ``model`` into the folder ``out`` in every format of ``cfg.formats``: ``convsim``
+    """Write ``model`` into the folder ``out`` in every format of ``cfg.formats``, in order, each by its
+    module in the export registry (:mod:`convsim_shrink.export.registry`): ``convsim``
     (``model.safetensors`` with ``recipe``, ``metrics`` and the input shape in its header; a model from
     outside the registry becomes a full pickle ``model.pt``), ``onnx`` (checked against onnxruntime when
     it is installed), ``onnx-int8`` (static int8 quantization with onnxruntime, calibrated on
-    ``cfg.int8_calibration`` training images of ``data``, both models' top-1 measured on ``data.test``),
-    ``pt2`` (a ``torch.export`` program, checked against the eager model) and ``torchscript``.  The model
-    ends on the device it started on.
+    ``cfg.int8_calibration`` training images of ``data``, read in epoch 0's order, both models' top-1
+    measured on ``data.test``), ``pt2`` (a ``torch.export`` program, checked against the eager model) and
+    ``torchscript``.  The model ends on the device it started on.
 
     Raises:
         ConfigError: ``onnx-int8`` without ``data``.
@@ -438,40 +447,16 @@ def export_stage(
     out = Path(out)
     device = _device_of(model)
     model = model.cpu().eval()
-    x = example_inputs.cpu()
     outcome = ExportOutcome()
+    job = ExportJob(model, out, example_inputs.cpu(), opset=cfg.opset, recipe=recipe, metrics=metrics, data=data,
+                    int8_calibration=cfg.int8_calibration, written=outcome.exports)
     try:
-        for fmt in cfg.formats:
-            if fmt == "convsim":
-                if is_registered(model):
-                    path = ckpt.save(model, out / "model.safetensors", recipe=recipe, metrics=metrics, input_shape=tuple(x.shape[1:]))
-                    outcome.exports["convsim"] = str(path)
-                else:
-                    outcome.exports["pickle"] = str(ckpt.save_full(model, out / "model.pt"))
-            elif fmt == "onnx":
-                path = ckpt.export_onnx(model, out / "model.onnx", x, opset=cfg.opset)
-                outcome.exports["onnx"] = str(path)
-                try:
-                    outcome.onnx_max_abs_diff = ckpt.onnx_max_difference(model, path, torch.randn(4, *x.shape[1:]))
-                except ImportError:
-                    pass
-            elif fmt == "onnx-int8":
-                from .deploy import export_onnx_int8
-
-                if data is None:
-                    raise ConfigError("the onnx-int8 export needs training images to calibrate on and a test set; pass data")
-                fp32 = outcome.exports.get("onnx")
-                with _fixed_order(data.train) as train:
-                    done = export_onnx_int8(model, out, x, train, data.test, images=cfg.int8_calibration, opset=cfg.opset, fp32_path=fp32)
-                outcome.exports["onnx-int8"] = str(done.path)
-                outcome.int8 = done.to_dict()
-            elif fmt == "pt2":
-                from .deploy import export_pt2
-
-                outcome.pt2_max_abs_diff = export_pt2(model, out / "model.pt2", x)
-                outcome.exports["pt2"] = str(out / "model.pt2")
-            elif fmt == "torchscript":
-                outcome.exports["torchscript"] = str(ckpt.export_torchscript(model, out / "model.ts", x))
+        with _fixed_order(data.train) if data is not None else contextlib.nullcontext():
+            for name in cfg.formats:
+                fmt = get_format(name)
+                done = fmt.implementation().write(dataclasses.replace(job, path=out / fmt.filename))
+                outcome.exports[done.label] = str(done.path)
+                outcome.checks.update(done.checks)
     finally:
         model.to(device)
     return outcome

@@ -23,8 +23,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .errors import ConfigError, unknown
-from .similarity import pairwise_similarity
+from ..cs.similarity import pairwise_similarity
+from ..errors import ConfigError, unknown
 
 
 def similarity_matrix(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -68,16 +68,6 @@ def greedy_removal(
         if stale.any():
             nearest[stale] = s[stale].max(dim=1).values.clamp_min(0)
     return order, values
-
-
-def greedy_redundancy_order(
-    sim: torch.Tensor, tie_break: torch.Tensor | None = None, *, weight: torch.Tensor | None = None, strength: float = 1.0
-) -> torch.Tensor:
-    """Scores in (0, 1] from :func:`greedy_removal`'s order: the first channel removed scores 1/m."""
-    order, _ = greedy_removal(sim, tie_break, weight=weight, strength=strength)
-    scores = torch.empty(len(order))
-    scores[order] = torch.arange(1, len(order) + 1, dtype=torch.float32) / len(order)
-    return scores
 
 
 def lamp_scores(order: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -163,7 +153,7 @@ class ConvSimImportance(tp.importance.Importance):
 
 class ResidualImportance(tp.importance.Importance):
     """What the kept channels cannot reproduce: the output a group's consumers lose when a channel goes
-    and every consumer is compensated (:mod:`convsim_shrink.compensation`).
+    and every consumer is compensated (:mod:`convsim_shrink.prune.compensation`).
 
     For a consumer layer with input covariance Σ (centred, over calibration inputs) and weights W, removing
     input channel p and refitting it from the other channels leaves the residual variance
@@ -176,7 +166,7 @@ class ResidualImportance(tp.importance.Importance):
     ``w² / (H⁻¹)_pp`` (Hassibi & Stork, 1993), made to work on coupled groups.  The costs at removal are
     layer-adaptively normalised (:func:`lamp_scores`), so they compare across groups for global pruning.
 
-    Needs :class:`~convsim_shrink.compensation.InputStatistics` of the model being pruned in
+    Needs :class:`~convsim_shrink.prune.compensation.InputStatistics` of the model being pruned in
     ``statistics`` (the prune stage sets it); ``bind(model)`` names the copy being scored.  A group
     without a consumer that has statistics (e.g. read only by depthwise convs) falls back to its L2
     magnitude, normalised the same way.  ``ridge``: added to Σ's diagonal, relative to its mean.
@@ -258,7 +248,7 @@ class Criterion:
     ``global_ranking``: scores are comparable across layers, so the criterion is meant for global pruning
     (``prune.global_pruning``); the others rank channels well only within a layer.
     ``needs_statistics``: scoring reads the input covariances of the model's layers
-    (:func:`~convsim_shrink.compensation.collect_input_statistics`), set as the importance's ``statistics``.
+    (:func:`~convsim_shrink.prune.compensation.collect_input_statistics`), set as the importance's ``statistics``.
     """
 
     name: str

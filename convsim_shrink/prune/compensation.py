@@ -42,9 +42,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .errors import ConfigError
-from .train import distributed
-from .train.device import Precision, resolve_precision, to_device
+from ..errors import ConfigError
+from ..train import distributed
+from ..train.device import Precision, resolve_precision, to_device
 
 #: modules other than convs and linears that combine channels (a removed channel changes what they compute)
 _MIXING = (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention, nn.LocalResponseNorm)
@@ -392,7 +392,7 @@ class CompensationReport:
 class Compensator:
     """Compensates every consumer of a group's removed channels just before torch-pruning removes them.
 
-    Used by :func:`convsim_shrink.pruning.prune_to_target`: ``bind(model)`` on the copy about to be
+    Used by :func:`convsim_shrink.prune.search.prune_to_target`: ``bind(model)`` on the copy about to be
     pruned, then ``before_prune(group, graph)`` for every group the pruner yields, in order.  Each
     consumer's current input positions are mapped back to the dense model's channels (earlier groups may
     have removed some of them, e.g. from a concatenation), so the fit always uses the dense model's

@@ -1,32 +1,32 @@
-"""Exported models that load back without surprises.
+"""The native export format (``convsim``): models that load back without surprises.
 
-The native format is one ``.safetensors`` file: the weights, plus a metadata header holding JSON for
+It is one ``.safetensors`` file: the weights, plus a metadata header holding JSON for
 the architecture spec (registered model name and arguments, and the shape attributes of every layer
 that pruning changed), the input shape the model was made for, the recipe, the metrics and the library
 versions.  :func:`load` rebuilds the
 model from the spec and loads the weights; nothing is ever unpickled.
 
-Models that did not come from the registry (any ``nn.Module`` given to the Python API) export to
-TorchScript and ONNX, and to a full ``torch.save`` pickle that :func:`load` opens only with
-``trust_pickle=True``.
+Models that did not come from the registry (any ``nn.Module`` given to the Python API) are written as
+a full ``torch.save`` pickle (:func:`save_full`) that :func:`~convsim_shrink.export.load.load` opens only
+with ``trust_pickle=True``; they also export to the other formats (:mod:`.registry`).
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._version import __version__
-from .errors import CheckpointError, ConvSimError
-from .io import atomic_path, atomic_torch_save, atomic_write_bytes
-from .models import SPEC_ATTR, create_model
+from .._version import __version__
+from ..errors import CheckpointError, ConvSimError, first_line
+from ..io import atomic_torch_save, atomic_write_bytes
+from ..models import SPEC_ATTR
+from ..sources import rebuild
+from .registry import ExportJob, Written
 
 FORMAT = "convsim-shrink/1"
 _SHAPE_ATTRS = (
@@ -110,7 +110,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({_short(exc)}); it is corrupt, truncated or of another format") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(exc)}); it is corrupt, truncated or of another format") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a convsim-shrink export (no '{FORMAT}' header)")
     try:
@@ -138,11 +138,7 @@ def input_shape(path: str | Path, meta: dict[str, Any] | None = None) -> tuple[i
     return tuple(int(d) for d in shape)
 
 
-def _short(exc: Exception) -> str:
-    return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-
-
-def _apply_shapes(model: nn.Module, layers: dict[str, dict], tensors: dict[str, torch.Tensor]) -> None:
+def apply_shapes(model: nn.Module, layers: dict[str, dict], tensors: dict[str, torch.Tensor]) -> None:
     modules = dict(model.named_modules())
     for name, attrs in layers.items():
         if name not in modules:
@@ -162,21 +158,16 @@ def _apply_shapes(model: nn.Module, layers: dict[str, dict], tensors: dict[str, 
                 module._buffers[leaf] = torch.empty_like(value)
 
 
-def load(path: str | Path, *, map_location: str | torch.device = "cpu", trust_pickle: bool = False) -> nn.Module:
-    """Load an exported model.
-
-    * ``.safetensors`` (the native format): rebuilt from its spec, weights loaded; nothing unpickled.
-    * TorchScript archives: ``torch.jit.load``.
-    * a full ``torch.save`` pickle of a module: only with ``trust_pickle=True`` (it can run code).
-    """
+def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a native ``.safetensors`` export: the model is rebuilt from its spec (a zoo model by
+    ``create_model``, other sources by :func:`~convsim_shrink.sources.rebuild`) and the weights are
+    loaded; nothing is unpickled.  The export's recipe, metrics and versions are attached as
+    ``model.convsim_export``.  Raises :class:`CheckpointError` for a missing, truncated, foreign or
+    damaged file, or one describing a model this version cannot build."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if zipfile.is_zipfile(path):
-        return _load_zip(path, map_location, trust_pickle)
-    if len(head) < 8:
+    if path.stat().st_size < 8:
         raise CheckpointError(f"{path} is empty or truncated")
     meta = read_metadata(path)
     from safetensors.torch import load_file
@@ -184,40 +175,28 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu", trust_pi
     try:
         tensors = load_file(str(path), device=str(map_location))
     except Exception as exc:
-        raise CheckpointError(f"{path}: the weights are unreadable ({_short(exc)}); the file is corrupt or truncated") from None
+        raise CheckpointError(f"{path}: the weights are unreadable ({first_line(exc)}); the file is corrupt or truncated") from None
     spec = meta["spec"]
     try:
-        if spec.get("source", "zoo") == "zoo":
-            model = create_model(spec["name"], **spec["kwargs"])
-        else:
-            from .sources import rebuild
-
-            model = rebuild(spec)
+        model = rebuild(spec)
     except ConvSimError as exc:
         raise CheckpointError(f"{path} describes a model this version cannot build: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path} describes a model this version cannot build ({_short(exc)})") from None
-    _apply_shapes(model, spec.get("layers", {}), tensors)
+        raise CheckpointError(f"{path} describes a model this version cannot build ({first_line(exc)})") from None
+    apply_shapes(model, spec.get("layers", {}), tensors)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the described architecture ({_short(exc)})") from None
+        raise CheckpointError(f"{path}: weights do not fit the described architecture ({first_line(exc)})") from None
     model.convsim_export = {k: meta[k] for k in ("recipe", "metrics", "versions")}
     return model.to(map_location).eval()
 
 
-def _load_zip(path: Path, map_location, trust_pickle: bool) -> nn.Module:
-    with zipfile.ZipFile(path) as z:
-        names = z.namelist()
-    if any(n.endswith("/archive_format") for n in names):  # a torch.export program (pt2)
-        from .deploy import load_pt2
-
-        return load_pt2(path)  # runs as exported (eval); torch 2.14 refuses .eval() on it
-    if any(n.endswith("constants.pkl") or "/code/" in n for n in names):  # a TorchScript archive
-        try:
-            return torch.jit.load(str(path), map_location=map_location).eval()
-        except Exception as exc:
-            raise CheckpointError(f"{path}: unreadable TorchScript archive ({_short(exc)})") from None
+def load_pickle(path: str | Path, *, map_location: str | torch.device = "cpu", trust_pickle: bool = False) -> nn.Module:
+    """A module saved whole by :func:`save_full` (or ``torch.save``): read with ``weights_only`` first,
+    unpickled only with ``trust_pickle=True`` (unpickling can run code).  Raises :class:`CheckpointError`
+    for an untrusted pickle or a file that holds something other than a module."""
+    path = Path(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception:
@@ -242,37 +221,15 @@ def save_full(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def export_torchscript(model: nn.Module, path: str | Path, example_inputs: torch.Tensor) -> Path:
-    path = Path(path)
-    model = model.eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, example_inputs)
-    with atomic_path(path) as tmp:
-        traced.save(str(tmp))
-    return path
+def write(job: ExportJob) -> Written:
+    """The export stage's ``convsim`` format: ``model.safetensors`` with the recipe, the metrics and the
+    input shape in its header; a model from outside the registry becomes a full pickle ``model.pt``
+    (listed as ``pickle``)."""
+    if getattr(job.model, SPEC_ATTR, None) is None:
+        return Written(save_full(job.model, job.path.with_suffix(".pt")), "pickle")
+    path = save(job.model, job.path, recipe=job.recipe, metrics=job.metrics, input_shape=tuple(job.example_inputs.shape[1:]))
+    return Written(path, "convsim")
 
 
-def export_onnx(model: nn.Module, path: str | Path, example_inputs: torch.Tensor, opset: int = 17) -> Path:
-    """ONNX with a dynamic batch axis (input ``input``, output ``logits``)."""
-    path = Path(path)
-    model = model.eval()
-    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (example_inputs,), str(tmp), dynamo=False, opset_version=opset,
-            input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        )
-    return path
-
-
-def onnx_max_difference(model: nn.Module, path: str | Path, inputs: torch.Tensor) -> float:
-    """Max |ONNX Runtime output - PyTorch output| on ``inputs``."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        expected = model.eval()(inputs).numpy()
-    got = session.run(None, {"input": inputs.numpy()})[0]
-    return float(abs(got - expected).max())
+def check(opset: int = 17) -> None:
+    """Nothing beyond safetensors, which the preflight imports."""

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
+from convsim_shrink.cs.similarity import model_conv_similarity
 from convsim_shrink.data import build_data
 from convsim_shrink.errors import CheckpointError, ConfigError, TrainingDivergedError
 from convsim_shrink.models import create_model
 from convsim_shrink.recipe import DataConfig, TrainConfig
-from convsim_shrink.similarity import model_conv_similarity
 from convsim_shrink.train import (
     Schedule,
     accumulate_gradients,

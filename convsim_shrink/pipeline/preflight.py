@@ -1,7 +1,7 @@
 """Preflight: what a run needs from the machine and the user, checked before any work is done.
 
 A long run must never die at its end for something knowable at its start.  :func:`check_run` is the
-first thing :meth:`~convsim_shrink.runner.Runner.prepare` does, before the data is read, the run
+first thing :meth:`~convsim_shrink.pipeline.runner.Runner.prepare` does, before the data is read, the run
 directory is created or a single step is trained.  Each check raises a subclass of
 :class:`~convsim_shrink.errors.ConvSimError` whose message is one line naming the problem and the fix
 (the command line prints it and exits with status 2), and none of them leaves anything behind.
@@ -32,22 +32,17 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import io
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
-from .errors import ConfigError, MissingDependencyError, OutputNotWritableError
+from ..errors import (
+    ConfigError,
+    MissingDependencyError,
+    OutputNotWritableError,
+    first_line,
+)
 
-#: Python packages (import names) that each export format needs beyond the core dependencies
-EXPORT_PACKAGES: dict[str, tuple[str, ...]] = {
-    "convsim": ("safetensors",),
-    "onnx": ("onnx", "onnxruntime"),
-    "onnx-int8": ("onnx", "onnxruntime"),
-    "pt2": (),
-    "torchscript": (),
-}
 REPORT_PACKAGES = ("matplotlib",)
 
 
@@ -74,14 +69,14 @@ def check_run(recipe, run_dir: str | Path | None, *, resume: bool = False) -> No
 
 def check_device(name: str):
     """The ``torch.device`` for ``run.device``; raises :class:`ConfigError` when it is not available."""
-    from .train import resolve_device
+    from ..train import resolve_device
 
     return resolve_device(name)
 
 
 def check_precision(device, recipe) -> None:
     """Both training stages' precision settings work on ``device`` (fp16 autocast does not on a CPU)."""
-    from .train import resolve_precision
+    from ..train import resolve_precision
 
     for section in ("train", "finetune"):
         cfg = getattr(recipe, section)
@@ -117,66 +112,27 @@ def require_packages(packages: tuple[str, ...] | list[str], needed_for: str, *, 
             f"`pip install {' '.join(names)}`{alternative}"
         )
     name, exc = broken[0]
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     raise MissingDependencyError(
-        f"{needed_for} needs {name}, which is installed but does not import ({first}); "
+        f"{needed_for} needs {name}, which is installed but does not import ({first_line(exc, 10_000)}); "
         f"reinstall it with `pip install --force-reinstall {name}`{alternative}"
     )
 
 
 def check_exports(formats, *, opset: int = 17) -> None:
-    """Every export format in ``formats`` can be written here; for ONNX also that ``opset`` is one this
-    torch writes and that a tiny model exports and runs through onnxruntime, in memory."""
+    """Every export format in ``formats`` can be written here: it is registered
+    (:mod:`convsim_shrink.export.registry`), its packages import, and its own ``check`` passes (ONNX: the
+    opset is one this torch writes and a tiny model exports and runs through onnxruntime, in memory;
+    onnx-int8: a one-conv model quantizes and runs)."""
+    from ..export.registry import get_format
+
     formats = list(formats)
-    for fmt in formats:
-        if fmt not in EXPORT_PACKAGES:
-            raise ConfigError(f"export format '{fmt}' is unknown; use {', '.join(EXPORT_PACKAGES)}")
-        others = [f for f in formats if f != fmt]
+    chosen = [get_format(fmt) for fmt in formats]  # an unknown name lists the known ones
+    for fmt in chosen:
+        others = [f for f in formats if f != fmt.name]
         instead = f"drop it: --set 'export.formats=[{', '.join(others)}]'" if others else ""
-        require_packages(EXPORT_PACKAGES[fmt], f"export format '{fmt}'", instead=instead)
-    if "onnx" in formats or "onnx-int8" in formats:
-        _check_onnx_round_trip(opset)
-    if "onnx-int8" in formats:
-        from .deploy import check_int8_supported
-
-        check_int8_supported()  # quantizes a one-conv model in memory: int8 works on this platform
-
-
-def _max_onnx_opset() -> int | None:
-    import torch.onnx
-
-    constants = getattr(torch.onnx, "_constants", None)
-    return getattr(constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", None)
-
-
-def _check_onnx_round_trip(opset: int) -> None:
-    import torch
-    from torch import nn
-
-    newest = _max_onnx_opset()
-    if newest is not None and opset > newest:
-        raise ConfigError(f"export.opset={opset} is newer than this torch writes (up to {newest}); use --set export.opset={newest}")
-    import onnxruntime as ort
-
-    tiny = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)).eval()
-    x = torch.zeros(2, 1, 8, 8)
-    buffer = io.BytesIO()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                tiny, (x,), buffer, dynamo=False, opset_version=opset, input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )
-        session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
-        session.run(None, {"input": x.numpy()})
-    except Exception as exc:  # noqa: BLE001 - any failure here would fail the real export at the end
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MissingDependencyError(
-            f"ONNX export does not work here at opset {opset} ({type(exc).__name__}: {first}); "
-            "update onnx and onnxruntime (pip install -U onnx onnxruntime), lower export.opset, "
-            "or drop onnx from export.formats"
-        ) from None
+        require_packages(fmt.packages, f"export format '{fmt.name}'", instead=instead)
+    for fmt in chosen:
+        fmt.implementation().check(opset)
 
 
 # --------------------------------------------------------------------------------------- model
@@ -191,6 +147,8 @@ def check_model(model, example_inputs) -> None:
 
     import torch
     from torch import nn
+
+    from ..models import evaluating
 
     if not isinstance(model, nn.Module):
         raise ConfigError(f"the model is a {type(model).__name__}, not a torch.nn.Module; pass the module itself")
@@ -208,20 +166,15 @@ def check_model(model, example_inputs) -> None:
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in params):
         work = copy.deepcopy(model).float()  # trained in float32 (adapt.to_float32); the caller's stays as it is
     x = example_inputs.to(params[0].device)
-    was_training = work.training
-    work.eval()
     try:
-        with torch.no_grad():
+        with evaluating(work), torch.no_grad():
             work(x)
     except Exception as exc:  # noqa: BLE001 - whatever the model raises, every stage would raise it too
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         shape = "x".join(str(s) for s in x.shape)
         raise ConfigError(
-            f"the model does not run on the data's inputs of shape {shape} ({type(exc).__name__}: {first}); "
+            f"the model does not run on the data's inputs of shape {shape} ({first_line(exc, 200, with_type=True)}); "
             "give a model for inputs of this shape, or data of the shape it takes"
         ) from None
-    finally:
-        work.train(was_training)
 
 
 # -------------------------------------------------------------------------------------- output
@@ -254,7 +207,6 @@ def check_output_dir(run_dir: Path, *, resume: bool = False) -> None:
 
 
 __all__ = [
-    "EXPORT_PACKAGES",
     "check_device",
     "check_exports",
     "check_model",

@@ -96,7 +96,7 @@ def preminimize(
     Raises:
         ValueError: an unknown ``mode``.
     """
-    from .train.progress import make_progress
+    from ..train.progress import make_progress
 
     if mode not in MODES:
         raise ValueError(f"premin mode {mode!r} is not known; use one of {', '.join(MODES)}")

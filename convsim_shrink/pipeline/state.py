@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
-from .io import atomic_write_text
+from ..errors import CheckpointError
+from ..io import atomic_write_text
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Metrics:
     dense_accuracy: float | None = None  # train
     cs_after_train: float | None = None
     prune_note: str | None = None  # prune
-    pruning_plan: dict[str, Any] | None = None  # pruneability.IgnorePlan.to_dict(): the layers left unpruned, with reasons
+    pruning_plan: dict[str, Any] | None = None  # prune.safety.IgnorePlan.to_dict(): the layers left unpruned, with reasons
     pruned_accuracy: float | None = None
     #: top-1 after each step of the prune stage ("dropped", "compensated", "bn"), on ``prune_steps_split``
     prune_steps: dict[str, float] | None = None

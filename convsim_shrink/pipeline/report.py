@@ -1,5 +1,5 @@
 """The run report: report.json (machine-readable), report.md (for people), plots, and a rich table,
-all built from the run's typed :class:`~convsim_shrink.state.RunState`."""
+all built from the run's typed :class:`~convsim_shrink.pipeline.state.RunState`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_path, atomic_write_text
+from ..io import atomic_path, atomic_write_text
 from .state import RunState
 
 
@@ -235,7 +235,7 @@ def _plots(state: RunState, run_dir: Path) -> dict[str, str]:
 def print_summary(report: dict) -> None:
     from rich.table import Table
 
-    from .console import console
+    from ..console import console
 
     d, s = report["dense"], report["shrunk"]
     table = Table(title=f"{report['model']} on {report['dataset']} ({report['criterion']})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models import evaluating
 from .similarity import conv_layers
 
 
@@ -18,8 +19,6 @@ def feature_map_similarity(
 
     Returns ``{layer: {"similarity": s, "std": sd}}`` in network order.
     """
-    was_training = model.training
-    model.eval()
     convs = dict(conv_layers(model))
     names = [n for n in convs if layers is None or n in layers]
     sums = {n: [0.0, 0.0, 0] for n in names}  # similarity sum, variance sum, images
@@ -42,12 +41,12 @@ def feature_map_similarity(
     handles = [convs[n].register_forward_hook(hook(n)) for n in names]
     try:
         device = next(model.parameters()).device
-        for start in range(0, len(images), batch_size):
-            model(images[start : start + batch_size].to(device))
+        with evaluating(model):
+            for start in range(0, len(images), batch_size):
+                model(images[start : start + batch_size].to(device))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return {
         n: {"similarity": s / c, "std": (v / c) ** 0.5}
         for n, (s, v, c) in sums.items()

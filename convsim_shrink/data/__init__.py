@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataNotFoundError, unknown
+from ..errors import ConfigError, DataNotFoundError, first_line, unknown
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CACHE_DIR = Path(os.environ.get("CONVSIM_DATA", Path.home() / ".cache" / "convsim-shrink"))
@@ -177,9 +177,8 @@ def _download(fetch, name: str) -> None:
     try:
         fetch()
     except (OSError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataNotFoundError(
-            f"downloading {name} into {CACHE_DIR} failed ({first}); check the network connection, "
+            f"downloading {name} into {CACHE_DIR} failed ({first_line(exc, 10_000)}); check the network connection, "
             "or put the files in a folder and pass it with --data-dir"
         ) from None
 
@@ -354,6 +353,13 @@ class TensorLoader:
         out.batch_size = global_batch // self.world_size
         return out
 
+    def unaugmented(self) -> "TensorLoader":
+        """The same images without augmentation, in a fixed order (a new loader in evaluation mode, on the
+        CPU, at this batch size), for calibration; ``self`` when this loader does not augment."""
+        if not self.augment:
+            return self
+        return TensorLoader(self.images.cpu(), self.labels.cpu(), self.info, batch_size=self.batch_size, train=False)
+
     def _indices(self) -> torch.Tensor:
         n = len(self.labels)
         if self.train:
@@ -441,8 +447,7 @@ def verify_image(path: str | Path) -> str | None:
             im.draft("RGB", (64, 64))
             im.load()
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
-        text = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        return text
+        return first_line(exc, 120)
     return None
 
 
@@ -542,7 +547,7 @@ def scan_image_folder(root: str | Path, *, verify: bool = True, workers: int | N
         every = [p for files in (*train_files.values(), *val_files.values()) for p in files]
         from concurrent.futures import ThreadPoolExecutor
 
-        from .train import distributed
+        from ..train import distributed
 
         # under torchrun each process decodes its share and the (few) problems are gathered
         mine = every[distributed.rank() :: distributed.world_size()]

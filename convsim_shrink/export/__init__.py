@@ -1,0 +1,1 @@
+"""What a shrunk model is written as: the native checkpoint format and the deployment formats."""

@@ -1,0 +1,1 @@
+"""The pipeline: stage functions, the runner that orders them, the run state, preflight and the report."""

@@ -1,0 +1,1 @@
+"""Pruning: channel ranking, the search for a measured target, pruning safety and compensation."""
