@@ -34,7 +34,15 @@ from convsim_shrink.models import create_model
 from convsim_shrink.pruneability import plan_ignored_layers
 from convsim_shrink.pruning import group_sparsity_regularizer, prune_to_target
 from convsim_shrink.recipe import FinetuneConfig, TrainConfig
-from convsim_shrink.train import cpu_has_fast_bf16, distillation, evaluate, make_optimizer, resolve_precision, set_memory_format, train_one_epoch
+from convsim_shrink.train import (
+    cpu_has_fast_bf16,
+    distillation,
+    evaluate,
+    make_optimizer,
+    resolve_precision,
+    set_memory_format,
+    train_one_epoch,
+)
 from convsim_shrink.train.optim import Schedule
 from convsim_shrink.train.progress import make_progress
 
