@@ -1,4 +1,4 @@
-"""The engine against the limit (issue 26), side by side in one process, variants alternated round by round:
+"""The engine against the limit (issue 26), side by side in one process, the variants taking one step each in turn:
 
 1. images/s of the product's training loop (``train_one_epoch``, with the progress bar and every check
    it makes) against a bare PyTorch loop (forward, cross-entropy, backward, optimizer step) on the same
@@ -13,9 +13,13 @@
 4. what an epoch of the main job is made of: training steps, data loading (the real Fashion-MNIST
    loader, augmentation included) and one evaluation of the test set.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_loop.py [--rounds 3] [--steps 6] [--no-224]
+    OMP_NUM_THREADS=1 python benchmarks/bench_loop.py [--steps 30] [--steps-224 8] [--no-224] [--clock thread|wall]
 
-Prints markdown tables; every ratio is a median over the rounds of ratios measured in the same round.
+Each variant's loop runs in its own thread and takes its next step only when the others have taken
+theirs, so step i of every variant ran under the same load; a ratio is the median over the paired steps
+(the middle half of the paired ratios in brackets).  With one thread the default clock is the loop
+thread's CPU time, which a shared machine inflates less than the elapsed time; with more threads use
+``--clock wall``.  Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import threading
 import time
 
 import torch
@@ -84,22 +89,75 @@ def engine_loop(model, batches, optimizer, prec, extra=(), after_backward=None, 
                         task_weight=task_weight, progress=progress, task=task)
 
 
-def alternate(variants: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds of each variant per round, variants run one after the other within a round."""
-    times = {k: [] for k in variants}
-    for fn in variants.values():  # warm-up (allocator, oneDNN primitives)
-        fn(2)
-    for _ in range(rounds):
-        for k, fn in variants.items():
-            t0 = time.perf_counter()
-            n = fn(None)
-            times[k].append((time.perf_counter() - t0) / n)
-    return times
+#: the clock: "thread" (CPU time of the thread running the loop: on a shared machine it counts the work
+#: done, not the time spent waiting for a core; one-thread runs only) or "wall"
+CLOCK = {"thread": time.thread_time, "wall": time.perf_counter}
+clock = time.thread_time
+
+
+class _Turns:
+    """A loader that hands out its next batch only when told to (``go``) and times each step: from handing
+    out a batch to being asked for the next one, i.e. everything the loop does for that batch."""
+
+    def __init__(self, batches):
+        self.batches, self.go, self.done, self.times = batches, threading.Event(), threading.Event(), []
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for x, y in self.batches:
+            self.go.wait()
+            self.go.clear()
+            t0 = clock()
+            yield x, y
+            self.times.append(clock() - t0)
+            self.done.set()
+
+
+def lockstep(variants: dict, batches, steps: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per step of each variant, the variants taking one step each in turn (the order reversed every
+    other step), so that step ``i`` of every variant ran under the same load.  ``variants``: name ->
+    ``loop(loader)`` that runs one epoch over ``loader``; each runs in its own thread, one at a time."""
+    loaders = {k: _Turns(batches(warmup + steps)) for k in variants}
+    failed = []
+
+    def run(fn, loader):
+        try:
+            fn(loader)
+        except Exception as exc:  # noqa: BLE001 - handed to the coordinator, which raises it
+            failed.append(exc)
+            loader.done.set()
+
+    threads = [threading.Thread(target=run, args=(fn, loaders[k]), daemon=True) for k, fn in variants.items()]
+    for t in threads:
+        t.start()
+    order = list(variants)
+    for i in range(warmup + steps):
+        for k in order if i % 2 == 0 else order[::-1]:
+            loaders[k].go.set()
+            loaders[k].done.wait()
+            loaders[k].done.clear()
+            if failed:
+                raise failed[0]
+    for t in threads:
+        t.join()
+    return {k: v.times[warmup:] for k, v in loaders.items()}
 
 
 def ratio(times, a, b) -> float:
-    """Median over rounds of time[a] / time[b]."""
+    """Median over paired steps of time[a] / time[b]."""
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def spread(times, a, b) -> str:
+    """The middle half (25th to 75th percentile) of the paired ratios time[a] / time[b], as text."""
+    r = sorted(x / y for x, y in zip(times[a], times[b]))
+    return f"{r[len(r) // 4]:.2f}–{r[(3 * len(r)) // 4]:.2f}"
+
+
+def per_step(times, k) -> float:
+    return statistics.median(times[k])
 
 
 def prepared(model, prec):
@@ -109,23 +167,16 @@ def prepared(model, prec):
     return model
 
 
-def engine_vs_bare(name, model, batch, size, channels, steps, rounds, prec):
+def engine_vs_bare(name, model, batch, size, channels, steps, prec):
     cfg = TrainConfig()
     models = {k: prepared(model, prec) for k in ("bare", "engine")}
     opts = {k: make_optimizer(m, cfg) for k, m in models.items()}
-
-    def run(kind):
-        def go(n):
-            n = n or steps
-            b = Batches(n, batch, size, channels)
-            (bare_loop if kind == "bare" else engine_loop)(models[kind], b, opts[kind], prec)
-            return n
-        return go
-
-    t = alternate({"bare": run("bare"), "engine": run("engine")}, rounds)
-    eng, bare = statistics.median(t["engine"]), statistics.median(t["bare"])
+    t = lockstep({"bare": lambda b: bare_loop(models["bare"], b, opts["bare"], prec),
+                  "engine": lambda b: engine_loop(models["engine"], b, opts["engine"], prec)},
+                 lambda n: Batches(n, batch, size, channels), steps)
+    eng, bare = per_step(t, "engine"), per_step(t, "bare")
     r = ratio(t, "bare", "engine")
-    print(f"| {name} | {batch} | {bare:.3f} | {batch / bare:.0f} | {eng:.3f} | {batch / eng:.0f} | **{r:.3f}** |", flush=True)
+    print(f"| {name} | {batch} | {bare:.3f} | {batch / bare:.0f} | {eng:.3f} | {batch / eng:.0f} | **{r:.3f}** ({spread(t, 'bare', 'engine')}) |", flush=True)
     return r
 
 
@@ -145,31 +196,23 @@ def main_job_parts(args, prec):
         "library": group_sparsity_regularizer(models["library"], x1, 5e-5, ignored_layers=_same_layers(plan.layers, dense, models["library"]), vectorised=False),
     }
 
-    def step(kind):
-        def go(n):
-            n = n or steps
-            engine_loop(models[kind], Batches(n, 128, 28, 1), opts[kind], prec, after_backward=regs.get(kind))
-            return n
-        return go
-
-    def call(kind):
-        def go(n):
-            n = n or 20
-            for _ in range(n):
-                regs[kind]()
-            return n
-        return go
-
-    t = alternate({"plain": step("plain"), "vectorised": step("vectorised"), "library": step("library"),
-                   "call vectorised": call("vectorised"), "call library": call("library")}, args.rounds)
-    plain, with_reg = statistics.median(t["plain"]), statistics.median(t["vectorised"])
-    print("\n| main job's training step (batch 128) | s / step | vs without | regulariser call alone | share of the step |\n|---|---|---|---|---|")
+    t = lockstep({k: (lambda b, k=k: engine_loop(models[k], b, opts[k], prec, after_backward=regs.get(k))) for k in models},
+                 lambda n: Batches(n, 128, 28, 1), steps)
+    calls = {}
+    for k, reg in regs.items():  # the regulariser's own time per call, alternated
+        calls[k] = []
+    for _ in range(steps):
+        for k, reg in regs.items():
+            t0 = clock()
+            reg()
+            calls[k].append(clock() - t0)
+    plain, with_reg = per_step(t, "plain"), per_step(t, "vectorised")
+    print("\n| main job's training step (batch 128) | s / step | vs without (middle half) | regulariser call alone | share of the step |\n|---|---|---|---|---|")
     print(f"| without the regulariser | {plain:.3f} | 1.000 | | |")
     for k in ("vectorised", "library"):
-        s = statistics.median(t[k])
-        c = statistics.median(t[f"call {k}"])
-        share = statistics.median(c / s for c, s in zip(t[f"call {k}"], t[k]))
-        print(f"| with it, {k} | {s:.3f} | {ratio(t, k, 'plain'):.3f} | {1000 * c:.1f} ms | **{100 * share:.1f}%** |", flush=True)
+        c = statistics.median(calls[k])
+        print(f"| with it, {k} | {per_step(t, k):.3f} | {ratio(t, k, 'plain'):.3f} ({spread(t, k, 'plain')}) | {1000 * c:.1f} ms | "
+              f"**{100 * c / per_step(t, k):.1f}%** |", flush=True)
 
     # -- distillation: the pruned model (half the parameters, as the main recipe) taught by the dense one
     dense.eval()
@@ -182,19 +225,22 @@ def main_job_parts(args, prec):
     terms = {"kd": (distillation(copy.deepcopy(teacher), fcfg.distill, fcfg.temperature, prec=prec),),
              "kd before": (_distillation_before(copy.deepcopy(teacher), fcfg.distill, fcfg.temperature),)}
 
-    def fstep(kind):
-        def go(n):
-            n = n or steps
-            engine_loop(students[kind], Batches(n, 128, 28, 1), fopts[kind], prec, extra=terms.get(kind, ()),
-                        task_weight=1 - fcfg.distill if kind != "plain" else 1.0)
-            return n
-        return go
+    fwd_teacher = prepared(teacher, prec)
 
-    t = alternate({k: fstep(k) for k in students}, args.rounds)
+    def teacher_forward(loader):  # the least distillation can add: the dense model's forward pass
+        for x, _ in loader:
+            with torch.inference_mode(), prec.autocast():
+                fwd_teacher(x.contiguous(memory_format=torch.channels_last) if prec.channels_last else x)
+
+    loops = {k: (lambda b, k=k: engine_loop(students[k], b, fopts[k], prec, extra=terms.get(k, ()),
+                                            task_weight=1 - fcfg.distill if k != "plain" else 1.0)) for k in students}
+    t = lockstep({**loops, "teacher forward": teacher_forward}, lambda n: Batches(n, 128, 28, 1), steps)
     print("\n| fine-tuning step (pruned to 0.5 params, batch 128) | s / step | vs the plain step |\n|---|---|---|")
-    print(f"| plain (no distillation) | {statistics.median(t['plain']):.3f} | 1.000 |")
-    print(f"| distillation, teacher as before (fp32, contiguous, no_grad) | {statistics.median(t['kd before']):.3f} | {ratio(t, 'kd before', 'plain'):.3f} |")
-    print(f"| distillation, the product's term now | {statistics.median(t['kd']):.3f} | **{ratio(t, 'kd', 'plain'):.3f}** |", flush=True)
+    print(f"| plain (no distillation) | {per_step(t, 'plain'):.3f} | 1.000 |")
+    print(f"| distillation, teacher as before (fp32, contiguous, no_grad) | {per_step(t, 'kd before'):.3f} | {ratio(t, 'kd before', 'plain'):.3f} ({spread(t, 'kd before', 'plain')}) |")
+    print(f"| distillation, the product's term now | {per_step(t, 'kd'):.3f} | **{ratio(t, 'kd', 'plain'):.3f}** ({spread(t, 'kd', 'plain')}) |")
+    print(f"| (the dense teacher's forward pass alone, inference mode) | {per_step(t, 'teacher forward'):.3f} | "
+          f"{ratio(t, 'teacher forward', 'plain'):.3f} |", flush=True)
 
     # -- an epoch: steps, data loading, evaluation
     if args.no_data:
@@ -203,13 +249,13 @@ def main_job_parts(args, prec):
     from convsim_shrink.recipe import DataConfig
 
     data = build_data(DataConfig(name="fashion-mnist"), batch_size=128)
-    t0 = time.perf_counter()
+    t0 = clock()
     n = sum(1 for _ in data.train)
-    load = time.perf_counter() - t0
+    load = clock() - t0
     model = prepared(dense, prec)
-    t0 = time.perf_counter()
+    t0 = clock()
     evaluate(model, data.test, prec)
-    ev = time.perf_counter() - t0
+    ev = clock() - t0  # (evaluation reads its batches from the loader too)
     train = with_reg * n
     total = train + load + ev
     print(f"\n| one epoch of the main job's training ({n} steps) | seconds | share |\n|---|---|---|")
@@ -242,27 +288,34 @@ def _distillation_before(teacher, weight, temperature):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=6, help="steps per variant per round at 28 px")
-    p.add_argument("--steps-224", type=int, default=2, help="steps per variant per round at 224 px")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per variant at 28 px (after 2 warm-up steps)")
+    p.add_argument("--steps-224", type=int, default=8, help="timed steps per variant at 224 px")
     p.add_argument("--batch-224", type=int, default=16)
     p.add_argument("--no-224", action="store_true")
     p.add_argument("--no-data", action="store_true", help="skip the epoch breakdown (needs Fashion-MNIST)")
+    p.add_argument("--clock", choices=sorted(CLOCK), default="thread",
+                   help="thread: CPU time of the loop's thread (default; one-thread runs); wall: elapsed time (any thread count)")
+    p.add_argument("--only", choices=["engine", "parts"], help="run one half")
     args = p.parse_args()
+    global clock
+    clock = CLOCK[args.clock]
     prec = resolve_precision(torch.device("cpu"), "auto", None)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), native bf16: {cpu_has_fast_bf16()}, "
-          f"engine precision: {prec.describe()}\n")
-    print("| model | batch | bare loop s / step | bare img/s | engine s / step | engine img/s | engine / bare (img/s) |\n|---|---|---|---|---|---|---|")
+          f"engine precision: {prec.describe()}, clock: {args.clock}\n")
+    if args.only == "parts":
+        return main_job_parts(args, prec)
+    print("| model | batch | bare loop s / step | bare img/s | engine s / step | engine img/s | engine / bare (img/s; middle half) |\n|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     engine_vs_bare("ResNet18/0.25, 28 px (main job)", create_model("resnet18", num_classes=10, in_channels=1, width=0.25, small_input=True),
-                   128, 28, 1, args.steps, args.rounds, prec)
+                   128, 28, 1, args.steps, prec)
     if not args.no_224:
         import torchvision
 
         torch.manual_seed(0)
         engine_vs_bare("torchvision resnet18, 224 px", torchvision.models.resnet18(num_classes=10), args.batch_224, 224, 3,
-                       args.steps_224, args.rounds, prec)
-    main_job_parts(args, prec)
+                       args.steps_224, prec)
+    if args.only != "engine":
+        main_job_parts(args, prec)
 
 
 if __name__ == "__main__":

@@ -197,6 +197,6 @@ class GroupNormRegularizer:
         if self.fallback_groups:
             groups, self._pruner._groups = self._pruner._groups, self.fallback_groups
             try:
-                self._pruner.regularize(model)
+                self._pruner.regularize(model if model is not None else self._pruner.model)
             finally:
                 self._pruner._groups = groups
