@@ -120,3 +120,90 @@ def test_sparse_training_spreads_the_channels_apart_and_leaves_the_random_stream
     # setting it up (an example input, the pruneability trials) drew nothing from the global generator:
     # a run with the regulariser draws exactly what the same run without it draws
     assert torch.equal(sparse_rng, plain_rng)
+
+
+# ------------------------------------------------------------------ the vectorised form against the library's loop
+
+
+class Mixed(nn.Module):
+    """The shapes the flat form must follow or hand back to the library: a residual add, a concat, a
+    depthwise and a grouped conv, a flatten into a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.a, self.bna = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 6, 1)
+        self.dw, self.bndw = nn.Conv2d(14, 14, 3, padding=1, groups=14, bias=False), nn.BatchNorm2d(14)
+        self.pw = nn.Conv2d(14, 8, 1)
+        self.fc1, self.fc2 = nn.Linear(8 * 4 * 4, 12), nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = x + torch.relu(self.bna(self.a(x)))  # residual: stem, a and their BNs share one group
+        x = torch.cat([x, self.b(x)], 1)  # concat: two groups feed one tensor
+        x = self.pw(torch.relu(self.bndw(self.dw(x))))
+        x = nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)  # flatten: fc1's inputs come 16 per channel
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _randomised(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():  # signed, spread magnitudes, so every group's gammas differ
+            p.copy_(torch.randn(p.shape, generator=g) * (0.2 + 2 * torch.rand(p.shape, generator=g)))
+    return model
+
+
+def _grads_after(model, regularize, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():  # a gradient already there: the regulariser adds to it
+        p.grad = torch.randn(p.shape, generator=g).contiguous(memory_format=torch.channels_last) if p.dim() == 4 else torch.randn(p.shape, generator=g)
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    regularize()
+    return {n: p.grad - before[n] for n, p in model.named_parameters()}
+
+
+def _assert_same_gradient(model, x, **kwargs):
+    slow = group_sparsity_regularizer(model, x, 1e-3, vectorised=False, **kwargs)
+    fast = group_sparsity_regularizer(model, x, 1e-3, **kwargs)
+    want, got = _grads_after(model, slow, 1), _grads_after(model, fast, 1)
+    touched = 0
+    for name in want:
+        scale = float(want[name].abs().max()) + 1e-12
+        assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-5 * scale), name
+        touched += int(torch.count_nonzero(want[name]))
+    assert touched > 0  # the reference did regularise something
+    return fast.__self__
+
+
+def test_the_vectorised_regulariser_gives_the_librarys_gradient_on_a_resnet():
+    from convsim_shrink.models import create_model
+
+    torch.manual_seed(0)
+    model = _randomised(create_model("resnet18", num_classes=10, in_channels=1, width=0.125, small_input=True), 3)
+    reg = _assert_same_gradient(model, torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
+    assert reg.n_groups > 0 and not reg.fallback_groups  # every group took the vectorised path
+    model.to(memory_format=torch.channels_last)  # as training runs on the CPU: the layers are followed
+    _assert_same_gradient(model, torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
+
+
+def test_the_vectorised_regulariser_gives_the_librarys_gradient_on_concat_flatten_and_depthwise_convs():
+    model = _randomised(Mixed(), 4)
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    reg = _assert_same_gradient(model, x)
+    assert reg.n_groups > 0 and reg.fallback_groups  # both paths ran: flat groups and the library's own
+    _assert_same_gradient(model, x, ignored_layers=[model.a])
+
+
+def test_the_vectorised_regulariser_skips_a_group_whose_channels_score_alike():
+    net = _graded(Net(), torch.tensor([3.0, 0.2, 1.0, 5.0, 0.6, 2.0]))
+    with torch.no_grad():
+        net.conv2.weight.copy_(net.conv2.weight[:1].expand_as(net.conv2.weight))
+        net.bn2.weight.fill_(1.0)
+        net.fc.weight.copy_(net.fc.weight[:, :1].expand_as(net.fc.weight))
+    reg = _assert_same_gradient(net, X)
+    assert not reg.fallback_groups
+    _zero_grads(net)
+    reg.regularize()
+    assert torch.count_nonzero(net.bn2.weight.grad) == 0 and torch.count_nonzero(net.bn1.weight.grad) == 6

@@ -182,6 +182,51 @@ def test_distillation_is_zero_against_itself_and_positive_otherwise():
     assert term(teacher, x, None, torch.zeros(8, 3)).item() > 0
 
 
+def test_distillation_in_inference_mode_and_channels_last_gives_the_direct_formulas_gradient():
+    """The teacher now runs under inference_mode, at the engine's precision and memory format; the loss and
+    the student's gradient are those of the formula written out with an fp32 teacher under no_grad."""
+    import copy
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet18", num_classes=10, in_channels=1, width=0.125, small_input=True).eval()
+    student = create_model("resnet18", num_classes=10, in_channels=1, width=0.125, small_input=True)
+    x = torch.randn(6, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        t_logits = teacher(x)
+    t = 3.0
+    logits = student(x)
+    want = 0.5 * t * t * F.kl_div(F.log_softmax(logits / t, 1), F.softmax(t_logits / t, 1), reduction="batchmean")
+    (want_grad,) = torch.autograd.grad(want, student.fc.weight)
+
+    prec = resolve_precision(torch.device("cpu"), "fp32", True)
+    term = distillation(copy.deepcopy(teacher), 0.5, t, prec=prec)
+    logits = student(x.contiguous(memory_format=torch.channels_last))
+    got = term(student, x.contiguous(memory_format=torch.channels_last), None, logits)
+    (got_grad,) = torch.autograd.grad(got, student.fc.weight)
+    assert float(got) == pytest.approx(float(want), rel=1e-4) and float(want) > 0
+    assert torch.allclose(got_grad, want_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_non_finite_weights_found_between_the_sparse_checks_stop_the_epoch_before_its_checkpoint(tiny):
+    """Weights are checked at an epoch's first and last step and every few steps between; a buffer that
+    goes non-finite mid-epoch (invisible to training-mode outputs) still stops the epoch, by its end."""
+    calls = {"n": 0}
+    model = _model()
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+    def poison_bn():  # after the third backward pass
+        calls["n"] += 1
+        if calls["n"] == 3:
+            bn.running_var[0] = float("inf")
+
+    assert len(tiny.train) > 3
+    with pytest.raises(TrainingDivergedError, match=r"weights became non-finite \(.*running_var\)"):
+        fit(model, tiny.train, _cfg(epochs=2, precision="fp32"), quiet=True, after_backward=poison_bn)
+    assert calls["n"] <= len(tiny.train)  # stopped within the first epoch
+
+
 def test_evaluate_matches_manual_count(tiny):
     model = _model().eval()
     got = evaluate(model, tiny.test)

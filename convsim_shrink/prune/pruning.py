@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import classifier_of, evaluating
+from .sparsity import GroupNormRegularizer
 
 
 @dataclass
@@ -206,7 +207,7 @@ class _GroupSparsity(tp.pruner.GroupNormPruner):
 
 
 def group_sparsity_regularizer(
-    model: nn.Module, example_inputs: torch.Tensor, coefficient: float, *, ignored_layers=(),
+    model: nn.Module, example_inputs: torch.Tensor, coefficient: float, *, ignored_layers=(), vectorised: bool = True,
 ) -> Callable[[], None]:
     """Pruning-aware (group sparse) training: a function to call after every backward pass that adds
     torch-pruning's group-norm regulariser to the gradients of ``model``.
@@ -218,10 +219,13 @@ def group_sparsity_regularizer(
     channel and 16x on the weakest, recomputed every step, so the channels pruning will remove are
     pushed toward zero before it removes them (GroupNormPruner; Fang et al., "DepGraph: Towards Any
     Structural Pruning", CVPR 2023).  The classifier's outputs and ``ignored_layers`` are left alone.
+    Computed with a few batched tensor ops per step (:class:`~convsim_shrink.prune.sparsity.GroupNormRegularizer`),
+    the same gradient as the library's per-group loop.
 
     ``example_inputs``: one batch the model accepts, ``(N, C, H, W)`` for image models (traced once, in
     eval mode, so batch-norm statistics are not touched).  ``coefficient`` in the units of weight decay
-    (per step, times the learning rate).  Raises :class:`ConfigError` if ``coefficient`` is not positive.
+    (per step, times the learning rate).  ``vectorised=False``: the library's own per-group loop (slow;
+    the tests' reference).  Raises :class:`ConfigError` if ``coefficient`` is not positive.
     """
     if not coefficient > 0:
         raise ConfigError(f"group sparsity coefficient must be positive, got {coefficient}")
@@ -234,6 +238,9 @@ def group_sparsity_regularizer(
             model, example_inputs, tp.importance.GroupMagnitudeImportance(p=2), reg=coefficient,
             ignored_layers=ignored, root_module_types=[nn.modules.conv._ConvNd, nn.Linear],
         )
+
+    if vectorised:
+        return GroupNormRegularizer(pruner).regularize
 
     def regularize() -> None:
         pruner.regularize(model)

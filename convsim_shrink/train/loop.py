@@ -43,6 +43,10 @@ from .progress import make_progress, print_finished
 
 #: steps between host syncs of the running loss/accuracy on accelerators
 _SYNC_EVERY = 32
+#: steps between checks of every weight and buffer for NaN/infinity (also at an epoch's first and last
+#: step); on the CPU the check costs about a tenth of a small model's step, and a non-finite parameter
+#: shows in the next step's outputs anyway, which are checked every step there
+_WEIGHTS_EVERY = 32
 #: what to do when the logits cannot be found in a model's output
 LOGITS_FIX = "a wrapper module whose forward returns the class scores as one (N, classes) tensor"
 
@@ -81,7 +85,9 @@ def train_one_epoch(
     On the CPU every step is checked for a non-finite loss at once.  On accelerators the running sums
     stay on the device and are read (one host sync) every ``_SYNC_EVERY`` steps, so the host can queue
     work ahead of the device; a non-finite loss is then reported at most that many steps late (the
-    checkpoint on disk is still the last good one).  ``sync_every`` overrides that choice.
+    checkpoint on disk is still the last good one).  ``sync_every`` overrides that choice.  Every
+    weight and buffer is checked for NaN/infinity at the epoch's first and last sync and at least every
+    ``_WEIGHTS_EVERY`` steps between (a non-finite parameter shows in the next step's outputs anyway).
     """
     model.train()
     if sync_every is None:
@@ -93,18 +99,23 @@ def train_one_epoch(
     totals = {"loss": 0.0, "correct": 0.0, "seen": 0.0, **{k: 0.0 for k in names}}
     t0 = time.perf_counter()
     pending = 0
+    unchecked = -1  # steps since the weights were last checked (-1: not yet this epoch)
+    last = len(loader) - 1 + step if hasattr(loader, "__len__") else None
 
     def drain(last_step: int) -> None:
-        nonlocal pending
+        nonlocal pending, unchecked
         values = torch.stack(list(run.values())).tolist()  # the one host sync
         for (k, t), v in zip(run.items(), values):
             totals[k] += v
             t.zero_()
         if distributed.any_rank(bad):  # every rank stops together
             raise _Diverged("the loss blew up, or the loss or the model's outputs became non-finite", last_step, lr)
-        weights = nonfinite_tensors(model)
-        if weights:
-            raise _Diverged(f"weights became non-finite ({', '.join(weights)})", last_step, lr)
+        first, unchecked = unchecked < 0, max(unchecked, 0) + pending
+        if first or unchecked >= _WEIGHTS_EVERY or last_step == last:
+            unchecked = 0
+            weights = nonfinite_tensors(model)
+            if weights:
+                raise _Diverged(f"weights became non-finite ({', '.join(weights)})", last_step, lr)
         if progress is not None:
             elapsed = time.perf_counter() - t0
             progress.update(
@@ -165,6 +176,10 @@ def train_one_epoch(
             drain(step - 1)
     if pending:
         drain(step - 1)
+    if unchecked > 0:  # a loader without a length: the epoch's last steps
+        weights = nonfinite_tensors(model)
+        if weights:
+            raise _Diverged(f"weights became non-finite ({', '.join(weights)})", step - 1, lr)
     if world_size() > 1:  # the epoch's numbers over all ranks' images
         totals = dict(zip(totals, distributed.all_reduce_sum(list(totals.values()))))
         for k in names:

@@ -6,14 +6,16 @@ loss outside autocast and reports its running mean under the term's ``__name__``
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.adapt import logits_of
 from ..cs.similarity import model_conv_similarity
+from ..models.adapt import logits_of
+from .device import Precision, set_memory_format
 from .distributed import unwrap
 
 LossTerm = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -38,15 +40,25 @@ def cs_regularizer(beta: float, *, normalized: bool = True, channels: str = "sam
     return term
 
 
-def distillation(teacher: nn.Module, weight: float, temperature: float = 4.0) -> LossTerm:
-    """``weight * T² * KL(softmax(teacher/T) || softmax(student/T))`` (Hinton et al., 2015)."""
+def distillation(teacher: nn.Module, weight: float, temperature: float = 4.0, *, prec: Precision | None = None) -> LossTerm:
+    """``weight * T² * KL(softmax(teacher/T) || softmax(student/T))`` (Hinton et al., 2015).
+
+    The teacher runs in inference mode (no autograd bookkeeping), at the engine's precision ``prec``
+    (its autocast; its memory format: ``teacher`` is put in channels_last in place when ``prec`` says so,
+    like the batches it is given); without ``prec`` in fp32 and as it is.  ``x``: the student's batch,
+    ``logits``: the student's ``(N, classes)`` scores.
+    """
     teacher.eval()
+    if prec is not None and prec.channels_last:
+        set_memory_format(teacher, True)
+    autocast = prec.autocast if prec is not None else contextlib.nullcontext
+    t = temperature
 
     def term(model, x, y, logits):
-        with torch.no_grad():
-            t_logits = logits_of(teacher(x)).float()
-        t = temperature
-        kl = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(t_logits / t, 1), log_target=True, reduction="batchmean")
+        with torch.inference_mode(), autocast():
+            target = F.log_softmax(logits_of(teacher(x)).float() / t, 1)
+        target = target.clone()  # an ordinary tensor: autograd keeps it for the backward pass of kl_div
+        kl = F.kl_div(F.log_softmax(logits.float() / t, 1), target, log_target=True, reduction="batchmean")
         return weight * t * t * kl
 
     term.__name__ = "kd"
