@@ -640,6 +640,7 @@ def iterative_prune(
     latency_fn: Callable[[nn.Module], Any] | None = None,
     plan=None,
     make_compensator: Callable[[nn.Module], Any] | None = None,
+    base_latency: float | None = None,
     **kwargs,
 ) -> PruneResult:
     """Prune in ``steps`` stages to intermediate targets (linear in the kept fraction, for every given
@@ -648,7 +649,8 @@ def iterative_prune(
     ``make_compensator(model)`` (after ``before_scoring``) gives each stage's
     :class:`~convsim_shrink.compensation.Compensator`, fitted on that stage's model.
     With a latency target and several steps, the dense model's latency (median of 3 measurements) is the
-    base of every stage. Other keyword arguments go to :func:`prune_to_target`.
+    base of every stage (``base_latency``, seconds per batch, when the caller measured it already, also with
+    one step). Other keyword arguments go to :func:`prune_to_target`.
 
     ``plan``: an :class:`~convsim_shrink.pruneability.IgnorePlan` of the layers to leave alone; every
     stage then runs through :func:`~convsim_shrink.pruneability.prune_safely` (the plan rebound to that
@@ -662,8 +664,7 @@ def iterative_prune(
         from .deploy import latency_meter
 
         latency_fn = latency_meter(x)
-    base_latency = None
-    if target_latency is not None and steps > 1:
+    if target_latency is not None and steps > 1 and base_latency is None:
         timer = _Timer(latency_fn)
         base_latency = statistics.median(timer(model) for _ in range(3))
     result = None
