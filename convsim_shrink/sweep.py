@@ -268,9 +268,10 @@ def plot(state: SweepState, path: Path) -> Path:
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test top-1 (%)")
-    axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{state.model} on {state.dataset}: pruned to {state.kind} targets", fontsize=11)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.suptitle(f"{state.model} on {state.dataset}: pruned to {state.kind} targets (labels: the target)", fontsize=11)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
@@ -281,11 +282,19 @@ def print_table(state: SweepState) -> None:
     """The sweep's table on the console (rich)."""
     from rich.table import Table
 
-    table = Table(title=f"{state.model} on {state.dataset}: sweep over {state.kind}")
-    for i, h in enumerate(_headers(state)):
+    d = state.dense
+    table = Table(title=f"{state.model} on {state.dataset}: {state.kind} sweep, {state.finetune_epochs} fine-tuning epoch(s) per point; "
+                        f"dense {_f(d.get('params'), ',')} params, {_f(d.get('macs'), ',')} MACs")
+    val = state.val_images is not None
+    heads = [state.kind, "params", "MACs", "ms b1", f"ms b{state.latency_batch}", "top-1 pre-ft", "top-1", *(["val"] if val else []), "s"]
+    for i, h in enumerate(heads):
         table.add_column(h, justify="left" if i == 0 else "right")
-    for row in table_rows(state):
-        table.add_row(*row)
+    table.add_row("dense", "1", "1", _f(d.get("latency_b1_ms"), ".2f"), _f(d.get("latency_batch_ms"), ".2f"), "", _f(d.get("top1"), ".2f"),
+                  *([_f(d.get("val_top1"), ".2f")] if val else []), _f(state.dense_seconds, ".0f"))
+    for t in state.targets:
+        p = state.point(t) or SweepPoint(t, note="pending")
+        table.add_row(f"{t:g}", _f(p.params_ratio, ".3f"), _f(p.macs_ratio, ".3f"), _f(p.latency_b1_ms, ".2f"), _f(p.latency_batch_ms, ".2f"),
+                      _f(p.top1_before_finetune, ".2f"), _f(p.top1, ".2f"), *([_f(p.val_top1, ".2f")] if val else []), _f(p.seconds, ".0f"))
     console.print(table)
 
 
