@@ -14,7 +14,7 @@ layers left alone and, for latency targets, the dense latency are measured once)
 The run directory holds, besides the runner's files (``recipe.yaml``, ``state.json``,
 ``dense.safetensors``): ``sweep.json`` (written atomically after every point: a stopped sweep continues
 with ``convsim-shrink sweep --resume RUN`` at the first unfinished point), ``sweep.md``, ``sweep.csv``,
-``sweep.png`` (top-1 against parameters, MACs and latency, the dense model marked) and
+``sweep.png`` (at the end: top-1 against parameters, MACs and latency, the dense model marked) and
 ``points/<kind>-<target>/model.safetensors`` (and the recipe's export formats with ``--export``).
 
 Latencies are medians of timed forward passes (:func:`~convsim_shrink.deploy.measure_latency`, fp32,
@@ -198,9 +198,9 @@ def _headers(state: SweepState) -> list[str]:
             "top-1 before ft", f"top-1 after {state.finetune_epochs} ep", "val top-1", "seconds"]
 
 
-def write_outputs(state: SweepState, run_dir: Path) -> dict[str, str]:
-    """``sweep.json``, ``sweep.csv``, ``sweep.md`` and ``sweep.png`` into ``run_dir`` (each atomically);
-    returns their paths by name."""
+def write_outputs(state: SweepState, run_dir: Path, *, plot_too: bool = True) -> dict[str, str]:
+    """``sweep.json``, ``sweep.csv``, ``sweep.md`` and (``plot_too``) ``sweep.png`` into ``run_dir``
+    (each atomically); returns their paths by name."""
     run_dir = Path(run_dir)
     atomic_write_text(run_dir / "sweep.json", json.dumps(state.to_dict(), indent=1))
     buf = io.StringIO()
@@ -236,8 +236,9 @@ def write_outputs(state: SweepState, run_dir: Path) -> dict[str, str]:
         "",
     ]
     atomic_write_text(run_dir / "sweep.md", "\n".join(lines))
-    plot(state, run_dir / "sweep.png")
-    return {name: str(run_dir / f"sweep.{name}") for name in ("json", "csv", "md", "png")}
+    if plot_too:
+        plot(state, run_dir / "sweep.png")
+    return {name: str(run_dir / f"sweep.{name}") for name in ("json", "csv", "md", *(["png"] if plot_too else []))}
 
 
 def plot(state: SweepState, path: Path) -> Path:
@@ -325,11 +326,12 @@ class SweepRunner(Runner):
         self.targets, self.kind, self.export = list(targets), kind, export
         self.sweep: SweepState | None = None
 
-    def _write(self) -> None:
+    def _write(self, plot_too: bool = False) -> None:
+        """The tables after every point (a stopped sweep keeps them), the plot at the end (a few seconds)."""
         from .train.distributed import is_main_process
 
         if is_main_process():
-            write_outputs(self.sweep, self.run_dir)
+            write_outputs(self.sweep, self.run_dir, plot_too=plot_too)
 
     def _start_sweep(self) -> SweepState:
         from . import stages
@@ -442,7 +444,7 @@ class SweepRunner(Runner):
                     self.log(f"{self.kind} {target:g}: {point.params_ratio:.3f} of the params, {point.macs_ratio:.3f} of the MACs, "
                              f"top-1 {point.top1_before_finetune:.2f} -> {point.top1:.2f} ({point.seconds:.0f} s)")
         self.sweep.finished = True
-        self._write()
+        self._write(plot_too=True)
         if is_main_process():
             print_table(self.sweep)
             console.print(f"sweep: {self.run_dir / 'sweep.md'} (plot: {self.run_dir / 'sweep.png'})")

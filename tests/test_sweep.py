@@ -21,7 +21,7 @@ from convsim_shrink.sweep import SweepState, parse_max_drop, parse_targets, run_
 SETS = [
     "model.name=simple_cnn", "model.width=0.25", "data.subset=200", "data.test_subset=100", "premin.steps=0",
     "train.epochs=0", "finetune.epochs=1", "prune.bn_recalibration=2", "prune.round_to=null", "prune.compensation_batches=2",
-    "export.formats=[convsim]", "run.quiet=true", "run.device=cpu",
+    "export.formats=[convsim]", "run.quiet=true", "run.device=cpu", "prune.latency_batch=8", "prune.step_accuracy=false",
 ]
 
 
