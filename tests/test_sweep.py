@@ -197,6 +197,7 @@ def test_tiny_sweep_writes_table_plot_and_models(tmp_path, fashion_dir):
     assert (out / "dense.safetensors").is_file() and state.dense["latency_b1_ms"] > 0
 
 
+@pytest.mark.slow
 def test_sweep_resumes_at_the_first_unfinished_point(tmp_path, monkeypatch, fashion_dir):
     out = tmp_path / "sweep"
     calls = {"prune": [], "train": 0, "finetune": 0}
@@ -233,6 +234,7 @@ def test_sweep_resumes_at_the_first_unfinished_point(tmp_path, monkeypatch, fash
     assert state.dense == first.dense  # the dense latency is measured once, also across a resume
 
 
+@pytest.mark.slow
 def test_sweep_over_macs_and_an_unreachable_point(tmp_path, monkeypatch, fashion_dir):
     real = stages.prune_stage
 
@@ -370,6 +372,7 @@ def test_validation_is_held_out_when_the_recipe_has_none():
     assert r.data.val_split == 5000 and "5000" in note
 
 
+@pytest.mark.slow
 def test_main_command_with_max_drop_end_to_end(tmp_path, fashion_dir):
     from convsim_shrink.runner import Runner
 
