@@ -133,19 +133,19 @@ def _search_lines(report: dict) -> list[str]:
     if not s:
         return []
     split = "images held out of training by the run" if s["split"] == "held out" else "the recipe's data.val_split"
-    lines = [
+    lines = [(
         f"Size search: the smallest {s['kind']} target whose validation top-1 after {s['search_epochs']} fine-tuning epoch(s) is "
         f"within {s['max_drop']:g} points of the dense model's ({s['dense_val_top1']:.2f} % on {s['val_images']} images, {split}); "
         f"chose **{_fmt(s['target'], 'g')}** after {len(s['candidates'])} candidates and {s['fine_tunings']} fine-tunings "
-        f"(the winner's included).  ",
-    ]
+        f"(the winner's included).  "
+    )]
     if s.get("winner_val_top1") is not None:
         drop = s["dense_val_top1"] - s["winner_val_top1"]
-        lines.append(f"After its full fine-tuning: validation {s['winner_val_top1']:.2f} % ({drop:+.2f} points below dense: "
+        lines.append(f"After its full fine-tuning: validation {s['winner_val_top1']:.2f} % (dense minus this: {drop:.2f} points, "
                      f"{'within' if drop <= s['max_drop'] else 'NOT within'} {s['max_drop']:g}), test {_fmt(s.get('winner_test_top1'), '.2f')} %.  ")
     if s.get("note"):
         lines.append(f"Note: {s['note']}  ")
-    lines += ["", f"| {s['kind']} target | params | MACs | latency | top-1 before ft | val top-1 | test top-1 | passed | s |",
+    lines += ["", f"| {s['kind']} target | params ratio | MACs ratio | latency ratio | top-1 before ft | val top-1 | test top-1 | passed | s |",
               "|---|---|---|---|---|---|---|---|---|"]
     for c in sorted(s["candidates"], key=lambda c: c["target"]):
         lines.append(f"| {c['target']:g} | {_fmt(c['params_ratio'], '.3f')} | {_fmt(c['macs_ratio'], '.3f')} | {_fmt(c['latency_ratio'], '.3f')} | "

@@ -415,11 +415,14 @@ class SweepRunner(Runner):
         )
 
     def _run_stages(self):
-        from .train import distributed, make_progress
+        from .train import distributed, make_progress, resolve_precision
         from .train.distributed import is_main_process
 
         self.prepare()
         r = self.recipe
+        self.state.processes = p = distributed.describe(r.train.batch_size, self.device)
+        self.log(f"device: {resolve_precision(self.device, r.train.precision, r.train.channels_last).describe()}"
+                 + (f"; {p['world_size']} processes ({p['backend']}), global batch {p['global_batch']}" if p["world_size"] > 1 else ""))
         self.log(f"sweep over {self.kind} targets {', '.join(f'{t:g}' for t in self.targets)}; {r.finetune.epochs} fine-tuning "
                  f"epoch(s) per point" + (f"; run directory: {self.run_dir}" if self.run_dir else ""))
         self.sweep = self._start_sweep()

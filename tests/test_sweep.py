@@ -10,12 +10,18 @@ import json
 import pytest
 import torch
 
-import convsim_shrink.stages as stages
 from convsim_shrink import checkpoint as ckpt
+from convsim_shrink import stages
 from convsim_shrink.cli import main
 from convsim_shrink.errors import ConfigError, TargetUnreachableError
 from convsim_shrink.recipe import resolve
-from convsim_shrink.sizesearch import Candidate, SearchSettings, bisect_size, search_size, with_validation
+from convsim_shrink.sizesearch import (
+    Candidate,
+    SearchSettings,
+    bisect_size,
+    search_size,
+    with_validation,
+)
 from convsim_shrink.sweep import SweepState, parse_max_drop, parse_targets, run_sweep
 
 SETS = [
@@ -83,7 +89,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(args, expected, capsys, tm
 
 
 def test_max_drop_reaches_the_recipe(monkeypatch, tmp_path):
-    import convsim_shrink.runner as runner
+    from convsim_shrink import runner
 
     seen = {}
 
@@ -134,7 +140,7 @@ def test_prune_stage_reuse_measures_the_dense_latency_once(tiny):
     recipe, data, x, dense = tiny
     reuse = stages.PruneReuse()
     calls = []
-    import convsim_shrink.deploy as deploy
+    from convsim_shrink import deploy
 
     real = deploy.latency_meter
 
@@ -202,7 +208,7 @@ def test_sweep_resumes_at_the_first_unfinished_point(tmp_path, monkeypatch, fash
     out = tmp_path / "sweep"
     calls = {"prune": [], "train": 0, "finetune": 0}
     real_prune, real_ft, real_train = stages.prune_stage, stages.finetune_stage, stages.train_stage
-    import convsim_shrink.runner as runner
+    from convsim_shrink import runner
 
     def prune(dense, data, cfg, **kw):
         calls["prune"].append(cfg.target_params)
@@ -298,7 +304,7 @@ class _FakeStages:
 
     def __init__(self, monkeypatch, val_curve, test_curve, unreachable_below=0.0):
         self.pruned, self.finetuned = [], []
-        import convsim_shrink.train as train
+        from convsim_shrink import train
 
         def prune_stage(dense, data, cfg, **kw):
             t = cfg.target_params
