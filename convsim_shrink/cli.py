@@ -31,7 +31,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-SUBCOMMANDS = {"shrink", "run", "list", "evaluate", "export", "inspect"}
+SUBCOMMANDS = {"shrink", "run", "sweep", "list", "evaluate", "export", "inspect"}
 
 
 def _version(value: bool) -> None:
@@ -73,11 +73,13 @@ def _run_pipeline(
     sets: list[str] | None,
     quiet: bool,
     nproc: int | None = None,
+    max_drop: str | None = None,
 ) -> None:
-    from .recipe import default_recipe_for, parse_set, read_recipe_file, resolve
     from .pipeline.report import print_summary
     from .pipeline.runner import Runner, default_run_dir
+    from .recipe import parse_set, read_recipe_file, resolve
 
+    drop = _max_drop(max_drop, target_params, target_macs, target_latency)
     if nproc is not None:
         for name, value in (("--target-params", target_params), ("--target-macs", target_macs), ("--target-latency", target_latency)):
             _fraction(name, value)
@@ -99,14 +101,7 @@ def _run_pipeline(
     _fraction("--target-params", target_params)
     _fraction("--target-macs", target_macs)
     _fraction("--target-latency", target_latency)
-    if recipe is None and model is not None:
-        from .sources.from_checkpoint import checkpoint_recipe
-
-        # a checkpoint is shrunk again with the recipe it was made with (its data set included), a zoo
-        # model with its shipped recipe; --recipe, options and --set override either
-        recipe = checkpoint_recipe(model) or default_recipe_for(model)
-        if isinstance(recipe, dict) and data is not None and data != (recipe.get("data") or {}).get("name"):
-            recipe.pop("data", None)  # another data set: none of the recorded data settings apply
+    recipe = _model_recipe(model, recipe, data)
     overrides = {
         "model.name": model,
         "model.weights": weights,
@@ -122,6 +117,7 @@ def _run_pipeline(
         "run.seed": seed,
         "run.out": str(out) if out else None,
         "run.quiet": quiet or None,
+        "prune.max_accuracy_drop": drop,
     }
     resolved = resolve(recipe, overrides=overrides, sets=sets)
     run_dir = Path(resolved.run.out) if resolved.run.out else default_run_dir(resolved.model.name)
@@ -134,11 +130,40 @@ def _run_pipeline(
     _finish(result.run_dir, print_summary)
 
 
-def _launch(nproc: int, model: str | None, *, recipe: str | None, resume: Path | None, out: Path | None, sets: list[str] | None) -> None:
+def _model_recipe(model: str | None, recipe: str | dict | None, data: str | None) -> str | dict | None:
+    """The recipe a model runs with when --recipe is not given: a checkpoint's own (the one it was made
+    with, its data set included, unless --data names another), a zoo model's shipped recipe."""
+    from .recipe import default_recipe_for
+
+    if recipe is None and model is not None:
+        from .sources.from_checkpoint import checkpoint_recipe
+
+        # --recipe, options and --set override either
+        recipe = checkpoint_recipe(model) or default_recipe_for(model)
+        if isinstance(recipe, dict) and data is not None and data != (recipe.get("data") or {}).get("name"):
+            recipe.pop("data", None)  # another data set: none of the recorded data settings apply
+    return recipe
+
+
+def _max_drop(max_drop: str | None, *targets: float | None) -> float | None:
+    """``--max-drop``: parsed, and refused together with a size target on the same command line."""
+    if max_drop is None:
+        return None
+    from .pipeline.sweep import parse_max_drop
+
+    value = parse_max_drop(max_drop)
+    if any(t is not None for t in targets):
+        raise ConfigError("--max-drop searches for the size itself; leave out --target-params/--target-macs/--target-latency "
+                          "(--set prune.search_kind=macs|latency sizes the search by MACs or latency)")
+    return value
+
+
+def _launch(nproc: int, model: str | None, *, recipe: str | None, resume: Path | None, out: Path | None, sets: list[str] | None,
+            prefix: str = "") -> None:
     """``--nproc N``: this command line again in N processes under torchrun (the recipe checked here
     first, so a mistake is one line before anything starts)."""
-    from .recipe import default_recipe_for, resolve
     from .pipeline.runner import default_run_dir
+    from .recipe import default_recipe_for, resolve
     from .train import resolve_device
     from .train.distributed import check_setup, launch, launched, strip_option
 
@@ -149,7 +174,8 @@ def _launch(nproc: int, model: str | None, *, recipe: str | None, resume: Path |
         resolved = resolve(recipe or (default_recipe_for(model) if model else None), overrides={"model.name": model}, sets=sets)
         check_setup(resolved, resolve_device(resolved.run.device), nproc)
         if out is None and not resolved.run.out:  # one name for every process
-            args += ["--out", str(default_run_dir(resolved.model.name))]
+            default = default_run_dir(resolved.model.name)
+            args += ["--out", str(default.parent / (prefix + default.name))]
     code = launch(nproc, args)
     if code:
         raise typer.Exit(code)
@@ -184,6 +210,10 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run directory (de
 ResumeOpt = Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any recipe field: --set train.lr=0.05 (repeatable).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+MaxDropOpt = Annotated[Optional[str], typer.Option(
+    "--max-drop", help="Instead of a size target: the smallest model whose validation top-1 after fine-tuning is within D points of "
+    "the dense model's (bisection on the size; prune.search_kind sizes it by params, macs or latency).",
+)]
 NprocOpt = Annotated[Optional[int], typer.Option(
     "--nproc", min=1, help="Run in N processes on this machine (torchrun --standalone --nproc-per-node N; one GPU each on CUDA); train.batch_size is the global batch.",
 )]
@@ -209,6 +239,7 @@ def shrink(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     nproc: NprocOpt = None,
+    max_drop: MaxDropOpt = None,
 ) -> None:
     """Run the whole pipeline: build, CS pre-minimisation, train, rank, prune, fine-tune, export.
 
@@ -219,8 +250,71 @@ def shrink(
     _run_pipeline(
         model, recipe=recipe, target_params=target_params, target_macs=target_macs, target_latency=target_latency, weights=weights,
         data=data, data_dir=data_dir, epochs=epochs, finetune_epochs=finetune_epochs, criterion=criterion, device=device, seed=seed, out=out,
-        resume=resume, sets=set_, quiet=quiet, nproc=nproc,
+        resume=resume, sets=set_, quiet=quiet, nproc=nproc, max_drop=max_drop,
     )
+
+
+@app.command()
+def sweep(
+    model: Annotated[Optional[str], typer.Argument(help="Any MODEL the main command takes (a zoo name, torchvision:NAME, a checkpoint, ...).")] = None,
+    targets: Annotated[Optional[str], typer.Option("--targets", help="Size targets, fractions in (0, 1) separated by commas, e.g. 0.75,0.5,0.25,0.1.")] = None,
+    target_kind: Annotated[str, typer.Option("--target-kind", help="What the targets are fractions of: params, macs or latency.")] = "params",
+    export_: Annotated[bool, typer.Option("--export", help="Also export each point's model in the recipe's export formats.")] = False,
+    weights: WeightsOpt = None,
+    recipe: RecipeOpt = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
+    epochs: EpochsOpt = None,
+    finetune_epochs: FtEpochsOpt = None,
+    criterion: CriterionOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+    nproc: NprocOpt = None,
+) -> None:
+    """The accuracy-size-latency curve: the dense model once, then each target pruned from it, fine-tuned, evaluated and timed.
+
+    Writes sweep.md, sweep.json, sweep.csv and sweep.png (top-1 against params, MACs and latency) into one run
+    directory, and each point's model; `convsim-shrink sweep --resume RUN` continues at the first unfinished point."""
+    from .pipeline.runner import default_run_dir
+    from .pipeline.sweep import parse_kind, parse_targets, run_sweep
+    from .recipe import parse_set, read_recipe_file, resolve
+
+    if resume is None:
+        if model is None and recipe is None:
+            raise ConfigError("name a model (e.g. `convsim-shrink sweep resnet18 --targets 0.75,0.5,0.25,0.1`), a --recipe, or a sweep to --resume")
+        if targets is None:
+            raise ConfigError("give the sizes to sweep, e.g. --targets 0.75,0.5,0.25,0.1")
+        points = parse_targets(targets)
+        parse_kind(target_kind)
+    if nproc is not None:
+        _launch(nproc, model, recipe=recipe, resume=resume, out=out, sets=set_, prefix="sweep-")
+        return
+    if resume is not None:
+        recipe_file = resume / "recipe.yaml"
+        if not recipe_file.is_file():
+            raise ConfigError(f"{resume} is not a run directory (no recipe.yaml); give the folder a sweep printed at its start")
+        resolved = resolve(read_recipe_file(recipe_file), overrides={"run.quiet": quiet or None})
+        run_dir, kw = resume, {"resume": True, "export": export_}
+    else:
+        overrides = {
+            "model.name": model, "model.weights": weights, "data.name": data, "data.dir": str(data_dir) if data_dir else None,
+            "train.epochs": epochs, "finetune.epochs": finetune_epochs, "prune.criterion": criterion, "run.device": device,
+            "run.seed": seed, "run.out": str(out) if out else None, "run.quiet": quiet or None,
+        }
+        resolved = resolve(_model_recipe(model, recipe, data), overrides=overrides, sets=set_)
+        default = default_run_dir(resolved.model.name)
+        run_dir = Path(resolved.run.out) if resolved.run.out else default.parent / ("sweep-" + default.name)
+        asked = epochs if epochs is not None else next((v for k, v in map(parse_set, set_ or []) if k == ["train", "epochs"]), None)
+        kw = {"targets": points, "kind": target_kind, "export": export_, "epochs_asked": asked}
+    try:
+        run_sweep(resolved, run_dir, **kw)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: finished points are kept; continue with `convsim-shrink sweep --resume {run_dir}`")
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -236,12 +330,13 @@ def run(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     nproc: NprocOpt = None,
+    max_drop: MaxDropOpt = None,
 ) -> None:
     """Run a recipe file as it is (options and --set still override it)."""
     _run_pipeline(
         None, recipe=recipe, target_params=target_params, target_macs=target_macs, target_latency=target_latency, data=None, data_dir=data_dir,
         epochs=None, finetune_epochs=None, criterion=None, device=device, seed=seed, out=out, resume=None,
-        sets=set_, quiet=quiet, nproc=nproc,
+        sets=set_, quiet=quiet, nproc=nproc, max_drop=max_drop,
     )
 
 

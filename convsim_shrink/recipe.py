@@ -165,6 +165,17 @@ class PruneConfig(_Section):
     step_accuracy: bool = Field(
         True, description="measure top-1 after each step of pruning (dropped, compensated, BN re-estimated) for the report",
     )
+    max_accuracy_drop: float | None = Field(
+        None, ge=0,
+        description="instead of a fixed target: the smallest model (by search_kind) whose validation top-1 after "
+                    "fine-tuning is within this many points of the dense model's, found by bisection on the size "
+                    "(--max-drop; data.val_split, or images held out of training when it is 0)",
+    )
+    search_kind: Literal["params", "macs", "latency"] = Field("params", description="what max_accuracy_drop's search sizes by")
+    search_epochs: int = Field(
+        1, ge=0, description="fine-tuning epochs of each candidate max_accuracy_drop's search tries (the winner gets finetune.epochs)",
+    )
+    search_resolution: float = Field(0.05, gt=0, lt=0.5, description="max_accuracy_drop's search stops when the size is known to this (ratio)")
 
     @model_validator(mode="before")
     @classmethod

@@ -71,7 +71,9 @@ def build_report(recipe, state: RunState, data) -> dict[str, Any]:
         "target_latency": recipe.prune.target_latency,
         "ignored_layers": plan.get("ignored", []),
         "data_notes": list(getattr(data, "notes", None) or []),
-        "notes": [n for n in (m.dtype_note, m.prune_note) if n],
+        "notes": [n for n in (m.dtype_note, m.prune_note, m.validation_note) if n],
+        # prune.max_accuracy_drop: every size tried, the choice (on validation) and the fine-tunings it took
+        "size_search": m.search,
         # processes of the (latest) start and the batch they shared: train.batch_size is the global batch
         "world_size": state.processes.get("world_size", 1),
         "global_batch": state.processes.get("global_batch", recipe.train.batch_size),
@@ -125,6 +127,33 @@ def _steps_lines(report: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _search_lines(report: dict) -> list[str]:
+    """report.md's section on the size search (``prune.max_accuracy_drop``): every candidate and the choice."""
+    s = report.get("size_search")
+    if not s:
+        return []
+    split = "images held out of training by the run" if s["split"] == "held out" else "the recipe's data.val_split"
+    lines = [(
+        f"Size search: the smallest {s['kind']} target whose validation top-1 after {s['search_epochs']} fine-tuning epoch(s) is "
+        f"within {s['max_drop']:g} points of the dense model's ({s['dense_val_top1']:.2f} % on {s['val_images']} images, {split}); "
+        f"chose **{_fmt(s['target'], 'g')}** after {len(s['candidates'])} candidates and {s['fine_tunings']} fine-tunings "
+        f"(the winner's included).  "
+    )]
+    if s.get("winner_val_top1") is not None:
+        drop = s["dense_val_top1"] - s["winner_val_top1"]
+        lines.append(f"After its full fine-tuning: validation {s['winner_val_top1']:.2f} % (dense minus this: {drop:.2f} points, "
+                     f"{'within' if drop <= s['max_drop'] else 'NOT within'} {s['max_drop']:g}), test {_fmt(s.get('winner_test_top1'), '.2f')} %.  ")
+    if s.get("note"):
+        lines.append(f"Note: {s['note']}  ")
+    lines += ["", f"| {s['kind']} target | params ratio | MACs ratio | latency ratio | top-1 before ft | val top-1 | test top-1 | passed | s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for c in sorted(s["candidates"], key=lambda c: c["target"]):
+        lines.append(f"| {c['target']:g} | {_fmt(c['params_ratio'], '.3f')} | {_fmt(c['macs_ratio'], '.3f')} | {_fmt(c['latency_ratio'], '.3f')} | "
+                     f"{_fmt(c['top1_before_finetune'], '.2f')} | {_fmt(c['val_top1'], '.2f')} | {_fmt(c['test_top1'], '.2f')} | "
+                     f"{'yes' if c['passed'] else 'no' + (' (unreachable)' if c.get('note') else '')} | {c['seconds']:.0f} |")
+    return [*lines, ""]
+
+
 def _fmt(v, spec=",", none="–"):
     return none if v is None else format(v, spec)
 
@@ -149,6 +178,7 @@ def write_report(report: dict, state: RunState, run_dir: Path) -> None:
         *[f"Note: {n}  " for n in (*report.get("data_notes", []), *report.get("notes", []))],
         "",
         *_steps_lines(report),
+        *_search_lines(report),
         "| | params | MACs | accuracy % |",
         "|---|---|---|---|",
         f"| dense | {_fmt(d['params'])} | {_fmt(d['macs'])} | {_fmt(d['accuracy'], '.2f')} |",
@@ -260,6 +290,11 @@ def print_summary(report: dict) -> None:
             groups.append(([k.replace("_", " ")], v))
     cs = ", ".join(f"{' = '.join(names)} {_fmt(v, '.4g')}" for names, v in groups)
     console.print((f"CS (normalized): {cs}  |  " if cs else "") + f"{report['total_seconds']} s in all", soft_wrap=True)
+    s = report.get("size_search")
+    if s:
+        console.print(f"size search: {s['kind']} {_fmt(s['target'], 'g')} chosen on validation from {len(s['candidates'])} candidates, "
+                      f"{s['fine_tunings']} fine-tunings; validation {_fmt(s.get('winner_val_top1'), '.2f')} vs dense "
+                      f"{s['dense_val_top1']:.2f} (max drop {s['max_drop']:g}); test {_fmt(s.get('winner_test_top1'), '.2f')}", soft_wrap=True)
     for line in _speed_lines(report, short=True):
         console.print(line, soft_wrap=True)
     for name, path in report.get("exports", {}).items():

@@ -66,6 +66,7 @@ from .stages import (
     is_registered,
     latency_batch_size,
     premin_stage,
+    PruneReuse,
     prepare_data,
     prune_stage,
     train_stage,
@@ -83,7 +84,7 @@ class _Step:
     main_only: bool = False  # under torchrun only rank 0 runs it (it only writes files)
 
 
-_STEPS = (
+STEPS = (
     _Step("build"),  # leaves no file: redone (with pre-minimisation, both cheap and seeded) on resume
     _Step("premin", "premin.safetensors", ("model",)),
     _Step("train", "dense.safetensors", ("model", "dense")),
@@ -93,14 +94,14 @@ _STEPS = (
 )
 
 #: the stages in the order they run
-STAGES = tuple(step.name for step in _STEPS)
+STAGES = tuple(step.name for step in STEPS)
 
 
 def resumable(completed: list[str]) -> list[str]:
     """The finished stages a resumed run may skip: the finished prefix of :data:`STAGES`, less trailing
     stages whose model lived only in memory."""
     keep: list[_Step] = []
-    for step in _STEPS:
+    for step in STEPS:
         if step.name not in completed:
             break
         keep.append(step)
@@ -167,6 +168,7 @@ class Runner:
         self.source = None  # sources.Source of a model the recipe names outside the zoo's random weights
         self.dtype: torch.dtype | None = None  # the given model's half dtype, restored on the returned model
         self.channels_last = False  # the given model's 2-d kernels were channels_last: so are the returned model's
+        self.prune_reuse = PruneReuse()  # the dense model's calibration and latency, measured once per run
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -226,10 +228,18 @@ class Runner:
         spec = parse_spec(r.model.name) if self.given_model is None else None
         zoo = spec is not None and spec.kind == "zoo" and r.model.weights is None
         get_criterion(r.prune.criterion).create(**r.prune.criterion_options)  # unknown criterion or option fails here
+        if r.prune.max_accuracy_drop is not None and self.data is None and not self.resume:
+            from .sizesearch import with_validation
+
+            # the size search chooses on validation: held out of training when the recipe has no split
+            self.recipe, self.state.metrics.validation_note = with_validation(r)
+            r = self.recipe
         if self.data is None:
             self.data = prepare_data(r)
         if hasattr(self.data.train, "__len__") and len(self.data.train) == 0:
             raise ConfigError("the training data gives no batch (empty, or smaller than one batch with drop_last); add images or lower the batch size")
+        if r.prune.max_accuracy_drop is not None and self.data.val is None:
+            raise ConfigError("prune.max_accuracy_drop chooses on a validation split and the data has none; set data.val_split or pass validation data")
         for note in self.data.notes:  # what was skipped while reading the data: also under --quiet
             console.print(f"note: {escape(note)}", soft_wrap=True)
         if self.example_inputs is None:
@@ -252,6 +262,8 @@ class Runner:
             if self.given_model is not None:
                 raise ConfigError("resuming is supported for registry models only; start the Python API run again")
             self.state.completed = resumable(self.state.completed)
+            if "prune" in self.state.completed and (self.state.metrics.search or {}).get("target") is not None:
+                self._take_winner()  # the size search chose the target before the run stopped
 
     def _dense_rule(self) -> None:
         """A pretrained model skips pre-minimisation and dense training unless epochs were asked for
@@ -318,11 +330,40 @@ class Runner:
         self.state.layers.cs_after_train = out.cs_layers
         return None
 
+    def _search_size(self) -> None:
+        """prune.max_accuracy_drop: find the size target first (:mod:`.sizesearch`), then prune to it."""
+        from .sizesearch import SearchRecord, search_size
+
+        m = self.state.metrics
+        done = SearchRecord.from_dict(m.search) if m.search else None  # candidates of a run that stopped mid-search
+
+        def keep(record: SearchRecord) -> None:
+            m.search = record.to_dict()
+            self._save_state()
+
+        record = search_size(
+            self.dense, self.data, self.recipe, example_inputs=self.example_inputs, device=self.device, reuse=self.prune_reuse,
+            quiet=self.quiet, record=done, on_candidate=keep, log=self.log, held_out=m.validation_note is not None,
+        )
+        if record.note:
+            console.print(f"note: {escape(record.note)}", soft_wrap=True)
+        keep(record)
+        self._take_winner()
+        self.log(f"size search: {record.kind} {record.target:g} after {len(record.candidates)} candidates")
+
+    def _take_winner(self) -> None:
+        from .sizesearch import SearchRecord, winner_config
+
+        record = SearchRecord.from_dict(self.state.metrics.search)
+        self.recipe = self.recipe.model_copy(update={"prune": winner_config(self.recipe.prune, record)})
+
     def _prune(self) -> float | None:
+        if self.recipe.prune.max_accuracy_drop is not None:
+            self._search_size()
         pr = self.recipe.prune
         out = prune_stage(
             self.dense, self.data, pr, example_inputs=self.example_inputs, finetune=self.recipe.finetune,
-            device=self.device, quiet=self.quiet,
+            device=self.device, quiet=self.quiet, reuse=self.prune_reuse,
         )
         result = out.result
         if result.note:  # one clean line, also under --quiet, instead of Python's warning format
@@ -361,6 +402,11 @@ class Runner:
         self.state.history_finetune = out.history
         self.state.metrics.shrunk_accuracy, self.state.metrics.cs_shrunk = out.accuracy, out.cs
         self.state.layers.channels_shrunk, self.state.layers.cs_shrunk = out.channels, out.cs_layers
+        if self.state.metrics.search and self.data.val is not None:  # the size search's winner after its full budget
+            from .sizesearch import winner_finished
+
+            self.state.metrics.search = winner_finished(self.state.metrics.search, out.model, self.data.val, self.recipe.finetune,
+                                                        out.accuracy, self.device)
         return None
 
     def _export(self) -> float | None:
@@ -404,9 +450,24 @@ class Runner:
         if p["world_size"] > 1:  # one process: the batch is simply train.batch_size, nothing to say
             self.log(f"processes: {p['world_size']} ({p['backend']}); global batch {p['global_batch']} = "
                      f"{p['world_size']} x {p['per_process_batch']} per process (train.batch_size is the global batch)")
+        self._run_steps(STEPS)
+        report = build_report(self.recipe, self.state, self.data) if is_main_process() else None
+        if self.run_dir is not None and is_main_process():
+            write_report(report, self.state, self.run_dir)
+        if self.dtype is not None:  # the Python API gets the model back in the dtype it came in
+            for model in {id(m): m for m in (self.model, self.dense) if m is not None}.values():
+                restore_dtype(model, self.dtype)
+        if self.channels_last:  # and in the memory format it came in (training leaves it contiguous)
+            for model in {id(m): m for m in (self.model, self.dense) if m is not None}.values():
+                set_memory_format(model, True)
+        report = distributed.broadcast_json(report)  # the others wait here for rank 0's files
+        return ShrinkResult(self.model, self.dense, report, self.run_dir)
+
+    def _run_steps(self, steps: tuple[_Step, ...]) -> None:
+        """The steps not yet finished, in order; the models of skipped ones are loaded from their files."""
         calls: dict[str, Callable[[], float | None]] = {name: getattr(self, f"_{name}") for name in STAGES}
         skipped: dict[str, str] = {}  # slot -> model file of the last finished stage that filled it
-        for step in _STEPS:
+        for step in steps:
             if step.name in self.state.completed:
                 skipped.update({slot: step.artefact for slot in step.restores})
                 continue
@@ -423,17 +484,6 @@ class Runner:
                 self._save_model(self.model, step.artefact)
             self._save_state()
         self._restore(skipped)
-        report = build_report(r, self.state, self.data) if is_main_process() else None
-        if self.run_dir is not None and is_main_process():
-            write_report(report, self.state, self.run_dir)
-        if self.dtype is not None:  # the Python API gets the model back in the dtype it came in
-            for model in {id(m): m for m in (self.model, self.dense) if m is not None}.values():
-                restore_dtype(model, self.dtype)
-        if self.channels_last:  # and in the memory format it came in (training leaves it contiguous)
-            for model in {id(m): m for m in (self.model, self.dense) if m is not None}.values():
-                set_memory_format(model, True)
-        report = distributed.broadcast_json(report)  # the others wait here for rank 0's files
-        return ShrinkResult(self.model, self.dense, report, self.run_dir)
 
 
 def shrink(

@@ -90,7 +90,7 @@ def conv_similarity_summary(model: nn.Module) -> tuple[float, dict[str, float]]:
     return total, layers
 
 
-def _eval_precision(device: torch.device, cfg) -> Precision:
+def eval_precision(device: torch.device, cfg) -> Precision:
     return resolve_precision(device, "fp32", cfg.channels_last)
 
 
@@ -188,7 +188,7 @@ def train_stage(
         model, data.train, cfg, eval_loader=data.val, device=device, checkpoint=checkpoint, resume=resume,
         stage="train", quiet=quiet, after_backward=after_backward,
     )
-    accuracy = evaluate(model, data.test, _eval_precision(device, cfg))["acc"]
+    accuracy = evaluate(model, data.test, eval_precision(device, cfg))["acc"]
     cs, cs_layers = conv_similarity_summary(model)
     return TrainOutcome(model, result.history, accuracy, cs, cs_layers)
 
@@ -209,6 +209,42 @@ class PruneOutcome:
     steps_split: str = "test"
 
 
+@dataclass
+class PruneReuse:
+    """What :func:`prune_stage` measures on the dense model before it searches for a size, kept for the
+    next call on the same dense model with the same settings but another target (a sweep, a size search):
+    the calibrated copy (Taylor gradients, BN statistics of the calibration batches), the layers' input
+    statistics (compensation, the residual criterion), the plan of layers left alone, and the dense
+    model's latency in seconds per batch at the latency batch (median of 3, on rank 0's numbers).
+
+    Reuse gives the same pruned model as a fresh call: calibration reads the training data in one fixed
+    order and the search prunes copies of the calibrated model, leaving it as it was.  It applies to
+    one-step pruning only (``prune.iterative_steps`` 1); a call with other settings or another dense model
+    measures again and replaces what is kept."""
+
+    key: tuple | None = None
+    source: nn.Module | None = None
+    statistics: InputStatistics | None = None
+    plan: IgnorePlan | None = None
+    base_latency: float | None = None
+    #: how often the dense model was calibrated / its latency measured (for tests and reports)
+    calibrations: int = 0
+    latency_measurements: int = 0
+
+
+def _median_seconds(values: list) -> float:
+    """Median in seconds of latency measurements (floats or :class:`~convsim_shrink.deploy.Latency`)."""
+    import statistics
+
+    return statistics.median(float(getattr(v, "seconds", v)) for v in values)
+
+
+def _reuse_key(dense: nn.Module, cfg: PruneConfig) -> tuple:
+    settings = cfg.model_dump(mode="json", exclude={"target_params", "target_macs", "target_latency", "latency_tolerance",
+                                                    "tolerance", "max_accuracy_drop", "search_kind", "search_epochs", "search_resolution"})
+    return id(dense), repr(sorted(settings.items()))
+
+
 def criterion_hint(criterion: Criterion, global_pruning: bool) -> str | None:
     """One line when global pruning ranks a criterion whose scores are not comparable across layers."""
     if global_pruning and not criterion.global_ranking:
@@ -226,6 +262,7 @@ def prune_stage(
     finetune: FinetuneConfig | None = None,
     device: torch.device | None = None,
     quiet: bool = True,
+    reuse: PruneReuse | None = None,
 ) -> PruneOutcome:
     """A pruned copy of ``dense`` at ``cfg``'s measured target (``dense`` is left as it was).
 
@@ -245,6 +282,10 @@ def prune_stage(
     also after each step: ``outcome.steps``).  Calibration, statistics and re-estimation
     read the training data in one fixed order (epoch 0's), whatever epoch the loader was left at.  Raises
     :class:`~convsim_shrink.errors.TargetUnreachableError` when the target cannot be met.
+
+    ``reuse`` (:class:`PruneReuse`, one-step pruning): the dense model's calibration, input statistics,
+    plan and latency are taken from it when it holds them for ``dense`` and these settings, else measured
+    and kept in it, so calls for several targets measure them once.
     """
     ft = finetune or FinetuneConfig()
     device = device or _device_of(dense)
@@ -288,14 +329,35 @@ def prune_stage(
 
         # under torchrun rank 0 measures and every rank decides on its numbers
         latency_fn = from_rank0(latency_meter(tuple(example_inputs.shape[1:]), latency_batch_size(cfg, ft, data), device=device))
-    # calibration writes gradients and BN statistics: only then work on a copy of the dense model
-    source = copy.deepcopy(dense) if criterion.needs_gradients else dense
-    plan = plan_ignored_layers(source, example_inputs.to(device))
-    if plan.refused:
-        raise PruningError(plan.summary())
+    scoring = before_scoring if (criterion.needs_gradients or needs_statistics) else None
+    base_latency = None
+    key = _reuse_key(dense, cfg) if reuse is not None and cfg.iterative_steps == 1 else None
+    if key is not None and reuse.key == key:  # measured on this dense model with these settings before
+        source, plan = reuse.source, reuse.plan
+        if reuse.statistics is not None:
+            statistics["now"] = reuse.statistics
+        scoring = None
+    else:
+        # calibration writes gradients and BN statistics: only then work on a copy of the dense model
+        source = copy.deepcopy(dense) if criterion.needs_gradients else dense
+        plan = plan_ignored_layers(source, example_inputs.to(device))
+        if plan.refused:
+            raise PruningError(plan.summary())
+        if key is not None:  # one step: score once here (as iterative_prune would), and keep it all
+            if scoring is not None:
+                scoring(source)
+                reuse.calibrations += 1
+            scoring = None
+            reuse.key, reuse.source, reuse.plan, reuse.base_latency = key, source, plan, None
+            reuse.statistics = statistics.get("now")
+    if key is not None and latency_fn is not None:  # the dense model's latency: measured once, the base of every target
+        if reuse.base_latency is None:
+            reuse.base_latency = _median_seconds([latency_fn(dense) for _ in range(3)])
+            reuse.latency_measurements += 3
+        base_latency = reuse.base_latency
     result = iterative_prune(
         source, example_inputs, make_importance, steps=cfg.iterative_steps,
-        between=between, before_scoring=before_scoring if (criterion.needs_gradients or needs_statistics) else None,
+        between=between, before_scoring=scoring, base_latency=base_latency,
         make_compensator=make_compensator if cfg.compensate else None,
         target_params=cfg.target_params, target_macs=cfg.target_macs, target_latency=cfg.target_latency,
         latency_fn=latency_fn, latency_tolerance=cfg.latency_tolerance, round_to=cfg.round_to,
@@ -307,19 +369,19 @@ def prune_stage(
     steps: dict[str, float] = {}
     step_data = data.val if data.val is not None else data.test
     if cfg.step_accuracy:
-        steps["dense"] = evaluate(dense, step_data, _eval_precision(device, ft))["acc"]
+        steps["dense"] = evaluate(dense, step_data, eval_precision(device, ft))["acc"]
         plain = result.uncompensated if result.uncompensated is not None else model
-        steps["dropped"] = evaluate(plain.to(device), step_data, _eval_precision(device, ft))["acc"]
+        steps["dropped"] = evaluate(plain.to(device), step_data, eval_precision(device, ft))["acc"]
         if result.uncompensated is not None:
-            steps["compensated"] = evaluate(model, step_data, _eval_precision(device, ft))["acc"]
+            steps["compensated"] = evaluate(model, step_data, eval_precision(device, ft))["acc"]
     result.uncompensated = None  # not kept past the stage: a second model's memory
     bn_batches = 0
     if cfg.bn_recalibration:
         with _fixed_order(data.train) as train:
             bn_batches = recalibrate_bn(model, train, cfg.bn_recalibration, resolve_precision(device, ft.precision, ft.channels_last))
-    accuracy = evaluate(model, data.test, _eval_precision(device, ft))["acc"]
+    accuracy = evaluate(model, data.test, eval_precision(device, ft))["acc"]
     if cfg.step_accuracy:
-        steps["bn"] = accuracy if step_data is data.test else evaluate(model, step_data, _eval_precision(device, ft))["acc"]
+        steps["bn"] = accuracy if step_data is data.test else evaluate(model, step_data, eval_precision(device, ft))["acc"]
     return PruneOutcome(model, result, accuracy, bn_batches, criterion_hint(criterion, cfg.global_pruning), result.plan,
                         steps, result.compensation, "val" if step_data is data.val else "test")
 
@@ -398,7 +460,7 @@ def finetune_stage(
         model, _finetune_loader(data, cfg), cfg, eval_loader=data.val, device=device, extra=extra, task_weight=task_weight,
         checkpoint=checkpoint, resume=resume, stage="finetune", quiet=quiet,
     )
-    accuracy = evaluate(model, data.test, _eval_precision(device, cfg))["acc"]
+    accuracy = evaluate(model, data.test, eval_precision(device, cfg))["acc"]
     cs, cs_layers = conv_similarity_summary(model)
     return FinetuneOutcome(model, result.history, accuracy, channel_counts(model), cs, cs_layers)
 

@@ -56,6 +56,9 @@ class Metrics:
     pt2_max_abs_diff: float | None = None
     int8: dict[str, Any] | None = None  # onnx-int8: top-1 of the fp32 and int8 ONNX models under onnxruntime
     speed: list[dict[str, Any]] | None = None  # dense vs shrunk latency rows (deploy.speed_rows)
+    #: prune.max_accuracy_drop: the size search's candidates and choice (sizesearch.SearchRecord.to_dict())
+    search: dict[str, Any] | None = None
+    validation_note: str | None = None  # images the run held out of training for the size search's validation
 
     def to_dict(self) -> dict[str, Any]:
         """The measured values only (the form stored in state.json and in exported models' headers)."""

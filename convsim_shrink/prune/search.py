@@ -615,6 +615,7 @@ def iterative_prune(
     latency_fn: Callable[[nn.Module], Any] | None = None,
     plan=None,
     make_compensator: Callable[[nn.Module], Any] | None = None,
+    base_latency: float | None = None,
     **kwargs,
 ) -> PruneResult:
     """Prune in ``steps`` stages to intermediate targets (linear in the kept fraction, for every given
@@ -623,7 +624,8 @@ def iterative_prune(
     ``make_compensator(model)`` (after ``before_scoring``) gives each stage's
     :class:`~convsim_shrink.prune.compensation.Compensator`, fitted on that stage's model.
     With a latency target and several steps, the dense model's latency (median of 3 measurements) is the
-    base of every stage. Other keyword arguments go to :func:`prune_to_target`.
+    base of every stage (``base_latency``, seconds per batch, when the caller measured it already, also with
+    one step). Other keyword arguments go to :func:`prune_to_target`.
 
     ``plan``: an :class:`~convsim_shrink.prune.safety.IgnorePlan` of the layers to leave alone; every
     stage then runs through :func:`~convsim_shrink.prune.safety.prune_safely` (the plan rebound to that
@@ -635,8 +637,7 @@ def iterative_prune(
     kwargs.setdefault("base_channels", channel_counts(model))  # max_layer_ratio holds over all the steps together
     if target_latency is not None and latency_fn is None:
         latency_fn = latency_meter(x)
-    base_latency = None
-    if target_latency is not None and steps > 1:
+    if target_latency is not None and steps > 1 and base_latency is None:
         timer = LatencyTimer(latency_fn)
         base_latency = statistics.median(timer(model) for _ in range(3))
     result = None
