@@ -255,6 +255,8 @@ def test_val_labels_come_from_train_classes(tmp_path):
     scan = scan_image_folder(root)
     labels = {Path(p).parent.name: y for p, y in scan.val}
     assert labels == {"a": 0, "c": 2}  # 'c' keeps train's index although val/ has no 'b'
+    assert scan.absent_from_val == ["b"]
+    assert any("have no images in val/" in n and ": b" in n for n in scan.notes())
     b = build_data(DataConfig(name="imagefolder", dir=str(root), workers=0), batch_size=4)
     ys = torch.cat([y for _, y in b.test])
     assert sorted(ys.tolist()) == [0, 2, 2]

@@ -465,6 +465,7 @@ class FolderScan:
     empty_classes: list[str] = field(default_factory=list)  # train/ class folders without readable images, skipped
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, why), skipped
     other_files: int = 0  # files that are not images, skipped
+    absent_from_val: list[str] = field(default_factory=list)  # classes of train/ with no image in val/ (top-1 does not see them)
 
     def notes(self) -> list[str]:
         """One line per kind of thing skipped (empty when nothing was)."""
@@ -478,6 +479,9 @@ class FolderScan:
                        + _few([f"{p} ({why})" for p, why in self.unreadable]))
         if self.other_files:
             out.append(f"imagefolder: skipped {self.other_files} file(s) that are not images ({', '.join(IMAGE_EXTENSIONS)})")
+        if self.absent_from_val:
+            out.append(f"imagefolder: {len(self.absent_from_val)} class(es) of train/ have no images in "
+                       f"{self.val_dir.name}/ and are not measured by top-1: {_few(self.absent_from_val)}")
         return out
 
     def to_dict(self) -> dict:
@@ -576,7 +580,8 @@ def scan_image_folder(root: str | Path, *, verify: bool = True, workers: int | N
     if not val:
         raise ConfigError(f"imagefolder: {val_dir} has no readable images in class folders named as in train/")
     train = [(str(p), index[c]) for c in classes for p in train_files[c]]
-    return FolderScan(root, val_dir, classes, train, val, stray + stray_v, empty, unreadable, other + other_v)
+    absent = [c for c in classes if not val_files.get(c)]
+    return FolderScan(root, val_dir, classes, train, val, stray + stray_v, empty, unreadable, other + other_v, absent)
 
 
 class _ImageList(torch.utils.data.Dataset):
