@@ -235,3 +235,29 @@ def test_load_pt2_of_a_missing_or_foreign_file(tmp_path):
     (tmp_path / "junk.pt2").write_bytes(b"not a program")
     with pytest.raises(CheckpointError, match="not a readable torch.export program"):
         pt2.load(tmp_path / "junk.pt2")
+
+
+def test_a_time_budget_cuts_the_repeats_of_a_slow_model_but_not_below_three():
+    """A model whose pass takes ~20 ms, a budget of 0.1 s for two models: about 2 passes fit, so 3 (the floor)
+    are timed, and no further warm-up runs; without a budget every repeat is timed."""
+    import time as _time
+
+    from convsim_shrink.measure.latency import compare_latency
+
+    class Slow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            _time.sleep(0.02)
+            return self.lin(x)
+
+    a, b = Slow(), Slow()
+    out = compare_latency({"a": a, "b": b}, torch.zeros(1, 4), 1, repeats=20, rounds=4, time_budget=0.1)
+    assert len(out["a"].times) == 3 and len(out["b"].times) == 3
+    assert a.calls == 1 + 3  # one untimed pass, three timed
+    fast = compare_latency({"a": torch.nn.Linear(4, 2)}, torch.zeros(1, 4), 1, repeats=20, rounds=4, time_budget=10.0)
+    assert len(fast["a"].times) == 20

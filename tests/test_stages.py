@@ -224,3 +224,22 @@ def test_finetune_stage_trains_at_finetune_batch_size(data, dense, monkeypatch):
     finetune_stage(pruned, None, data, FinetuneConfig(epochs=1, distill=0.0, precision="fp32"))  # None: train.batch_size
     assert seen == [32, 64] and data.train.batch_size == 64
     assert FinetuneConfig().batch_size is None
+
+
+def test_latency_batch_is_the_finetuning_batch_capped_at_the_training_set():
+    from types import SimpleNamespace
+
+    from convsim_shrink.pipeline.stages import latency_batch_size
+    from convsim_shrink.recipe import FinetuneConfig, PruneConfig
+
+    class Loader:
+        batch_size, world_size = 64, 2
+
+        def __init__(self, n):
+            self.num_samples = n
+
+    big, tiny = SimpleNamespace(train=Loader(10_000)), SimpleNamespace(train=Loader(24))
+    assert latency_batch_size(PruneConfig(), FinetuneConfig(), big) == 128  # the global batch
+    assert latency_batch_size(PruneConfig(), FinetuneConfig(), tiny) == 24  # never fuller than the data
+    assert latency_batch_size(PruneConfig(), FinetuneConfig(batch_size=32), big) == 32
+    assert latency_batch_size(PruneConfig(latency_batch=256), FinetuneConfig(), tiny) == 256  # asked for: kept

@@ -201,10 +201,21 @@ def compare_latency(
     warmup: int = 3,
     repeats: int = 20,
     rounds: int = 4,
+    time_budget: float | None = None,
 ) -> dict[str, Latency]:
     """Several models timed side by side: ``rounds`` rounds, each timing every model in turn for
     ``repeats / rounds`` runs, so that drift on a shared machine hits all of them alike. Each model's
-    :class:`Latency` pools its runs from every round (``repeats`` in all, rounded up)."""
+    :class:`Latency` pools its runs from every round (``repeats`` in all, rounded up).
+
+    ``time_budget`` (seconds, optional): first one untimed pass of each model (the warm-up) estimates a
+    pass's cost, then the repeats are cut so that the timed passes fit the budget (never below 3 per
+    model) and no further warm-up runs; a fast model keeps every repeat."""
+    if time_budget is not None:
+        slowest = max(measure_latency(m, inputs, batch_size, device=device, precision=precision, warmup=0, repeats=1).seconds
+                      for m in models.values())
+        fit = int(time_budget / (len(models) * max(slowest, 1e-9)))
+        repeats, warmup = max(3, min(repeats, fit)), 0
+        rounds = min(rounds, repeats)
     per_round = max(1, -(-repeats // rounds))
     times: dict[str, list[float]] = {name: [] for name in models}
     last: dict[str, Latency] = {}
@@ -222,7 +233,8 @@ def speed_rows(
     batch_sizes: Sequence[int] = (1, 128),
     **kwargs,
 ) -> list[dict]:
-    """Dense vs shrunk latency at each batch size (:func:`compare_latency`; keyword arguments go to it),
+    """Dense vs shrunk latency at each batch size (:func:`compare_latency`; keyword arguments go to it,
+    ``time_budget`` per batch size included),
     as JSON-ready rows for a report: ``batch``, ``dense_ms``, ``shrunk_ms``, ``speedup`` (dense / shrunk),
     ``spread`` (the wider of the two) and ``warning`` (a line, or None)."""
     rows = []

@@ -129,6 +129,10 @@ def default_run_dir(model_name: str) -> Path:
     return Path("runs") / f"{name}-{stamp}"
 
 
+#: seconds the report's dense-vs-shrunk timing may take per batch size (a slow model is timed fewer times)
+SPEED_BUDGET_S = 20.0
+
+
 class Runner:
     """One run of the pipeline for a resolved :class:`Recipe`.
 
@@ -414,7 +418,8 @@ class Runner:
             from ..measure.latency import speed_rows
 
             pr, ft = self.recipe.prune, self.recipe.finetune
-            rows = speed_rows(self.dense, self.model, tuple(self.example_inputs.shape[1:]), (1, latency_batch_size(pr, ft, self.data)), device=self.device)
+            rows = speed_rows(self.dense, self.model, tuple(self.example_inputs.shape[1:]), (1, latency_batch_size(pr, ft, self.data)),
+                              device=self.device, time_budget=SPEED_BUDGET_S)
             self.state.metrics.speed = rows
             for row in rows:
                 self.log(f"speed at batch {row['batch']}: dense {row['dense_ms']:.2f} ms, shrunk {row['shrunk_ms']:.2f} ms ({speedup_text(row['speedup'])})"

@@ -398,12 +398,19 @@ class FinetuneOutcome:
 
 def latency_batch_size(cfg: PruneConfig, ft: FinetuneConfig, data: DataBundle) -> int:
     """The batch a latency is measured at: ``prune.latency_batch``, else the fine-tuning batch (the global
-    ``finetune.batch_size``, else the training loader's global batch; 64 for a loader that has none)."""
-    if cfg.latency_batch or ft.batch_size:
-        return cfg.latency_batch or ft.batch_size
+    ``finetune.batch_size``, else the training loader's global batch; 64 for a loader that has none), capped
+    at the number of training images."""
+    if cfg.latency_batch:
+        return cfg.latency_batch
     loader = data.train
-    batch = getattr(loader, "batch_size", None)
-    return batch * getattr(loader, "world_size", 1) if batch else 64
+    samples = getattr(loader, "num_samples", None)
+    if ft.batch_size:
+        batch = ft.batch_size
+    else:
+        batch = getattr(loader, "batch_size", None)
+        batch = batch * getattr(loader, "world_size", 1) if batch else 64
+    # no larger than the training set: a batch the data never fills is not one the model runs at
+    return max(1, min(batch, samples)) if isinstance(samples, int) and samples > 0 else batch
 
 
 @contextlib.contextmanager
