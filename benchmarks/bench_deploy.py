@@ -134,8 +134,8 @@ def main() -> None:
 
 def search_cost(dense, shape, args) -> dict:
     """prune_to_target(target_latency=R) on the dense model with the library's timer: trials, timings, result."""
-    from convsim_shrink.prune.search import prune_to_target
     from convsim_shrink.prune.ranking import make_importance
+    from convsim_shrink.prune.search import prune_to_target
 
     meter = latency.latency_meter(shape, args.search_batch)
     t0 = time.perf_counter()

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from convsim_shrink.models import create_model
 from convsim_shrink.cs.premin import preminimize
+from convsim_shrink.models import create_model
 from convsim_shrink.recipe import PreminConfig, TrainConfig
 from convsim_shrink.train import Schedule, cs_regularizer, make_optimizer, resolve_precision, train_one_epoch
 

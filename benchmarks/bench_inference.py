@@ -18,8 +18,8 @@ import torch
 import convsim_shrink
 from convsim_shrink.models import create_model
 from convsim_shrink.prune.pruning import measure
-from convsim_shrink.prune.search import prune_to_target
 from convsim_shrink.prune.ranking import make_importance
+from convsim_shrink.prune.search import prune_to_target
 
 
 def median_latency(models, x, repeats):

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
+from convsim_shrink.cs.premin import filter_norms, preminimize, rescale_filters
+from convsim_shrink.cs.similarity import model_conv_similarity
 from convsim_shrink.data import build_data
 from convsim_shrink.io import atomic_write_bytes
-from convsim_shrink.train import evaluate, fit, resolve_device, seed_everything
 from convsim_shrink.models import create_model
-from convsim_shrink.cs.premin import filter_norms, preminimize, rescale_filters
 from convsim_shrink.recipe import DataConfig, TrainConfig
-from convsim_shrink.cs.similarity import model_conv_similarity
+from convsim_shrink.train import evaluate, fit, resolve_device, seed_everything
 
 VARIANTS = ("plain", "ours", "paper", "shrink")
 SETTINGS = {

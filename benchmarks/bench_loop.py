@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 
-from convsim_shrink.models.adapt import logits_of
 from convsim_shrink.models import create_model
-from convsim_shrink.prune.safety import plan_ignored_layers
+from convsim_shrink.models.adapt import logits_of
 from convsim_shrink.prune.pruning import group_sparsity_regularizer
+from convsim_shrink.prune.safety import plan_ignored_layers
 from convsim_shrink.prune.search import prune_to_target
 from convsim_shrink.recipe import FinetuneConfig, TrainConfig
 from convsim_shrink.train import (
@@ -199,9 +199,7 @@ def main_job_parts(args, prec):
 
     t = lockstep({k: (lambda b, k=k: engine_loop(models[k], b, opts[k], prec, after_backward=regs.get(k))) for k in models},
                  lambda n: Batches(n, 128, 28, 1), steps)
-    calls = {}
-    for k, reg in regs.items():  # the regulariser's own time per call, alternated
-        calls[k] = []
+    calls = {k: [] for k in regs}  # the regulariser's own time per call, alternated
     for _ in range(steps):
         for k, reg in regs.items():
             t0 = clock()

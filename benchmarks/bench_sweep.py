@@ -86,6 +86,10 @@ def main(argv=None) -> dict:
     return results
 
 
+def _cell(v, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
 def _print(results: dict) -> None:
     jobs = results["jobs"]
     print("\n| job | command | seconds |\n|---|---|---|")
@@ -100,9 +104,8 @@ def _print(results: dict) -> None:
               f"{d['latency_b1_ms']:.2f} / {d['latency_batch_ms']:.2f} ms at batch 1 / {s['latency_batch']}; dense stages {s['dense_seconds']:.0f} s)")
         print("\n| target | params | MACs | ms b1 | ms batch | top-1 before ft | top-1 | s |\n|---|---|---|---|---|---|---|---|")
         for pt in s["points"]:
-            f = (lambda v, spec: "–" if v is None else format(v, spec))
-            print(f"| {pt['target']:g} | {f(pt['params_ratio'], '.3f')} | {f(pt['macs_ratio'], '.3f')} | {f(pt['latency_b1_ms'], '.2f')} | "
-                  f"{f(pt['latency_batch_ms'], '.2f')} | {f(pt['top1_before_finetune'], '.2f')} | {f(pt['top1'], '.2f')} | {pt['seconds']:.0f} |")
+            print(f"| {pt['target']:g} | {_cell(pt['params_ratio'], '.3f')} | {_cell(pt['macs_ratio'], '.3f')} | {_cell(pt['latency_b1_ms'], '.2f')} | "
+                  f"{_cell(pt['latency_batch_ms'], '.2f')} | {_cell(pt['top1_before_finetune'], '.2f')} | {_cell(pt['top1'], '.2f')} | {pt['seconds']:.0f} |")
     if "main" in jobs:
         r = jobs["main"]["result"]
         print(f"\nmain job: params {r['params_ratio']:.3f}, top-1 {r['dense']['accuracy']:.2f} -> {r['shrunk']['accuracy']:.2f}, "
@@ -117,8 +120,7 @@ def _print(results: dict) -> None:
               f"{s['fine_tunings']} fine-tunings")
         print("\n| target | params | val top-1 | test top-1 | passed | s |\n|---|---|---|---|---|---|")
         for c in sorted(s["candidates"], key=lambda c: c["target"]):
-            f = (lambda v, spec: "–" if v is None else format(v, spec))
-            print(f"| {c['target']:g} | {f(c['params_ratio'], '.3f')} | {f(c['val_top1'], '.2f')} | {f(c['test_top1'], '.2f')} | "
+            print(f"| {c['target']:g} | {_cell(c['params_ratio'], '.3f')} | {_cell(c['val_top1'], '.2f')} | {_cell(c['test_top1'], '.2f')} | "
                   f"{'yes' if c['passed'] else 'no'} | {c['seconds']:.0f} |")
 
 

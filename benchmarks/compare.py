@@ -42,10 +42,18 @@ import torch
 import convsim_shrink
 from convsim_shrink.io import atomic_path, atomic_write_bytes, atomic_write_text
 from convsim_shrink.models import create_model
+from convsim_shrink.pipeline.stages import (
+    build_stage,
+    example_inputs_for,
+    finetune_stage,
+    premin_stage,
+    prepare_data,
+    prune_stage,
+    train_stage,
+)
 from convsim_shrink.prune.pruning import measure
 from convsim_shrink.prune.ranking import get_criterion
 from convsim_shrink.recipe import Recipe, default_recipe_for, resolve
-from convsim_shrink.pipeline.stages import build_stage, example_inputs_for, finetune_stage, premin_stage, prepare_data, prune_stage, train_stage
 from convsim_shrink.train import evaluate, resolve_device, resolve_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # pair.py lives beside this script
@@ -377,7 +385,7 @@ class Bench:
         peers = [label for label in self.rows if not self.recipe(self.rows[label]).prune.criterion.startswith("convsim")]
         out = []
         for t in a.targets:
-            def accs(label):
+            def accs(label, t=t):
                 return {s: r[f"A/{label}/{self.tk(t)}/{s}"]["test"] for s in a.seeds if f"A/{label}/{self.tk(t)}/{s}" in r}
             mine = accs(ours)
             others = {c: v for c in peers if (v := accs(c))}

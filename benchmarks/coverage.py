@@ -53,10 +53,10 @@ def run_one(name: str, *, size: int = 64, criterion: str = "convsim-taylor", tar
 
     from convsim_shrink.errors import ConvSimError
     from convsim_shrink.models.adapt import logits_of
-    from convsim_shrink.prune.safety import plan_ignored_layers, prune_safely
     from convsim_shrink.prune.pruning import measure
-    from convsim_shrink.prune.search import prune_to_target
     from convsim_shrink.prune.ranking import get_criterion
+    from convsim_shrink.prune.safety import plan_ignored_layers, prune_safely
+    from convsim_shrink.prune.search import prune_to_target
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

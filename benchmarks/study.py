@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 
 import convsim_shrink
+from convsim_shrink.cs.premin import preminimize
 from convsim_shrink.data import build_data
 from convsim_shrink.io import atomic_write_bytes
-from convsim_shrink.train import evaluate, fit, resolve_device, seed_everything
 from convsim_shrink.models import create_model
-from convsim_shrink.cs.premin import preminimize
 from convsim_shrink.prune.pruning import measure
 from convsim_shrink.recipe import read_recipe_file, resolve
+from convsim_shrink.train import evaluate, fit, resolve_device, seed_everything
 
 #: fine-tuning rows: recipe overrides on top of the shipped recipe (criterion included)
 ROWS = {

@@ -6,18 +6,18 @@ import torch
 import torchvision
 from torch import nn
 
+from convsim_shrink.errors import ConfigError
 from convsim_shrink.models.adapt import (
     cast_like_model,
     dense_stages,
-    divergence,
     diverged_loss_limit,
+    divergence,
     logits_of,
     model_dtype,
     nonfinite_tensors,
     restore_dtype,
     to_float32,
 )
-from convsim_shrink.errors import ConfigError
 
 
 def test_logits_rule_covers_tensor_named_tuple_dict_and_tuple():

@@ -8,8 +8,8 @@ from convsim_shrink.export.native import input_shape, read_metadata, save, save_
 from convsim_shrink.export.onnx import export_onnx, onnx_max_difference
 from convsim_shrink.export.torchscript import export_torchscript
 from convsim_shrink.models import create_model
-from convsim_shrink.prune.search import prune_to_target
 from convsim_shrink.prune.ranking import make_importance
+from convsim_shrink.prune.search import prune_to_target
 
 X = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # drawn at import: its own generator
 

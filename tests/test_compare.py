@@ -6,7 +6,6 @@ import pytest
 
 from convsim_shrink.cli import main as cli_main
 
-
 SETS = ["data.subset=300", "data.val_split=100", "data.test_subset=200", "train.epochs=1", "finetune.epochs=1", "premin.steps=5"]
 
 

@@ -17,8 +17,8 @@ from convsim_shrink.prune.compensation import (
     least_squares,
     predict_input_statistics,
 )
-from convsim_shrink.prune.search import prune_to_target
 from convsim_shrink.prune.ranking import ResidualImportance, get_criterion
+from convsim_shrink.prune.search import prune_to_target
 
 
 def _loader(x, batch=16):

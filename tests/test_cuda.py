@@ -8,8 +8,8 @@ from convsim_shrink.cs.premin import preminimize
 from convsim_shrink.cs.similarity import model_conv_similarity
 from convsim_shrink.data import build_data
 from convsim_shrink.models import create_model
-from convsim_shrink.prune.search import prune_to_target
 from convsim_shrink.prune.ranking import make_importance
+from convsim_shrink.prune.search import prune_to_target
 from convsim_shrink.recipe import DataConfig, TrainConfig
 from convsim_shrink.train import evaluate, fit, resolve_precision
 

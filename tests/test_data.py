@@ -1,7 +1,7 @@
 import gzip
-from pathlib import Path
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +10,8 @@ import torch
 from convsim_shrink.data import INFO, TensorLoader, balanced_subset, build_data, load_arrays, read_idx
 from convsim_shrink.errors import DataNotFoundError, UnknownNameError
 from convsim_shrink.recipe import DataConfig
+
+from helpers import image_folder, truncate
 
 
 def test_real_fashion_mnist_is_found_and_correct(fashion_dir):
@@ -201,35 +203,15 @@ def test_a_failed_download_is_a_clear_error(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------- image folders (issue 12)
 
 
-def _image_folder(root, layout, *, size=(12, 16), seed=0):
-    """``layout``: {split: {class: number of images}}; PNG and JPEG files alternate."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split, classes in layout.items():
-        for cls, n in classes.items():
-            d = root / split / cls
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
-                img.save(d / (f"{i}.png" if i % 2 else f"{i}.jpg"))
-    return root
-
-
-def _truncate(path):
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
 def test_image_folder_scan_skips_stray_empty_and_unreadable(tmp_path):
     from convsim_shrink.data import scan_image_folder
 
-    root = _image_folder(tmp_path, {"train": {"a": 3, "b": 3, "c": 2}, "val": {"a": 2, "b": 2, "c": 1}})
+    root = image_folder(tmp_path, {"train": {"a": 3, "b": 3, "c": 2}, "val": {"a": 2, "b": 2, "c": 1}})
     (root / "train" / ".ipynb_checkpoints").mkdir()
     (root / "train" / ".ipynb_checkpoints" / "x-checkpoint.png").write_bytes(b"not an image")
     (root / "train" / "empty").mkdir()
     (root / "train" / "a" / "notes.txt").write_text("hello")
-    _truncate(root / "train" / "b" / "0.jpg")
+    truncate(root / "train" / "b" / "0.jpg")
     scan = scan_image_folder(root)
     assert scan.classes == ("a", "b", "c")
     assert scan.stray_folders == ["train/.ipynb_checkpoints"] and scan.empty_classes == ["train/empty"]
@@ -240,8 +222,8 @@ def test_image_folder_scan_skips_stray_empty_and_unreadable(tmp_path):
 
 
 def test_image_folder_trains_past_a_truncated_jpeg(tmp_path):
-    root = _image_folder(tmp_path, {"train": {"a": 4, "b": 4}, "val": {"a": 2, "b": 2}})
-    _truncate(root / "train" / "a" / "2.jpg")
+    root = image_folder(tmp_path, {"train": {"a": 4, "b": 4}, "val": {"a": 2, "b": 2}})
+    truncate(root / "train" / "a" / "2.jpg")
     b = build_data(DataConfig(name="imagefolder", dir=str(root), workers=0), batch_size=3)
     assert b.train.num_samples == 7 and any("unreadable" in n for n in b.notes)
     seen = sum(len(y) for _, y in b.train)  # the truncated file never reaches a batch: no OSError mid-training
@@ -251,7 +233,7 @@ def test_image_folder_trains_past_a_truncated_jpeg(tmp_path):
 def test_val_labels_come_from_train_classes(tmp_path):
     from convsim_shrink.data import scan_image_folder
 
-    root = _image_folder(tmp_path, {"train": {"a": 2, "b": 2, "c": 2}, "val": {"a": 1, "c": 2}})
+    root = image_folder(tmp_path, {"train": {"a": 2, "b": 2, "c": 2}, "val": {"a": 1, "c": 2}})
     scan = scan_image_folder(root)
     labels = {Path(p).parent.name: y for p, y in scan.val}
     assert labels == {"a": 0, "c": 2}  # 'c' keeps train's index although val/ has no 'b'
@@ -270,21 +252,21 @@ def test_val_labels_come_from_train_classes(tmp_path):
 def test_image_folder_problems_are_one_line_errors_before_training(tmp_path, layout, message):
     from convsim_shrink.errors import ConfigError
 
-    root = _image_folder(tmp_path, layout)
+    root = image_folder(tmp_path, layout)
     with pytest.raises(ConfigError) as err:
         build_data(DataConfig(name="imagefolder", dir=str(root), workers=0), batch_size=4)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_image_folder_without_val_is_a_data_error(tmp_path):
-    root = _image_folder(tmp_path, {"train": {"a": 2, "b": 2}})
+    root = image_folder(tmp_path, {"train": {"a": 2, "b": 2}})
     with pytest.raises(DataNotFoundError, match="no val/"):
         build_data(DataConfig(name="imagefolder", dir=str(root), workers=0), batch_size=4)
 
 
 def test_training_set_smaller_than_a_batch_still_trains(tmp_path):
     """24 images with batch 128 trained zero steps (issue 12 item 9): the one partial batch is kept."""
-    root = _image_folder(tmp_path, {"train": {"a": 3, "b": 2}, "val": {"a": 1, "b": 1}})
+    root = image_folder(tmp_path, {"train": {"a": 3, "b": 2}, "val": {"a": 1, "b": 1}})
     b = build_data(DataConfig(name="imagefolder", dir=str(root), workers=0), batch_size=128)
     assert len(b.train) == 1
     assert [len(y) for _, y in b.train] == [5]
@@ -298,8 +280,8 @@ def test_training_set_smaller_than_a_batch_still_trains(tmp_path):
 def test_one_training_image_is_refused(tmp_path):
     from convsim_shrink.errors import ConfigError
 
-    root = _image_folder(tmp_path, {"train": {"a": 1, "b": 1}, "val": {"a": 1, "b": 1}})
-    _truncate(root / "train" / "b" / "0.jpg")
+    root = image_folder(tmp_path, {"train": {"a": 1, "b": 1}, "val": {"a": 1, "b": 1}})
+    truncate(root / "train" / "b" / "0.jpg")
     with pytest.raises(ConfigError, match="at least two"):
         build_data(DataConfig(name="imagefolder", dir=str(root), workers=0), batch_size=4)
 
@@ -307,7 +289,7 @@ def test_one_training_image_is_refused(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_image_folder_order_and_augmentation_restored_on_resume(tmp_path, workers):
     """A resumed run (a new loader, set to the epoch) sees the same batches, augmentation included."""
-    root = _image_folder(tmp_path, {"train": {"a": 5, "b": 5}, "val": {"a": 1, "b": 1}}, size=(40, 48))
+    root = image_folder(tmp_path, {"train": {"a": 5, "b": 5}, "val": {"a": 1, "b": 1}}, size=(40, 48))
     cfg = DataConfig(name="imagefolder", dir=str(root), workers=workers)
     first = build_data(cfg, batch_size=4, seed=7).train
     resumed = build_data(cfg, batch_size=4, seed=7).train

@@ -1,8 +1,9 @@
 """Several processes: sharded loaders (in one process), and two processes over gloo on the CPU started
 with ``torch.multiprocessing`` exactly as torchrun would set them up (RANK, WORLD_SIZE, MASTER_ADDR...).
 
-The two-process tests share one spawn (training + pruning a model without batch norm; a whole pipeline
-run; resuming it), about 15 s on two idle cores.
+The two-process tests share two spawns: one trains and prunes a model without batch norm, reads an image
+folder and fails a preflight on one rank; the other (``slow``: the whole Runner end to end) runs a
+pipeline and resumes it.  About 15 s together on two idle cores.
 
 Tolerance of "a 2-process run matches a 1-process run with the same global batch": the parameters
 after 8 SGD steps agree to 1e-4 of the largest parameter.  Both runs see the same images, the same
@@ -28,6 +29,8 @@ from convsim_shrink.errors import ConfigError
 from convsim_shrink.recipe import resolve
 from convsim_shrink.train import distributed
 from convsim_shrink.train.distributed import strip_option
+
+from helpers import image_folder, truncate
 
 PIPELINE = [
     "model.name=simple_cnn", "model.width=0.25", "data.subset=256", "data.test_subset=101", "premin.steps=3",
@@ -195,11 +198,15 @@ def _two_process_worker(rank: int, out: str) -> None:
     own process group (as a program under torchrun does), each on its own port: a rank that finished
     a part early must not reach the previous group's store, still open in rank 0."""
     base = int(os.environ["MASTER_PORT"])
-    parts = [lambda: _failing_worker(rank, out), lambda: _folder_worker(rank, out), lambda: _train_and_prune(rank, 2, out),
-             lambda: _pipeline_worker(rank, out, PIPELINE, base + 10)]
+    parts = [lambda: _failing_worker(rank, out), lambda: _folder_worker(rank, out), lambda: _train_and_prune(rank, 2, out)]
     for i, part in enumerate(parts):
         os.environ["MASTER_PORT"] = str(base + i)
         part()
+
+
+def _two_process_pipeline_worker(rank: int, out: str) -> None:
+    """A whole pipeline run in two processes, then its resumption (each on its own ports)."""
+    _pipeline_worker(rank, out, PIPELINE, int(os.environ["MASTER_PORT"]) + 1)
 
 
 def _folder_worker(rank: int, out: str) -> None:
@@ -265,22 +272,23 @@ def _pipeline_worker(rank: int, out: str, sets: list[str], port: int) -> None:
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, fashion_dir) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    from test_data import _image_folder, _truncate
-
-    _image_folder(out / "images", {"train": {"a": 5, "b": 5}, "val": {"a": 3, "b": 2}}, size=(40, 48))
-    _truncate(out / "images" / "train" / "b" / "2.jpg")
+    image_folder(out / "images", {"train": {"a": 5, "b": 5}, "val": {"a": 3, "b": 2}}, size=(40, 48))
+    truncate(out / "images" / "train" / "b" / "2.jpg")
     _spawn(_two_process_worker, str(out))
     return out
 
 
 @pytest.fixture(scope="module")
-def two_process_pipeline(two_processes) -> Path:
-    return two_processes
+def two_process_pipeline(tmp_path_factory, fashion_dir) -> Path:
+    out = tmp_path_factory.mktemp("ddp-pipeline")
+    _spawn(_two_process_pipeline_worker, str(out))
+    return out
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_run_directory_and_report(two_process_pipeline):
     out = two_process_pipeline
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["images", "run"]  # the images are the test's own
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["run"]
     assert not list((out / "run").glob(".*.tmp"))
     report = json.loads((out / "run" / "report.json").read_text())
     assert report["world_size"] == 2 and report["global_batch"] == 32 and report["per_process_batch"] == 16
@@ -309,6 +317,7 @@ def test_image_folder_is_dealt_out_by_rank(two_processes):
     assert sorted(r0["test"] + r1["test"]) == list(range(5)) and sum(map(len, r0["labels"] + r1["labels"])) == 5
 
 
+@pytest.mark.slow
 def test_two_processes_end_with_identical_models(two_process_pipeline):
     ranks = [torch.load(two_process_pipeline / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for key in ("dense", "model"):
@@ -316,6 +325,7 @@ def test_two_processes_end_with_identical_models(two_process_pipeline):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_under_two_processes(two_process_pipeline):
     out = two_process_pipeline
     first = torch.load(out / "rank0.pt", weights_only=True)
@@ -343,8 +353,8 @@ class _NoBN(nn.Module):
 def _train_and_prune(rank: int, world: int, out: str) -> None:
     """Train the no-BN model 8 steps on 256 Fashion-MNIST images (global batch 32, augmented), evaluate
     on 101 test images, then prune with a gradient criterion; save what each rank has."""
-    from convsim_shrink.recipe import FinetuneConfig, PruneConfig, TrainConfig
     from convsim_shrink.pipeline.stages import prune_stage
+    from convsim_shrink.recipe import FinetuneConfig, PruneConfig, TrainConfig
     from convsim_shrink.train import evaluate, fit, resolve_precision
 
     with distributed.session(torch.device("cpu")):

@@ -9,8 +9,8 @@ from torch import nn
 from convsim_shrink.errors import ConfigError, TargetUnreachableError
 from convsim_shrink.models import classifier_of, create_model
 from convsim_shrink.prune.pruning import channel_counts, measure
-from convsim_shrink.prune.search import POOL, iterative_prune, prune_to_target
 from convsim_shrink.prune.ranking import make_importance
+from convsim_shrink.prune.search import POOL, iterative_prune, prune_to_target
 
 X = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # drawn at import: its own generator
 

@@ -4,14 +4,12 @@ were left alone."""
 
 import copy
 import functools
-from collections import namedtuple
 
 import pytest
 import torch
 import torch_pruning as tp
 import torchvision
 from torch import nn
-from torchvision.models.shufflenetv2 import InvertedResidual
 
 from convsim_shrink.errors import ConvSimError, TargetUnreachableError
 from convsim_shrink.prune.safety import (
@@ -26,95 +24,9 @@ from convsim_shrink.prune.safety import (
 )
 from convsim_shrink.prune.search import prune_to_target
 
+from helpers import KINDS, AuxHead, ConvClassifier, LogitsAndFeatures, PixelShuffleNet, SplitCat, TinyShuffle
+
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-class TinyShuffle(nn.Module):
-    """A stem conv and three ShuffleNet units (the smallest input that fails in torch-pruning)."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.units = nn.Sequential(InvertedResidual(16, 32, 2), InvertedResidual(32, 32, 1), InvertedResidual(32, 32, 1))
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x):
-        return self.fc(self.units(self.stem(x)).mean((2, 3)))
-
-
-class SplitCat(nn.Module):
-    """YOLO-style: conv(c -> 2h), chunk in two, a conv on the second half, cat of all three, 1x1 conv."""
-
-    def __init__(self, c=16, h=8):
-        super().__init__()
-        self.stem = nn.Conv2d(3, c, 3, padding=1)
-        self.cv1 = nn.Conv2d(c, 2 * h, 1)
-        self.m = nn.Conv2d(h, h, 3, padding=1)
-        self.cv2 = nn.Conv2d(3 * h, c, 1)
-        self.fc = nn.Linear(c, 10)
-
-    def forward(self, x):
-        a, b = self.cv1(self.stem(x)).chunk(2, 1)
-        return self.fc(self.cv2(torch.cat([a, b, self.m(b)], 1)).mean((2, 3)))
-
-
-class PixelShuffleNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.ps = nn.PixelShuffle(2)
-        self.c2 = nn.Conv2d(4, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.fc(self.c2(self.ps(self.c1(x))).mean((2, 3)))
-
-
-class ConvClassifier(nn.Module):
-    """SqueezeNet's kind: the class scores come from a 1x1 conv, not a Linear layer (and no layer is
-    called 'fc' or 'classifier')."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 10, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        )
-
-    def forward(self, x):
-        return torch.flatten(self.body(x), 1)
-
-
-AuxOut = namedtuple("AuxOut", ["logits", "aux"])
-
-
-class AuxHead(nn.Module):
-    """GoogLeNet's kind: an auxiliary head that runs only in training mode, a named tuple out."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
-        self.aux = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x):
-        h = self.a(x)
-        logits = self.fc(self.b(h).mean((2, 3)))
-        return AuxOut(logits, self.aux(h)) if self.training else logits
-
-
-class LogitsAndFeatures(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.c2 = nn.Conv2d(16, 24, 3, padding=1)
-        self.fc = nn.Linear(24, 10)
-
-    def forward(self, x):
-        feats = self.c2(torch.relu(self.c1(x))).mean((2, 3))
-        return self.fc(feats), feats
 
 
 class ChannelShuffle(nn.Module):
@@ -145,13 +57,6 @@ def _out_layer(model, name):
     return dict(model.named_modules())[name]
 
 
-KINDS = [
-    (TinyShuffle, "reshape", "fc"),
-    (SplitCat, "split-cat", "fc"),
-    (PixelShuffleNet, "pixel-shuffle", "fc"),
-    (ConvClassifier, None, "body.6"),
-    (AuxHead, "train-only", "fc"),
-]
 
 
 @pytest.mark.parametrize("make,kind,output_layer", KINDS, ids=[k[0].__name__ for k in KINDS])

@@ -6,15 +6,16 @@ import copy
 
 import pytest
 import torch
-from test_safety import KINDS, LogitsAndFeatures  # the smallest failing models of the issue
 from torch import nn
 
 import convsim_shrink
 from convsim_shrink.data import DataBundle, DataInfo
 from convsim_shrink.errors import ConfigError, TrainingDivergedError
-from convsim_shrink.recipe import FinetuneConfig, resolve
 from convsim_shrink.pipeline.runner import Runner
+from convsim_shrink.recipe import FinetuneConfig, resolve
 from convsim_shrink.train import fit
+
+from helpers import KINDS, LogitsAndFeatures  # the smallest failing models of the issue
 
 #: short stages: one epoch of dense training and of fine-tuning, a few pre-minimisation steps
 QUICK = {

@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
+from convsim_shrink.data import INFO
 from convsim_shrink.errors import ConfigError
+from convsim_shrink.pipeline.stages import build_stage, prepare_data, train_stage
 from convsim_shrink.prune.pruning import group_sparsity_regularizer
 from convsim_shrink.recipe import ModelConfig, TrainConfig, resolve
-from convsim_shrink.pipeline.stages import build_stage, prepare_data, train_stage
-from convsim_shrink.data import INFO
 
 X = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
 

@@ -59,6 +59,7 @@ from ..train.distributed import is_main_process
 from .preflight import check_model, check_run
 from .report import build_report, speedup_text, write_report
 from .stages import (
+    PruneReuse,
     build_stage,
     example_inputs_for,
     export_stage,
@@ -66,7 +67,6 @@ from .stages import (
     is_registered,
     latency_batch_size,
     premin_stage,
-    PruneReuse,
     prepare_data,
     prune_stage,
     train_stage,

@@ -136,7 +136,10 @@ class GroupNormRegularizer:
             channels += n
             n_groups += 1
         self.n_groups, self.n_channels, self.n_slots = n_groups, channels, size
-        as_long = lambda v: torch.tensor(v, dtype=torch.long)
+
+        def as_long(v):
+            return torch.tensor(v, dtype=torch.long)
+
         self._index = {
             "imp_src": as_long(imp_src), "imp_dst": as_long(imp_dst), "grad_src": as_long(grad_src),
             "grad_dst": as_long(grad_dst), "group": as_long(group_of),

@@ -11,7 +11,16 @@
 """
 
 from .calibrate import accumulate_gradients, recalibrate_bn
-from .device import Precision, cpu_has_fast_bf16, is_channels_last, resolve_device, resolve_precision, seed_everything, set_memory_format, to_device
+from .device import (
+    Precision,
+    cpu_has_fast_bf16,
+    is_channels_last,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    set_memory_format,
+    to_device,
+)
 from .distributed import is_main_process, rank, unwrap, world_size
 from .loop import FitResult, evaluate, fit, load_training_state, train_one_epoch
 from .losses import LossTerm, cs_regularizer, distillation

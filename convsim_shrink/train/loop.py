@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.adapt import diverged_loss_limit, divergence, logits_of, nonfinite_tensors
 from ..errors import CheckpointError, ConfigError, TrainingDivergedError
 from ..io import atomic_torch_save
-from .device import Precision, resolve_precision, set_memory_format, to_device
+from ..models.adapt import diverged_loss_limit, divergence, logits_of, nonfinite_tensors
 from . import distributed
+from .device import Precision, resolve_precision, set_memory_format, to_device
 from .distributed import is_main_process, unwrap, world_size
 from .losses import LossTerm, cs_regularizer
 from .optim import Schedule, make_optimizer, make_schedule

@@ -137,7 +137,7 @@ def trial(model: nn.Module, example_inputs, signature: OutputSignature, ignored_
         if dim is None:
             return None  # cannot zero this layer's outputs: skip the function check
 
-        def zero(mod, inp, out, idx=torch.tensor(sorted(set(idxs))), dim=dim):
+        def zero(mod, inp, out, idx=torch.tensor(sorted(set(idxs))), dim=dim):  # noqa: B008 (binds this layer's values once)
             if isinstance(out, torch.Tensor):
                 out = out.clone()
                 out.index_fill_(dim, idx.to(out.device), 0.0)
