@@ -233,7 +233,7 @@ class PruneReuse:
 
 
 def _median_seconds(values: list) -> float:
-    """Median in seconds of latency measurements (floats or :class:`~convsim_shrink.deploy.Latency`)."""
+    """Median in seconds of latency measurements (floats or :class:`~convsim_shrink.measure.latency.Latency`)."""
     import statistics
 
     return statistics.median(float(getattr(v, "seconds", v)) for v in values)

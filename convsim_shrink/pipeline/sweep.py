@@ -17,7 +17,7 @@ with ``convsim-shrink sweep --resume RUN`` at the first unfinished point), ``swe
 ``sweep.png`` (at the end: top-1 against parameters, MACs and latency, the dense model marked) and
 ``points/<kind>-<target>/model.safetensors`` (and the recipe's export formats with ``--export``).
 
-Latencies are medians of timed forward passes (:func:`~convsim_shrink.deploy.measure_latency`, fp32,
+Latencies are medians of timed forward passes (:func:`~convsim_shrink.measure.latency.measure_latency`, fp32,
 on the run's device) at batch 1 and at the latency batch (``prune.latency_batch``, else the
 fine-tuning batch); the dense model's are measured once at the start of the sweep.  Under ``torchrun``
 every process prunes and fine-tunes (its shard of the data), rank 0 measures latency and writes.

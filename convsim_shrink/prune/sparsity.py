@@ -16,7 +16,7 @@ then computes the same thing each step with a handful of batched ops:
    group, neither of which changes ``gamma`` below, so both are left out);
 3. per group the max and min of ``s = sqrt(imp)`` (``scatter_reduce``) and
    ``gamma = alpha ** ((max - s) / (max - min))``; a group whose scores are all alike (within 1e-12
-   of its largest) or not finite is skipped, as :class:`convsim_shrink.pruning._GroupSparsity` does;
+   of its largest) or not finite is skipped, as :class:`convsim_shrink.prune.pruning._GroupSparsity` does;
 4. ``coef = index_add(gamma[src])``: per layer and dimension the summed gamma of each channel (a
    conv's filters belong to one group and its input channels to another: the two decays add up, as
    in the library, which adds them one group after the other);
