@@ -94,7 +94,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(args, expected, capsys, tm
 
 
 def test_max_drop_reaches_the_recipe(monkeypatch, tmp_path):
-    from convsim_shrink import runner
+    from convsim_shrink.pipeline import runner
 
     seen = {}
 
@@ -145,9 +145,9 @@ def test_prune_stage_reuse_measures_the_dense_latency_once(tiny):
     recipe, data, x, dense = tiny
     reuse = stages.PruneReuse()
     calls = []
-    from convsim_shrink import deploy
+    from convsim_shrink.measure import latency
 
-    real = deploy.latency_meter
+    real = latency.latency_meter
 
     def meter(*a, **kw):
         inner = real(*a, **kw)
@@ -160,7 +160,7 @@ def test_prune_stage_reuse_measures_the_dense_latency_once(tiny):
 
     dense_params = sum(p.numel() for p in dense.parameters())
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(deploy, "latency_meter", meter)
+        mp.setattr(latency, "latency_meter", meter)
         for target in (0.9, 0.8):
             cfg = recipe.prune.model_copy(update={"target_params": None, "target_latency": target, "latency_batch": 8,
                                                   "latency_tolerance": 0.3})
@@ -213,7 +213,7 @@ def test_sweep_resumes_at_the_first_unfinished_point(tmp_path, monkeypatch, fash
     out = tmp_path / "sweep"
     calls = {"prune": [], "train": 0, "finetune": 0}
     real_prune, real_ft, real_train = stages.prune_stage, stages.finetune_stage, stages.train_stage
-    from convsim_shrink import runner
+    from convsim_shrink.pipeline import runner
 
     def prune(dense, data, cfg, **kw):
         calls["prune"].append(cfg.target_params)
@@ -385,7 +385,7 @@ def test_validation_is_held_out_when_the_recipe_has_none():
 
 @pytest.mark.slow
 def test_main_command_with_max_drop_end_to_end(tmp_path, fashion_dir):
-    from convsim_shrink.runner import Runner
+    from convsim_shrink.pipeline.runner import Runner
 
     out = tmp_path / "run"
     sets = SETS + ["prune.max_accuracy_drop=100", "prune.search_resolution=0.3", "finetune.epochs=1", "prune.search_epochs=0"]
