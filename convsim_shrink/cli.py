@@ -162,10 +162,11 @@ def _launch(nproc: int, model: str | None, *, recipe: str | None, resume: Path |
             prefix: str = "") -> None:
     """``--nproc N``: this command line again in N processes under torchrun (the recipe checked here
     first, so a mistake is one line before anything starts)."""
+    from .launch import launch, strip_option
     from .pipeline.runner import default_run_dir
     from .recipe import default_recipe_for, resolve
     from .train import resolve_device
-    from .train.distributed import check_setup, launch, launched, strip_option
+    from .train.distributed import check_setup, launched
 
     if launched():
         raise ConfigError("--nproc starts torchrun itself; under torchrun leave it out (torchrun's --nproc-per-node says how many)")

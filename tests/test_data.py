@@ -150,10 +150,10 @@ def test_cifar_pickle_with_code_is_refused(tmp_path):
 
 
 def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
-    import convsim_shrink.data as data
+    import convsim_shrink.data.locate as locate
 
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
-    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(locate, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(locate, "CACHE_DIR", tmp_path / "cache")
     with pytest.raises(DataNotFoundError) as err:
         load_arrays("fashion-mnist", tmp_path / "mine")
     msg = str(err.value)
@@ -188,13 +188,13 @@ def test_a_failed_download_is_a_clear_error(tmp_path, monkeypatch):
 
     import torchvision
 
-    import convsim_shrink.data as data
+    import convsim_shrink.data.locate as locate
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
-    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(locate, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(locate, "CACHE_DIR", tmp_path / "cache")
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
     with pytest.raises(DataNotFoundError, match=r"downloading fashion-mnist into .*cache failed \(.*name resolution.*\); check the network"):
         load_arrays("fashion-mnist", None, download=True)

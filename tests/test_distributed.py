@@ -26,9 +26,9 @@ from torch import nn
 
 from convsim_shrink.data import INFO, DataBundle, FolderLoader, TensorLoader, build_data, load_arrays
 from convsim_shrink.errors import ConfigError
+from convsim_shrink.launch import strip_option
 from convsim_shrink.recipe import resolve
 from convsim_shrink.train import distributed
-from convsim_shrink.train.distributed import strip_option
 
 from helpers import image_folder, truncate
 
@@ -457,7 +457,7 @@ def _main_exit(args) -> int:
 
 
 def test_nproc_hands_the_command_line_to_torchrun_with_one_run_directory(monkeypatch, tmp_path):
-    import convsim_shrink.train.distributed as dist_module
+    import convsim_shrink.launch as launch_module
 
     seen = {}
 
@@ -465,7 +465,7 @@ def test_nproc_hands_the_command_line_to_torchrun_with_one_run_directory(monkeyp
         seen.update(nproc=nproc, args=args)
         return 0
 
-    monkeypatch.setattr(dist_module, "launch", fake_launch)
+    monkeypatch.setattr(launch_module, "launch", fake_launch)
     monkeypatch.chdir(tmp_path)
     assert _main_exit(["simple_cnn", "--nproc", "2", "--set", "train.batch_size=64", "-q"]) == 0
     assert seen["nproc"] == 2 and "--nproc" not in seen["args"] and seen["args"][:5] == ["simple_cnn", "--set", "train.batch_size=64", "-q", "--out"]
@@ -473,9 +473,9 @@ def test_nproc_hands_the_command_line_to_torchrun_with_one_run_directory(monkeyp
 
 
 def test_nproc_mistakes_are_one_line_before_anything_starts(monkeypatch, capsys):
-    import convsim_shrink.train.distributed as dist_module
+    import convsim_shrink.launch as launch_module
 
-    monkeypatch.setattr(dist_module, "launch", lambda *a: pytest.fail("launched"))
+    monkeypatch.setattr(launch_module, "launch", lambda *a: pytest.fail("launched"))
     assert _main_exit(["simple_cnn", "--nproc", "2", "--set", "train.batch_size=63"]) == 2
     assert "train.batch_size=63 is the global batch" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")

@@ -145,9 +145,9 @@ def test_prune_stage_reuse_measures_the_dense_latency_once(tiny):
     recipe, data, x, dense = tiny
     reuse = stages.PruneReuse()
     calls = []
-    from convsim_shrink.measure import latency as deploy
+    from convsim_shrink.measure import latency
 
-    real = deploy.latency_meter
+    real = latency.latency_meter
 
     def meter(*a, **kw):
         inner = real(*a, **kw)
@@ -160,7 +160,7 @@ def test_prune_stage_reuse_measures_the_dense_latency_once(tiny):
 
     dense_params = sum(p.numel() for p in dense.parameters())
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(deploy, "latency_meter", meter)
+        mp.setattr(latency, "latency_meter", meter)
         for target in (0.9, 0.8):
             cfg = recipe.prune.model_copy(update={"target_params": None, "target_latency": target, "latency_batch": 8,
                                                   "latency_tolerance": 0.3})

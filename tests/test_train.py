@@ -284,3 +284,27 @@ def test_progress_off_a_terminal_prints_a_line_per_epoch(tiny):
     with console.capture() as cap:
         fit(_model(), tiny.train, _cfg(epochs=1), quiet=True)
     assert cap.get() == ""
+
+
+def test_backward_step_with_a_scaler_matches_the_plain_step_and_skips_an_overflow():
+    """fp16's loss scaling must not change what the step does: ``after_backward`` and clipping see the
+    true gradients and the update equals the unscaled one; an overflowing step changes nothing."""
+    from convsim_shrink.train.loop import _backward_step
+
+    def one_step(scaler, loss_factor=1.0):
+        torch.manual_seed(0)
+        m = nn.Linear(4, 3)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        x = torch.randn(5, 4)
+        before = m.weight.detach().clone()
+        seen = []
+        _backward_step(m(x).pow(2).mean() * loss_factor, m, opt, scaler=scaler, grad_clip=0.05,
+                       after_backward=lambda: seen.append(m.weight.grad.norm().item()))
+        return before, m.weight.detach(), seen
+
+    _, plain, plain_seen = one_step(None)
+    _, scaled, scaled_seen = one_step(torch.amp.GradScaler("cpu", init_scale=1024.0))
+    assert torch.allclose(scaled, plain, rtol=1e-5, atol=1e-7)
+    assert scaled_seen[0] == pytest.approx(plain_seen[0], rel=1e-5) and plain_seen[0] > 0.05  # clipping had work to do
+    before, after, _ = one_step(torch.amp.GradScaler("cpu", init_scale=1024.0), loss_factor=float("inf"))
+    assert torch.equal(before, after)

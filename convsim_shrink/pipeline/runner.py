@@ -76,25 +76,16 @@ from .state import ModelSize, RunState
 
 @dataclass(frozen=True)
 class _Step:
+    """One stage of :data:`STEPS`: its name, the :class:`Runner` method that runs it (returning its seconds,
+    or None to have them timed) and what resuming needs to know about it."""
+
     name: str
+    run: Callable[[Runner], float | None]
     artefact: str | None = None  # the model file the stage leaves in the run directory
     restores: tuple[str, ...] = ()  # the runner's models that file stands for when resuming
     changes_model: bool = True
     needs_run_dir: bool = False  # skipped when the run has no directory (Python API without run_dir)
     main_only: bool = False  # under torchrun only rank 0 runs it (it only writes files)
-
-
-STEPS = (
-    _Step("build"),  # leaves no file: redone (with pre-minimisation, both cheap and seeded) on resume
-    _Step("premin", "premin.safetensors", ("model",)),
-    _Step("train", "dense.safetensors", ("model", "dense")),
-    _Step("prune", "pruned.safetensors", ("model",)),
-    _Step("finetune", "shrunk.safetensors", ("model",)),
-    _Step("export", changes_model=False, needs_run_dir=True, main_only=True),
-)
-
-#: the stages in the order they run
-STAGES = tuple(step.name for step in STEPS)
 
 
 def resumable(completed: list[str]) -> list[str]:
@@ -470,7 +461,6 @@ class Runner:
 
     def _run_steps(self, steps: tuple[_Step, ...]) -> None:
         """The steps not yet finished, in order; the models of skipped ones are loaded from their files."""
-        calls: dict[str, Callable[[], float | None]] = {name: getattr(self, f"_{name}") for name in STAGES}
         skipped: dict[str, str] = {}  # slot -> model file of the last finished stage that filled it
         for step in steps:
             if step.name in self.state.completed:
@@ -481,7 +471,7 @@ class Runner:
             self._restore(skipped)
             skipped = {}
             t0 = time.perf_counter()
-            seconds = calls[step.name]()
+            seconds = step.run(self)
             self.state.finish(step.name, time.perf_counter() - t0 if seconds is None else seconds)
             if step.changes_model:
                 distributed.agree_on_model(self.model, f"the model after '{step.name}'")
@@ -489,6 +479,20 @@ class Runner:
                 self._save_model(self.model, step.artefact)
             self._save_state()
         self._restore(skipped)
+
+
+# The stages in the order they run, each with the method that runs it (after the class, which defines them).
+STEPS = (
+    _Step("build", Runner._build),  # leaves no file: redone (with pre-minimisation, both cheap and seeded) on resume
+    _Step("premin", Runner._premin, "premin.safetensors", ("model",)),
+    _Step("train", Runner._train, "dense.safetensors", ("model", "dense")),
+    _Step("prune", Runner._prune, "pruned.safetensors", ("model",)),
+    _Step("finetune", Runner._finetune, "shrunk.safetensors", ("model",)),
+    _Step("export", Runner._export, changes_model=False, needs_run_dir=True, main_only=True),
+)
+
+#: the stages in the order they run
+STAGES = tuple(step.name for step in STEPS)
 
 
 def shrink(

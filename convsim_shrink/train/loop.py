@@ -59,6 +59,33 @@ class _Diverged(TrainingDivergedError):
         self.reason, self.step, self.lr = reason, step, lr
 
 
+def _backward_step(
+    loss: torch.Tensor,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float | None,
+    after_backward: Callable[[], None] | None,
+) -> None:
+    """Backward pass and optimizer step for one batch's ``loss`` (a scalar): scaled and unscaled by
+    ``scaler`` (fp16) when there is one (unscaled before ``after_backward`` and clipping, which must see
+    the true gradients; its step skips an update whose gradients overflowed), then ``after_backward``,
+    clipping to a total norm of ``grad_clip`` (when set) and the step."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None and (grad_clip or after_backward is not None):
+        scaler.unscale_(optimizer)
+    if after_backward is not None:
+        after_backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -149,23 +176,7 @@ def train_one_epoch(
             limit = diverged_loss_limit(logits.shape[-1])
             bad |= ~torch.isfinite(total.detach()) | (loss.detach() > limit) | ~torch.isfinite(logits.detach()).all()
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(total).backward()
-            if grad_clip or after_backward is not None:
-                scaler.unscale_(optimizer)
-            if after_backward is not None:
-                after_backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            total.backward()
-            if after_backward is not None:
-                after_backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
+        _backward_step(total, model, optimizer, scaler=scaler, grad_clip=grad_clip, after_backward=after_backward)
         step += 1
         n = len(y)
         run["loss"] += loss.detach().float() * n
