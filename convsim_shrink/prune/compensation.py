@@ -64,6 +64,19 @@ def _consumer_kind(module: nn.Module, max_features: int) -> str | None:
     return "not a conv or linear layer"
 
 
+def _consumers(model: nn.Module, max_features: int, stats: "InputStatistics"):
+    """``(name, module, input channels)`` of every conv/linear layer that can be compensated; the others are
+    recorded in ``stats.skipped`` with the reason."""
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            continue
+        reason = _consumer_kind(module, max_features)
+        if reason is not None:
+            stats.skipped[name] = reason
+            continue
+        yield name, module, (module.in_features if isinstance(module, nn.Linear) else module.in_channels)
+
+
 @dataclass
 class InputStatistics:
     """First and second moments of every consumer's input channels, over calibration inputs.
@@ -121,14 +134,7 @@ def collect_input_statistics(
     prec = prec or resolve_precision(device, "fp32", False)
     stats = InputStatistics()
     hooks = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            continue
-        reason = _consumer_kind(module, max_features)
-        if reason is not None:
-            stats.skipped[name] = reason
-            continue
-        c = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+    for name, module, c in _consumers(model, max_features, stats):
         stats.count[name] = 0.0
         stats.sums[name] = torch.zeros(c, dtype=torch.float64)
         stats.products[name] = torch.zeros(c, c, dtype=torch.float64)
@@ -288,17 +294,10 @@ def predict_input_statistics(
         return branch_cache[bn]
 
     stats = InputStatistics()
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            continue
-        reason = _consumer_kind(module, max_features)
-        if reason is not None:
-            stats.skipped[name] = reason
-            continue
+    for name, module, c in _consumers(model, max_features, stats):
         if module not in order:
             stats.skipped[name] = "not run by the example input"
             continue
-        c = module.in_features if isinstance(module, nn.Linear) else module.in_channels
         mean = torch.zeros(c, dtype=torch.float64)
         cov = torch.zeros(c, c, dtype=torch.float64)
         covered = torch.zeros(c, dtype=torch.bool)
