@@ -125,7 +125,7 @@ def _run_pipeline(
     try:
         result = Runner(resolved, run_dir, epochs_asked=asked).run()
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: finished epochs are checkpointed; continue with `convsim-shrink --resume {run_dir}`")
+        console.print(f"[yellow]interrupted[/]: finished stages and epochs (if any) are kept; continue with `convsim-shrink --resume {run_dir}`")
         raise typer.Exit(130) from None
     _finish(result.run_dir, print_summary)
 
@@ -359,7 +359,7 @@ def list_(
         table = Table("recipe", "description")
         for name in list_recipes():
             description = str(read_recipe_file(name).get("description") or "").strip()
-            table.add_row(name, description.splitlines()[0] if description else "")
+            table.add_row(name, " ".join(description.split()))  # the whole description, its line breaks folded
         console.print(table)
     elif what == "criteria":
         from .prune.ranking import get_criterion, list_criteria

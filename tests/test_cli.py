@@ -130,6 +130,17 @@ def test_list_commands():
     assert "resnet18-cifar10" in runner.invoke(app, ["list", "recipes"]).output
 
 
+def test_list_recipes_shows_whole_descriptions(monkeypatch):
+    """A description that spans lines in the YAML is shown whole (it was cut at its first line break)."""
+    from convsim_shrink import recipe
+
+    monkeypatch.setattr(recipe, "list_recipes", lambda: ["two-lines"])
+    monkeypatch.setattr(recipe, "read_recipe_file", lambda name: {"description": "sized for a 2-core\nCPU: about ten minutes"})
+    monkeypatch.setenv("COLUMNS", "200")
+    out = runner.invoke(app, ["list", "recipes"]).output
+    assert "sized for a 2-core CPU: about ten minutes" in " ".join(out.split())
+
+
 @pytest.mark.parametrize("args,expected", [
     (["resnet19"], "unknown model 'resnet19'. Did you mean 'resnet18'? Known: "),
     (["resnet18", "--target-params", "1.5"], "--target-params 1.5 is out of range"),
