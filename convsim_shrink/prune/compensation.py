@@ -44,7 +44,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..train import distributed
-from ..train.device import Precision, resolve_precision, to_device
+from ..train.calibrate import first_batches
+from ..train.device import Precision, resolve_precision
 
 #: modules other than convs and linears that combine channels (a removed channel changes what they compute)
 _MIXING = (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention, nn.LocalResponseNorm)
@@ -150,10 +151,7 @@ def collect_input_statistics(
     model.eval()
     used = 0
     try:
-        for x, y in loader:
-            if used >= batches:
-                break
-            x, _ = to_device(x, y, prec)
+        for x, _ in first_batches(loader, batches, prec):
             model(x.float() if x.is_floating_point() else x)
             used += 1
     finally:

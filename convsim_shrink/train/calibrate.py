@@ -3,7 +3,7 @@ after pruning, and task-loss gradients for data-driven importance criteria (Tayl
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,15 @@ from ..errors import ConfigError
 from ..models.adapt import logits_of
 from . import distributed
 from .device import Precision, resolve_precision, to_device
+
+
+def first_batches(loader: Iterable, batches: int, prec: Precision) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``batches`` batches of ``loader``, moved to the device and layout of ``prec``: the one
+    batch loop of every calibration pass (BN re-estimation, gradients, compensation statistics)."""
+    for used, (x, y) in enumerate(loader):
+        if used >= batches:
+            return
+        yield to_device(x, y, prec)
 
 
 @torch.no_grad()
@@ -40,10 +49,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50, prec: 
     model.train()
     used = 0
     try:
-        for x, y in loader:
-            if used >= batches:
-                break
-            x, _ = to_device(x, y, prec)
+        for x, _ in first_batches(loader, batches, prec):
             with prec.autocast():
                 model(x)
             used += 1
@@ -66,10 +72,7 @@ def accumulate_gradients(model: nn.Module, loader: Iterable, batches: int, prec:
     model.zero_grad(set_to_none=True)
     model.train()
     used = 0
-    for x, y in loader:
-        if used >= batches:
-            break
-        x, y = to_device(x, y, prec)
+    for x, y in first_batches(loader, batches, prec):
         F.cross_entropy(logits_of(model(x)).float(), y).backward()
         used += 1
     if used == 0:
