@@ -17,10 +17,22 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates its file readable by its owner only (0600); a written file gets the permissions any
+# other file the user creates would get (0666 less the umask), read once here, before any thread starts.
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def _temporary(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, _FILE_MODE)
     return Path(tmp)
 
 

@@ -43,3 +43,14 @@ def test_torch_save_round_trips_without_unpickling_code(tmp_path):
     path = atomic_torch_save(state, tmp_path / "ckpt.pt")
     back = torch.load(path, weights_only=True)
     assert back["epoch"] == 3 and torch.equal(back["w"], state["w"])
+
+
+def test_written_files_get_the_permissions_of_any_file_the_user_creates(tmp_path):
+    # mkstemp's temporary is 0600; a report or model the user shares must not stay owner-only
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic_write_text(tmp_path / "report.md", "x")
+    with atomic_path(tmp_path / "model.onnx") as tmp:
+        tmp.write_bytes(b"x")
+    for name in ("report.md", "model.onnx"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

@@ -82,3 +82,12 @@ def test_summary_says_slower_when_the_shrunk_model_measured_slower():
     report["speed"][0].update(dense_ms=1.0, shrunk_ms=1.39, speedup=1 / 1.39)
     line = next(line for line in _printed(report) if line.startswith("Latency at batch 1"))
     assert line.endswith("shrunk 1.39 ms, 1.39x slower")
+
+
+def test_report_header_says_how_the_model_was_fine_tuned(tmp_path):
+    lines = _written(tmp_path, ["finetune.epochs=0", "finetune.distill=0.5"], "zoo model resnet18, random weights")
+    assert "no fine-tuning." in lines[2] and "distillation" not in lines[2]
+    lines = _written(tmp_path, ["finetune.epochs=4", "finetune.distill=0.5"], "zoo model resnet18, random weights")
+    assert "4 fine-tuning epochs, distillation 0.5." in lines[2]
+    lines = _written(tmp_path, ["finetune.epochs=1", "finetune.distill=0"], "zoo model resnet18, random weights")
+    assert "1 fine-tuning epoch, no distillation." in lines[2]

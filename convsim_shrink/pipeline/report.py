@@ -37,6 +37,7 @@ def build_report(recipe, state: RunState, data) -> dict[str, Any]:
         "criterion": recipe.prune.criterion,
         "global_pruning": recipe.prune.global_pruning,
         "distill": recipe.finetune.distill,
+        "finetune_epochs": recipe.finetune.epochs,
         "target": {"params": recipe.prune.target_params, "macs": recipe.prune.target_macs,
                    "latency": recipe.prune.target_latency},
         "dense": {"params": dense_params, "macs": dense_size.macs if dense_size else None, "accuracy": m.dense_accuracy,
@@ -158,6 +159,14 @@ def _fmt(v, spec=",", none="–"):
     return none if v is None else format(v, spec)
 
 
+def _finetune_text(report: dict) -> str:
+    epochs = report.get("finetune_epochs")
+    if epochs == 0:
+        return "no fine-tuning"
+    return (f"{epochs} fine-tuning epoch{'s' if epochs != 1 else ''}" if epochs is not None else "fine-tuning") + (
+        f", distillation {report['distill']:g}" if report.get("distill") else ", no distillation")
+
+
 def write_report(report: dict, state: RunState, run_dir: Path) -> None:
     """report.json, report.md and the plots into ``run_dir`` (each written atomically)."""
     run_dir = Path(run_dir)
@@ -170,7 +179,7 @@ def write_report(report: dict, state: RunState, run_dir: Path) -> None:
         + (f" (width {report['width']})" if report.get("width") is not None else "") + f" on {report['dataset']}",
         "",
         f"Criterion `{report['criterion']}` ({'global' if report.get('global_pruning') else 'per-layer'} pruning), "
-        f"target {_target_text(report['target'])}, fine-tuning distillation {report.get('distill', 0)}. Accuracy is top-1 on "
+        f"target {_target_text(report['target'])}, {_finetune_text(report)}. Accuracy is top-1 on "
         f"{report['test_images'] or 'the'} test images.",
         "",
         *([f"Model: {report['source']}.", ""] if report.get("source") else []),
