@@ -429,3 +429,35 @@ def test_a_note_prints_the_target_as_given():
     result = iterative_prune(model, X16_RGB, lambda: make_importance("l1"), steps=1, target_params=0.3, round_to=4,
                              tolerance=0.001, warn=False)
     assert result.note and "below 0.3 " in result.note and "0.3000000" not in result.note
+
+
+class _SharedTwice(nn.Module):
+    """One 8-channel conv applied twice in a row: its input, its output and the stem's output are one
+    group of 8 channels, and each channel removed costs the shared conv's weights on both sides."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(self.shared(torch.relu(self.shared(h))))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_a_conv_applied_twice_lands_at_the_nearest_size_below_and_says_so(global_pruning):
+    # the reference: every channel count c of the one group, its parameters counted by hand
+    def params(c):
+        return (3 * 9 * c + c) + (c * c * 9 + c) + (c * 10 + 10)
+
+    nearest = max(params(c) for c in range(1, 9) if params(c) <= 0.5 * params(8)) / params(8)
+    torch.manual_seed(0)
+    model = _SharedTwice().eval()
+    x = torch.randn(2, 3, 12, 12)
+    res = prune_to_target(model, x, make_importance("l2"), target_params=0.5, global_pruning=global_pruning, warn=False)
+    assert measure(model, x).params == params(8)
+    assert res.params_ratio == pytest.approx(nearest, abs=1e-9) and nearest < 0.49  # the window cannot be hit
+    assert res.note.startswith(f"pruned to {nearest:.4f}") and "more than 0.01 below the target" in res.note
