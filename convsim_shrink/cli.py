@@ -10,7 +10,9 @@ exit code 2, with nothing written.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -464,6 +466,7 @@ def main(argv: list[str] | None = None) -> None:
         args.insert(0, "shrink")
     elif args and args[0].startswith("--") and args[0] not in ("--help", "--version"):
         args.insert(0, "shrink")  # e.g. `convsim-shrink --resume runs/x`
+    previous = _stop_on_sigterm()
     try:
         app(args=args, prog_name="convsim-shrink")
     except ConvSimError as exc:
@@ -471,6 +474,23 @@ def main(argv: list[str] | None = None) -> None:
 
         console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)  # '[timm]' in a pip command is not markup
         raise SystemExit(2) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop_on_sigterm():
+    """SIGTERM (``kill``, a scheduler's time limit, torchrun stopping its workers) ends a run as Ctrl-C
+    does: progress bars stop and give the terminal its cursor back, the interrupt message says how to
+    resume, exit 130.  Python's default for SIGTERM ends the process without unwinding any of that.
+    Returns the handler it replaced (None off the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,12 @@ class PruneConfig(_Section):
     max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="never remove more than this fraction of a layer")
     tolerance: float = Field(0.01, gt=0, lt=0.5, description="absolute tolerance below the params/MACs target, as a ratio (0.01: a 0.5 target lands in 0.49-0.50)")
     calibration_batches: int = Field(4, ge=1, description="batches for data-driven criteria (taylor)")
+    graph_seconds: float = Field(
+        120.0, gt=0,
+        description="longest one torch-pruning call may take (building the dependency graph, one channel group, one "
+                    "pruning): a group past it is left unpruned, a graph past it ends the run with the module it was at",
+    )
+    graph_memory_gb: float = Field(4.0, gt=0, description="most one torch-pruning call may grow the process's memory (GiB); as graph_seconds")
     bn_recalibration: int = Field(50, ge=0, description="training batches to re-estimate BN statistics after pruning (0 = off)")
     compensate: bool = Field(
         True,

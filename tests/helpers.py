@@ -100,6 +100,51 @@ class LogitsAndFeatures(nn.Module):
         return self.fc(feats), feats
 
 
+class _CBR(nn.Sequential):
+    def __init__(self, cin, cout, k=3, groups=1):
+        super().__init__(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class TensorSplitResidual(nn.Module):
+    """A ``tensor_split`` of a residual stream, one half convolved, concatenated back and added to the
+    stream: torch-pruning's walk of the channel group through it never ends (its index mapping makes new
+    indices on every pass round the cycle), so building that group runs until a limit stops it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.pre, self.branch = _CBR(3, 32), _CBR(32, 32), _CBR(16, 16)
+        self.post, self.fc = _CBR(32, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = self.pre(self.stem(x))
+        p, q = torch.tensor_split(h, 2, dim=1)
+        return self.fc(self.post(torch.cat([self.branch(p), q], 1) + h).mean((2, 3)))
+
+
+class ChannelAttention(nn.Module):
+    """Issue 24's Restormer-style block in a small classifier: 1x1 conv -> depthwise conv -> chunk into q,
+    k, v -> heads -> normalised q k^T -> softmax -> v -> 1x1 conv, plus the residual."""
+
+    def __init__(self, c=16, heads=2):
+        super().__init__()
+        self.stem, self.heads = nn.Conv2d(3, c, 3, padding=1), heads
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.dw = nn.Conv2d(3 * c, 3 * c, 3, padding=1, groups=3 * c)
+        self.proj = nn.Conv2d(c, c, 1)
+        self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+        self.post, self.fc = nn.Conv2d(c, 32, 3, padding=1), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        b, c, h, w = x.shape
+        q, k, v = self.dw(self.qkv(x)).chunk(3, dim=1)
+        q, k, v = (t.reshape(b, self.heads, c // self.heads, h * w) for t in (q, k, v))
+        q, k = nn.functional.normalize(q, dim=-1), nn.functional.normalize(k, dim=-1)
+        attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(-1)
+        x = self.proj((attn @ v).reshape(b, c, h, w)) + x
+        return self.fc(torch.relu(self.post(x)).mean((2, 3)))
+
+
 KINDS = [
     (TinyShuffle, "reshape", "fc"),
     (SplitCat, "split-cat", "fc"),

@@ -191,3 +191,51 @@ def test_module_entry_point():
 
     res = subprocess.run([sys.executable, "-m", "convsim_shrink", "list", "models"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "mobilenet_v2" in res.stdout
+
+
+def test_sigterm_stops_a_run_like_ctrl_c_and_gives_the_terminal_its_cursor_back(tmp_path):
+    # on a terminal the progress bar hides the cursor; Python's default SIGTERM ended the process without
+    # showing it again, and without the message that says how to resume
+    import os
+    import pty
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    primary, secondary = pty.openpty()
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="100")
+    proc = subprocess.Popen([sys.executable, "-m", "convsim_shrink", "simple_cnn", "--out", str(out), "--epochs", "50",
+                             "--set", "data.subset=2000", "--set", "premin.steps=0"],
+                            stdin=secondary, stdout=secondary, stderr=secondary, env=env, close_fds=True)
+    os.close(secondary)
+    seen, hidden_at, deadline = b"", None, time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([primary], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(primary, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            if hidden_at is None and b"\x1b[?25l" in seen:
+                hidden_at = len(seen)
+                time.sleep(1.0)
+                proc.send_signal(signal.SIGTERM)
+            if proc.poll() is not None and not ready:
+                break
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(primary)
+    assert hidden_at is not None, seen[-2000:]
+    assert proc.returncode == 130, seen[-2000:]
+    tail = seen[hidden_at:]
+    assert tail.rfind(b"\x1b[?25h") > tail.rfind(b"\x1b[?25l"), seen[-2000:]
+    assert b"--resume" in tail and b"Traceback" not in seen

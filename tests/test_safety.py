@@ -24,7 +24,17 @@ from convsim_shrink.prune.safety import (
 )
 from convsim_shrink.prune.search import prune_to_target
 
-from helpers import KINDS, AuxHead, ConvClassifier, LogitsAndFeatures, PixelShuffleNet, SplitCat, TinyShuffle
+from helpers import (
+    KINDS,
+    AuxHead,
+    ChannelAttention,
+    ConvClassifier,
+    LogitsAndFeatures,
+    PixelShuffleNet,
+    SplitCat,
+    TensorSplitResidual,
+    TinyShuffle,
+)
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -298,3 +308,83 @@ def test_torchvision_models_from_the_issue(name, global_pruning):
         assert "classifier.1" in plan.names
     else:  # channel shuffles / training-only heads: layers left alone, with a reason
         assert plan.left_alone()
+
+
+# ------------------------------------------------------------------ limits on torch-pruning's graph work (issue 24)
+
+
+def test_bounded_stops_a_runaway_loop_and_names_the_module_it_was_at():
+    import signal
+
+    from convsim_shrink.prune.safety import GraphLimitError, GraphLimits, bounded, graph_limits
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1))
+    before = signal.getsignal(signal.SIGALRM)
+
+    def walk(node):  # a stand-in for torch-pruning's walk: a local holds the module it is following
+        while True:
+            node = node
+
+    with graph_limits(GraphLimits(seconds=0.5)), pytest.raises(GraphLimitError) as err:
+        with bounded("walking", model):
+            walk(model[1])
+    assert err.value.module == "1"
+    assert str(err.value) == "torch-pruning passed its time limit of 0.5 s (prune.graph_seconds) while walking at 1"
+    assert signal.getsignal(signal.SIGALRM) is before  # the caller's handler is back
+
+
+def test_bounded_stops_runaway_memory_and_lets_quick_work_through():
+    from convsim_shrink.prune.safety import GraphLimitError, GraphLimits, bounded, graph_limits
+    from convsim_shrink.prune.safety.limits import resident_bytes
+
+    if resident_bytes() is None:
+        pytest.skip("resident memory is not readable here (/proc)")
+    hoard = []
+    with graph_limits(GraphLimits(seconds=60, memory_gb=0.05)):
+        with bounded("quick work"):
+            total = sum(range(1000))
+        assert total == 499500
+        with pytest.raises(GraphLimitError, match=r"memory limit of 0.05 GB \(prune.graph_memory_gb; it had grown by"):
+            with bounded("hoarding"):
+                while True:
+                    hoard.append(bytearray(1 << 20))
+    del hoard
+
+
+@pytest.mark.parametrize("make, looping", [(TensorSplitResidual, "branch.0"), (ChannelAttention, "qkv")])
+def test_a_group_torch_pruning_cannot_finish_is_left_alone_and_the_rest_prunes(make, looping):
+    from convsim_shrink.prune.safety import GraphLimits, graph_limits
+
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with graph_limits(GraphLimits(seconds=3.0)):  # building any group here takes well under a second
+        plan = plan_ignored_layers(model, x)
+        assert plan.refused is None
+        entry = next(e for e in plan.entries if e.kind == "graph-limit")
+        assert entry.name == looping and "within its time limit of 3 s (prune.graph_seconds)" in entry.reason
+        prune = functools.partial(prune_to_target, model, x, tp.importance.MagnitudeImportance(), target_params=0.5, global_pruning=True)
+        result, plan = prune_safely(model, x, prune, plan=plan)
+    assert 0.45 <= result.params_ratio <= 0.5 and (result.params_ratio >= 0.49 or "more than 0.01 below" in result.note)
+    assert result.model(x).shape == (2, 10)
+    assert dict(result.model.named_modules())[looping].out_channels == dict(model.named_modules())[looping].out_channels
+
+
+def test_a_dependency_graph_past_its_limit_refuses_in_one_line_naming_the_module(monkeypatch):
+    from convsim_shrink.prune.safety import GraphLimits, graph_limits
+
+    def endless(self, model, example_inputs, **kw):  # as a graph build that never ends, at one module
+        module = model.features[1]
+        while True:
+            module = module
+
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", endless)
+    model = nn.Sequential()
+    model.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
+    model.pool, model.flat, model.fc = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+    with graph_limits(GraphLimits(seconds=0.5)):
+        plan = plan_ignored_layers(model, torch.randn(1, 3, 12, 12))
+    assert plan.refused == ("torch-pruning passed its time limit of 0.5 s (prune.graph_seconds) while building the "
+                            "dependency graph at features.1")
+    with pytest.raises(ConvSimError, match="^cannot prune this model: torch-pruning passed its time limit"):
+        prune_safely(model, torch.randn(1, 3, 12, 12), lambda ignored_layers: None, plan=plan)

@@ -45,6 +45,7 @@ from ..export.load import load
 from ..io import atomic_write_text
 from ..models.adapt import dense_stages, restore_dtype, to_float32
 from ..prune.ranking import get_criterion
+from ..prune.safety import GraphLimits, graph_limits
 from ..recipe import Recipe
 from ..sources import parse_spec, resolve_source
 from ..train import (
@@ -429,7 +430,9 @@ class Runner:
     def run(self) -> ShrinkResult:
         """Every stage not yet finished, in order; under ``torchrun`` inside the process group
         (:func:`~convsim_shrink.train.distributed.session`), in rank 0's run directory."""
-        with distributed.session(self.device, self.recipe.run.dist_timeout):
+        r = self.recipe
+        limits = GraphLimits(seconds=r.prune.graph_seconds, memory_gb=r.prune.graph_memory_gb)
+        with distributed.session(self.device, r.run.dist_timeout), graph_limits(limits):
             if distributed.world_size() > 1:  # each process may have made up its own default name
                 chosen = distributed.broadcast_json(str(self.run_dir) if self.run_dir else None)
                 self.run_dir = Path(chosen) if chosen else None

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import classifier_of, evaluating
+from .safety.limits import GraphLimitError, bounded
 from .sparsity import GroupNormRegularizer
 
 
@@ -137,12 +138,13 @@ def layer_floors(channels: dict[str, int], max_layer_ratio: float, round_to: int
 def group_roots(model, example_inputs, ignored) -> list[str]:
     """Names of the root modules of the model's prunable groups, in network order."""
     names = {id(m): n for n, m in model.named_modules()}
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     roots = []
-    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
-        name = names.get(id(group[0].dep.target.module))
-        if name is not None and name not in roots:
-            roots.append(name)
+    with bounded("listing the channel groups", model):
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
+            name = names.get(id(group[0].dep.target.module))
+            if name is not None and name not in roots:
+                roots.append(name)
     return roots
 
 
@@ -161,7 +163,7 @@ def prune_copy(model, example_inputs, importance, ratio, *, round_to, global_pru
     trial_modules = dict(trial.named_modules())
     ignored_layers = [trial_modules[n] for n, m in names.items() if any(m is i for i in ignored)]
     ratio_dict = {trial_modules[n]: r for n, r in (overrides or {}).items()} or None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), bounded("pruning a candidate", trial):
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MetaPruner(
             trial,
@@ -225,7 +227,8 @@ def group_sparsity_regularizer(
     ``example_inputs``: one batch the model accepts, ``(N, C, H, W)`` for image models (traced once, in
     eval mode, so batch-norm statistics are not touched).  ``coefficient`` in the units of weight decay
     (per step, times the learning rate).  ``vectorised=False``: the library's own per-group loop (slow;
-    the tests' reference).  Raises :class:`ConfigError` if ``coefficient`` is not positive.
+    the tests' reference).  Raises :class:`ConfigError` if ``coefficient`` is not positive, and
+    :class:`~convsim_shrink.prune.safety.GraphLimitError` when torch-pruning's groups pass the graph limits.
     """
     if not coefficient > 0:
         raise ConfigError(f"group sparsity coefficient must be positive, got {coefficient}")
@@ -233,14 +236,18 @@ def group_sparsity_regularizer(
     head = classifier_of(model)
     if head is not None and all(head is not m for m in ignored):
         ignored.append(head)
-    with evaluating(model):
-        pruner = _GroupSparsity(  # traces with autograd on (the dependency graph needs it)
-            model, example_inputs, tp.importance.GroupMagnitudeImportance(p=2), reg=coefficient,
-            ignored_layers=ignored, root_module_types=[nn.modules.conv._ConvNd, nn.Linear],
-        )
+    try:
+        with evaluating(model), bounded("building the pruning-aware regulariser's channel groups", model):
+            pruner = _GroupSparsity(  # traces with autograd on (the dependency graph needs it)
+                model, example_inputs, tp.importance.GroupMagnitudeImportance(p=2), reg=coefficient,
+                ignored_layers=ignored, root_module_types=[nn.modules.conv._ConvNd, nn.Linear],
+            )
+            vectorised_regularizer = GroupNormRegularizer(pruner) if vectorised else None
+    except GraphLimitError as exc:
+        raise GraphLimitError(f"{exc} (train.sparsity=0 trains without the regulariser)", exc.module, exc.limit) from None
 
-    if vectorised:
-        return GroupNormRegularizer(pruner).regularize
+    if vectorised_regularizer is not None:
+        return vectorised_regularizer.regularize
 
     def regularize() -> None:
         pruner.regularize(model)

@@ -24,6 +24,12 @@ alone, each with a one-line reason, in two passes:
      invisible to torch-pruning, which traces in evaluation mode, so the layers feeding them keep their
      channel count.
 
+   * ``graph-limit``: layers whose channel group torch-pruning could not finish building within the
+     limits of :mod:`.limits` (``prune.graph_seconds``, ``prune.graph_memory_gb``): its walk of the
+     dependency graph never ends on some index mappings (a ``tensor_split`` in a residual block, an
+     attention block's q, k, v chunked from one conv), so each group is built under a bound and the
+     ones that pass it are left alone;
+
 2. **Trials** (the safety net for everything the rules do not know): a copy of the model is pruned
    with torch-pruning's ``MetaPruner`` (magnitude importance, half the channels of every group) and
    checked by :func:`verify_pruned`: it must run in both modes, give outputs of the same shapes, and,
@@ -48,6 +54,7 @@ from typing import Any
 from torch import nn
 
 from ...errors import ConvSimError
+from .limits import GraphLimitError, GraphLimits, bounded, graph_limits
 from .plan import REASONS, Ignored, IgnorePlan, PruningError
 from .rules import RULES, apply_rules
 from .tracing import Trace, record_trace, tolerant_tracing
@@ -103,10 +110,15 @@ def plan_ignored_layers(
     try:
         work = copy.deepcopy(model).eval()
         with tolerant_tracing():
-            groups = prunable_groups(work, example_inputs, plan.modules(work))
+            groups, over = prunable_groups(work, example_inputs, plan.modules(work))
+    except GraphLimitError as exc:
+        plan.refused = str(exc)
+        return plan
     except Exception as exc:
         plan.refused = f"torch-pruning cannot build this model's dependency graph ({describe_error(exc)})"
         return plan
+    for name, limit in over:
+        plan.add(name, "graph-limit", f"torch-pruning did not finish following its channels within {limit}")
     candidates = [g for g in groups if not any(m in plan for m in g.members)]
     bisect_groups(model, example_inputs, signature, plan, candidates, groups, settings, check_function, max_trials)
     if not [g for g in groups if not any(m in plan for m in g.members)]:
@@ -171,7 +183,7 @@ def prune_safely(
 
 
 __all__ = [
-    "Ignored", "IgnorePlan", "OutputSignature", "PruningError", "TrialSettings", "REASONS",
+    "GraphLimitError", "GraphLimits", "Ignored", "IgnorePlan", "OutputSignature", "bounded", "graph_limits", "PruningError", "TrialSettings", "REASONS",
     "RULES", "Trace", "output_signature", "plan_ignored_layers", "prune_safely", "raised_in_torch_pruning", "record_trace",
     "tolerant_tracing",
     "verify_pruned",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .limits import GraphLimitError, bounded
 from .plan import IgnorePlan
 from .tracing import PRUNABLE, ZERO_DIM1, ZERO_DIMLAST, flatten, tolerant_tracing
 from .verify import (
@@ -45,20 +46,43 @@ class Group:
     zeroable: bool  # every member's outputs can be zeroed per channel (no cross-channel norms)
 
 
-def prunable_groups(model: nn.Module, example_inputs, ignored: list[nn.Module]) -> list[Group]:
+def prunable_groups(model: nn.Module, example_inputs, ignored: list[nn.Module]) -> tuple[list[Group], list[tuple[str, str]]]:
+    """Torch-pruning's groups of ``model`` rooted at a prunable layer (as its ``get_all_groups`` finds
+    them, ``ignored`` modules' groups left out), each built under :func:`~.limits.bounded`; and the root
+    layers whose group passed the limits, each with the limit it passed (their groups are left out).
+
+    Raises :class:`~.limits.GraphLimitError` when building the dependency graph itself passes them."""
     import torch_pruning as tp
 
     names = {id(m): n for n, m in model.named_modules()}
+    groups: list[Group] = []
+    over: list[tuple[str, str]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
-        groups = []
-        for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=list(PRUNABLE)):
-            members, zeroable = [], True
+        with bounded("building the dependency graph", model):
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        skip = {id(m) for m in [*ignored, *dg.IGNORED_LAYERS_IN_TRACING]}
+        visited: set[int] = set()
+        for root in list(dg.module2node):  # torch-pruning's get_all_groups, one bounded group at a time
+            if id(root) in skip or id(root) in visited or not isinstance(root, PRUNABLE):
+                continue
+            pruner = dg.get_pruner_of_module(root)
+            channels = pruner.get_out_channels(root) if pruner is not None else None
+            if channels is None:
+                continue
+            try:
+                with bounded("building this layer's channel group", model):
+                    group = dg.get_pruning_group(root, pruner.prune_out_channels, list(range(channels)))
+            except GraphLimitError as exc:
+                over.append((names.get(id(root), type(root).__name__), exc.limit))
+                continue
+            members, zeroable, usable = [], True, True
             for dep, _ in group:
                 target = dep.target.module
                 if not dg.is_out_channel_pruning_fn(dep.handler) or isinstance(target, nn.Parameter):
                     continue
+                visited.add(id(target))
+                usable = usable and id(target) not in skip
                 name = names.get(id(target))
                 if name is None:
                     continue
@@ -66,9 +90,9 @@ def prunable_groups(model: nn.Module, example_inputs, ignored: list[nn.Module]) 
                     members.append(name)
                 if out_dim(target) is None:
                     zeroable = False
-            if members:
+            if members and usable:
                 groups.append(Group(members[0], members, zeroable))
-    return groups
+    return groups, over
 
 
 @dataclass
@@ -95,7 +119,7 @@ def trial(model: nn.Module, example_inputs, signature: OutputSignature, ignored_
     ignored = [modules[n] for n in (ignored_names | inactive) if n in modules]
     dead: dict[str, list[int]] = {}
     try:
-        with tolerant_tracing(), warnings.catch_warnings():
+        with tolerant_tracing(), warnings.catch_warnings(), bounded("pruning a trial copy", trial):
             warnings.simplefilter("ignore")
             pruner = tp.pruner.MetaPruner(
                 trial, example_inputs, importance=tp.importance.MagnitudeImportance(),
@@ -120,6 +144,8 @@ def trial(model: nn.Module, example_inputs, signature: OutputSignature, ignored_
                         for i in reversed(gone):
                             del current[i]
                 group.prune()
+    except GraphLimitError as exc:
+        return str(exc)
     except Exception as exc:
         return f"torch-pruning raised {describe_error(exc)}"
     try:
