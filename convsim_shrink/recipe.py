@@ -233,6 +233,11 @@ class RunConfig(_Section):
 
 class Recipe(_Section):
     description: str = ""
+    expected_minutes: dict[str, float] = Field(
+        default_factory=dict,
+        description="what a run of this recipe as written took, in minutes, by machine kind ('cpu-fp32', 'cpu-bf16', "
+                    "'cuda'): the run's first line quotes the one for its device (measured, docs/BENCHMARKS.md)",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     premin: PreminConfig = Field(default_factory=PreminConfig)

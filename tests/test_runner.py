@@ -206,3 +206,23 @@ def test_the_returned_model_keeps_the_memory_format_it_came_in(channels_last):
     assert kernels
     assert all(p.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format) for p in kernels)
     assert not any(p.is_contiguous(memory_format=torch.contiguous_format if channels_last else torch.channels_last) for p in kernels)
+
+
+def test_first_line_quotes_the_recipes_measured_time_only_for_the_recipe_as_written():
+    import torch
+
+    from convsim_shrink.pipeline.runner import expected_text
+    from convsim_shrink.recipe import resolve
+    from convsim_shrink.train import resolve_precision
+
+    fp32 = resolve_precision(torch.device("cpu"), "fp32")
+    bf16 = resolve_precision(torch.device("cpu"), "bf16")
+    main_job = resolve("resnet18", overrides={"model.name": "resnet18", "prune.target_params": 0.5, "run.quiet": True})
+    minutes = main_job.expected_minutes
+    assert set(minutes) == {"cpu-fp32", "cpu-bf16"}  # the shipped main recipe carries both measurements
+    assert expected_text(main_job, fp32) == f"; expected: about {minutes['cpu-fp32']:g} min (the recipe as written, measured on a 2-core cpu-fp32 machine)"
+    assert f"about {minutes['cpu-bf16']:g} min" in expected_text(main_job, bf16)
+    assert expected_text(resolve("resnet18", overrides={"train.epochs": 1}), fp32) == ""  # no longer the recipe measured
+    assert expected_text(resolve("resnet18", sets=["data.subset=600"]), fp32) == ""
+    assert expected_text(resolve(None), fp32) == ""  # built-in defaults: nothing measured
+    assert expected_text(resolve({"expected_minutes": {"cpu-fp32": 3}}), fp32) == ""  # a dict is not a recipe file

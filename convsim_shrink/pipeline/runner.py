@@ -46,7 +46,7 @@ from ..io import atomic_write_text
 from ..models.adapt import dense_stages, restore_dtype, to_float32
 from ..prune.ranking import get_criterion
 from ..prune.safety import GraphLimits, graph_limits
-from ..recipe import Recipe
+from ..recipe import Recipe, resolve
 from ..sources import parse_spec, resolve_source
 from ..train import (
     distributed,
@@ -123,6 +123,35 @@ def default_run_dir(model_name: str) -> Path:
 
 #: seconds the report's dense-vs-shrunk timing may take per batch size (a slow model is timed fewer times)
 SPEED_BUDGET_S = 20.0
+
+
+def machine_kind(precision) -> str:
+    """``'cuda'``, ``'cpu-bf16'`` or ``'cpu-fp32'``: the keys of a recipe's ``expected_minutes``."""
+    if precision.device.type == "cuda":
+        return "cuda"
+    return f"{precision.device.type}-{'bf16' if precision.dtype is not None else 'fp32'}"
+
+
+def runs_as_written(recipe: Recipe) -> bool:
+    """Whether the stages that take the time (model, data, pre-minimisation, training, fine-tuning) are
+    set as in the recipe file the run came from, with no command-line or ``--set`` change to them."""
+    source = recipe.run.recipe_source
+    if not source:
+        return False
+    try:
+        written = resolve(source.split(" (shipped: ")[0])
+    except ConvSimError:
+        return False
+    return all(getattr(recipe, s) == getattr(written, s) for s in ("model", "data", "premin", "train", "finetune"))
+
+
+def expected_text(recipe: Recipe, precision) -> str:
+    """``'; expected: about 28 min (...)'``, what the recipe as written took on this kind of machine where it
+    was measured (its ``expected_minutes``), or ``''`` when it has no measurement for this kind."""
+    minutes = recipe.expected_minutes.get(machine_kind(precision))
+    if minutes is None or not runs_as_written(recipe):
+        return ""
+    return f"; expected: about {minutes:g} min (the recipe as written, measured on a 2-core {machine_kind(precision)} machine)"
 
 
 class Runner:
@@ -442,7 +471,8 @@ class Runner:
         self.prepare()
         r = self.recipe
         self.state.processes = distributed.describe(r.train.batch_size, self.device)
-        self.log(f"device: {resolve_precision(self.device, r.train.precision, r.train.channels_last).describe()}"
+        precision = resolve_precision(self.device, r.train.precision, r.train.channels_last)
+        self.log(f"device: {precision.describe()}" + expected_text(r, precision)
                  + (f"; run directory: {self.run_dir}" if self.run_dir else ""))
         self.log(f"recipe: {r.run.recipe_source or 'built-in defaults (no recipe file)'}")
         p = self.state.processes
