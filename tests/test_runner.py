@@ -226,3 +226,16 @@ def test_first_line_quotes_the_recipes_measured_time_only_for_the_recipe_as_writ
     assert expected_text(resolve("resnet18", sets=["data.subset=600"]), fp32) == ""
     assert expected_text(resolve(None), fp32) == ""  # built-in defaults: nothing measured
     assert expected_text(resolve({"expected_minutes": {"cpu-fp32": 3}}), fp32) == ""  # a dict is not a recipe file
+
+
+@pytest.mark.parametrize("accuracy, classes, near", [
+    (10.3, 10, True), (14.9, 10, True), (15.1, 10, False), (93.0, 10, False),
+    (55.0, 2, True), (61.0, 2, False), (0.12, 1000, True), (0.2, 1000, False), (None, 10, False), (50.0, None, False),
+])
+def test_a_dense_model_near_chance_gets_a_note(accuracy, classes, near):
+    from convsim_shrink.pipeline.runner import chance_note
+
+    note = chance_note(accuracy, classes)
+    assert (note is not None) == near
+    if near:
+        assert note.startswith(f"the dense model is near chance ({accuracy:.2f}% top-1 for {classes} classes") and "--epochs" in note

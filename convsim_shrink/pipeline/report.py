@@ -72,7 +72,7 @@ def build_report(recipe, state: RunState, data) -> dict[str, Any]:
         "target_latency": recipe.prune.target_latency,
         "ignored_layers": plan.get("ignored", []),
         "data_notes": list(getattr(data, "notes", None) or []),
-        "notes": [n for n in (m.dtype_note, m.prune_note, m.validation_note) if n],
+        "notes": [n for n in (m.dtype_note, m.chance_note, m.prune_note, m.validation_note) if n],
         # prune.max_accuracy_drop: every size tried, the choice (on validation) and the fine-tunings it took
         "size_search": m.search,
         # processes of the (latest) start and the batch they shared: train.batch_size is the global batch

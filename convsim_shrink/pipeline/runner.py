@@ -132,6 +132,18 @@ def machine_kind(precision) -> str:
     return f"{precision.device.type}-{'bf16' if precision.dtype is not None else 'fp32'}"
 
 
+def chance_note(accuracy: float | None, classes: int | None) -> str | None:
+    """A note when the dense top-1 (%) is near chance for ``classes`` classes (below 1.5x chance, and
+    within 10 points of it): what pruning then keeps or loses says nothing."""
+    if accuracy is None or not classes or classes < 2:
+        return None
+    chance = 100.0 / classes
+    if accuracy >= min(1.5 * chance, chance + 10.0):
+        return None
+    return (f"the dense model is near chance ({accuracy:.2f}% top-1 for {classes} classes, chance {chance:.3g}%): the "
+            "shrunk model's accuracy will say little; train longer (--epochs), or check the data and train.lr")
+
+
 def runs_as_written(recipe: Recipe) -> bool:
     """Whether the stages that take the time (model, data, pre-minimisation, training, fine-tuning) are
     set as in the recipe file the run came from, with no command-line or ``--set`` change to them."""
@@ -349,6 +361,10 @@ class Runner:
         )
         n = getattr(self.data.test, "num_samples", "the")
         self.log(f"dense model: {out.accuracy:.2f}% top-1 on {n} test images")
+        note = chance_note(out.accuracy, getattr(self.data.info, "num_classes", None))
+        if note:
+            self.state.metrics.chance_note = note
+            console.print(f"note: {note}", soft_wrap=True)
         self.dense = self.model
         self.state.history_train = out.history
         self.state.metrics.dense_accuracy, self.state.metrics.cs_after_train = out.accuracy, out.cs

@@ -58,6 +58,7 @@ class Metrics:
     speed: list[dict[str, Any]] | None = None  # dense vs shrunk latency rows (deploy.speed_rows)
     #: prune.max_accuracy_drop: the size search's candidates and choice (sizesearch.SearchRecord.to_dict())
     search: dict[str, Any] | None = None
+    chance_note: str | None = None  # the dense model's top-1 is near chance
     validation_note: str | None = None  # images the run held out of training for the size search's validation
 
     def to_dict(self) -> dict[str, Any]:
