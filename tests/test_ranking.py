@@ -196,3 +196,27 @@ def test_bad_criterion_options_are_config_errors(name, options, message):
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         make_importance(name, **options)
+
+
+@pytest.mark.slow
+def test_convsim_taylor_prunes_timms_ghostnet():
+    # GhostNet's modules concatenate two halves and slice the result: torch-pruning's Taylor importance
+    # scores some of its groups over fewer channels than the group's root has, which the greedy removal
+    # could not take (issue 24's coverage: "size of tensor a (8) must match ... (4)")
+    timm = pytest.importorskip("timm")
+    import functools
+
+    import torch.nn.functional as F
+
+    from convsim_shrink.prune.safety import prune_safely
+    from convsim_shrink.prune.search import prune_to_target
+
+    torch.manual_seed(0)
+    model = timm.create_model("ghostnet_050", num_classes=10)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+    model.eval()
+    prune = functools.partial(prune_to_target, model, x, make_importance("convsim-taylor"), target_params=0.5, global_pruning=True)
+    result, _ = prune_safely(model, x, prune)
+    assert 0.49 <= result.params_ratio <= 0.5
+    assert result.model(x).shape == (2, 10)

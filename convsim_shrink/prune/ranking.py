@@ -103,7 +103,8 @@ class ConvSimImportance(tp.importance.Importance):
     calibration batches) instead of the weights' L2 norm; ``magnitude=False`` ranks by redundancy alone.
 
     Depthwise convs are skipped (a single filter per group has no partner), as are grouped convs; a
-    group without a scoreable conv falls back to the magnitude.
+    group without a scoreable conv, or whose magnitude torch-pruning gives over another number of channels
+    than the group's root has, falls back to the magnitude.
     """
 
     def __init__(self, strength: float = 1.0, magnitude: bool | str = True):
@@ -138,6 +139,10 @@ class ConvSimImportance(tp.importance.Importance):
             sim_sum += placed
             counted += 1
         magnitude = self._magnitude(group)
+        if magnitude is not None and magnitude.numel() != n:
+            # torch-pruning scored the group over another index set than its root's (GhostNet's concat
+            # then slice: Taylor importance counts only the channels that survive the slice); rank as it does
+            counted = 0
         if counted == 0:
             if magnitude is None:
                 return None
