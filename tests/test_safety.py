@@ -358,11 +358,11 @@ def test_a_group_torch_pruning_cannot_finish_is_left_alone_and_the_rest_prunes(m
     torch.manual_seed(0)
     model = make().eval()
     x = torch.randn(2, 3, 16, 16)
-    with graph_limits(GraphLimits(seconds=3.0)):  # building any group here takes well under a second
+    with graph_limits(GraphLimits(seconds=8.0)):  # building any other group here takes well under a second, even on a busy machine
         plan = plan_ignored_layers(model, x)
         assert plan.refused is None
         entry = next(e for e in plan.entries if e.kind == "graph-limit")
-        assert entry.name == looping and "within its time limit of 3 s (prune.graph_seconds)" in entry.reason
+        assert entry.name == looping and "within its time limit of 8 s (prune.graph_seconds)" in entry.reason
         prune = functools.partial(prune_to_target, model, x, tp.importance.MagnitudeImportance(), target_params=0.5, global_pruning=True)
         result, plan = prune_safely(model, x, prune, plan=plan)
     assert 0.45 <= result.params_ratio <= 0.5 and (result.params_ratio >= 0.49 or "more than 0.01 below" in result.note)
