@@ -26,7 +26,7 @@ SETS = [
 
 #: the keys of report.json (its content must not change with the pipeline's wiring)
 REPORT_KEYS = {
-    "model", "recipe", "width", "dataset", "test_images", "criterion", "global_pruning", "distill", "target", "dense", "shrunk",
+    "model", "recipe", "width", "dataset", "test_images", "criterion", "global_pruning", "distill", "finetune_epochs", "target", "dense", "shrunk",
     "params_ratio", "macs_ratio", "accuracy_delta", "cs", "stages", "total_seconds", "exports", "onnx_max_abs_diff", "pt2_max_abs_diff", "int8", "speed", "target_latency",
     "source", "ignored_layers", "data_notes", "notes",
     "world_size", "global_batch", "per_process_batch", "prune_steps", "compensate", "compensation", "size_search",
