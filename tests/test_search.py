@@ -80,6 +80,37 @@ def test_bisect_lands_the_quadratic_size_in_its_window():
     assert quadratic(lo, None, None, None)["params"] > 0.5  # lo never fits
 
 
+def test_interpolation_lands_a_quadratic_size_in_fewer_trials_than_bisection():
+    runs = {}
+    for interpolate in (False, True):
+        state = FakeState(settings(target_params=0.5, tolerance=0.01), quadratic)
+        found = state.trial(0.9)
+        lo, hi, best = bisect(state, 0.0, 0.9, found, budget=40, lo_fracs={"params": 1.0} if interpolate else None)
+        assert state.in_window(best) and quadratic(lo, None, None, None)["params"] > 0.5 and best.ratio == hi
+        runs[interpolate] = state.trials - 1
+    assert runs[True] == 1 and runs[False] >= 4, runs  # sqrt(size) is linear in the ratio: one step
+
+
+def test_interpolation_still_narrows_the_interval_where_the_size_is_not_quadratic():
+    def cubic_then_flat(ratio, overrides, limit, rounding):  # far from the sqrt model: steep, then flat
+        return {"params": max(0.3, (1 - ratio) ** 6)}
+
+    state = FakeState(settings(target_params=0.5, tolerance=0.001), cubic_then_flat)
+    found = state.trial(0.9)
+    lo, hi, best = bisect(state, 0.0, 0.9, found, budget=60, lo_fracs={"params": 1.0})
+    assert state.in_window(best), (lo, hi, best.fracs)
+    assert cubic_then_flat(lo, None, None, None)["params"] > 0.5 >= best.fracs["params"]
+    assert state.trials - 1 <= 20  # each step keeps at most 4/5 of the interval
+
+
+def test_a_latency_target_bisects_at_the_midpoint():
+    state = FakeState(settings(target_params=None, target_latency=0.5, latency_tolerance=0.01),
+                      lambda r, o, li, ro: {"latency": (1 - r) ** 2})
+    found = Candidate(nn.Conv2d(1, 1, 1), Size(0, 0), {"latency": 0.01}, 0.9)
+    bisect(state, 0.0, 0.9, found, budget=1, lo_fracs={"latency": 1.0})
+    assert state.calls == [(0.45, None)]
+
+
 def test_bisect_stops_at_its_trial_budget():
     state = FakeState(settings(target_params=0.5, tolerance=1e-6), quadratic)
     found = state.trial(0.9)

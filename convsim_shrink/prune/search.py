@@ -363,17 +363,33 @@ def probe(state: SearchState) -> Candidate:
     return found
 
 
-def bisect(state: SearchState, lo: float, hi: float, best: Candidate, budget: int) -> tuple[float, float, Candidate]:
+def bisect(state: SearchState, lo: float, hi: float, best: Candidate, budget: int,
+           lo_fracs: dict[str, float] | None = None) -> tuple[float, float, Candidate]:
     """The smallest channel ratio in (``lo``, ``hi``] whose candidate fits, bisecting until the binding
     target is in its window, ``state.trials`` reaches ``budget`` or the interval is below 1e-4.
-    ``best`` fits at ``hi``.  Returns the final ``(lo, hi, best)``."""
+    ``best`` fits at ``hi``.  Returns the final ``(lo, hi, best)``.
+
+    With ``lo_fracs`` (the measured fractions at ``lo``) and a parameters or MACs target binding, each
+    step is an interpolation instead of the midpoint: both counts fall about as the square of the kept
+    channel fraction (a layer's weights are ``C_out * C_in``), so ``sqrt(fraction)`` is close to linear in
+    the ratio, and the next ratio is where that line meets the middle of the target's window.  It is kept
+    at least a fifth of the interval from either end, so a model that is not quadratic still narrows the
+    interval as bisection does; the invariants (``lo`` too big, ``hi`` fits) are the same."""
+    s = state.settings
     while state.trials < budget and not state.in_window(best):
         mid = 0.5 * (lo + hi)
+        kind = state.binding(best)
+        if lo_fracs is not None and kind != "latency" and kind in lo_fracs:
+            aim = math.sqrt(max(s.targets[kind] - 0.5 * s.tolerances[kind], 1e-12))
+            a, b = math.sqrt(lo_fracs[kind]), math.sqrt(best.fracs[kind])
+            if a > b:
+                mid = lo + (a - aim) / (a - b) * (hi - lo)
+                mid = min(max(mid, lo + 0.2 * (hi - lo)), hi - 0.2 * (hi - lo))
         c = state.trial(mid)
         if state.fits(c):
             hi, best = mid, c
         else:
-            lo = mid
+            lo, lo_fracs = mid, (c.fracs if lo_fracs is not None else None)
         if hi - lo < 1e-4:
             break
     return lo, hi, best
@@ -574,7 +590,7 @@ def prune_to_target(
         )
 
     found = probe(state)
-    lo_ratio, hi_ratio, best = bisect(state, 0.0, found.ratio, found, max_trials)
+    lo_ratio, hi_ratio, best = bisect(state, 0.0, found.ratio, found, max_trials, lo_fracs=current.fracs)
     best = refine(state, lo_ratio, hi_ratio, best)
     best, notes = confirm_latency(state, found, lo_ratio, hi_ratio, best)
     if state.fits(best) and not state.in_window(best):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..index_cache import cached_index_mapping
 from .plan import PruningError
 
 TICK = 0.2  # seconds between two checks
@@ -99,10 +100,19 @@ def module_at(frame, names: dict[int, str]) -> str | None:
 def bounded(what: str, model: nn.Module | None = None) -> Iterator[None]:
     """Run the block under :func:`current_limits`; past either limit, raise :class:`GraphLimitError`
     (one line: ``what``, the limit and its recipe key, and the module of ``model`` being worked on).
+    Inside it torch-pruning also recomputes its index mappings only after a pruning
+    (:func:`~convsim_shrink.prune.index_cache.cached_index_mapping`: the same groups, faster).
 
     ``what`` completes "torch-pruning ... passed": e.g. ``"building the dependency graph"``.  Signals
     interrupt Python code only between bytecodes, so a limit is noticed once a long C call returns.
     """
+    with cached_index_mapping():
+        with _limited(what, model):
+            yield
+
+
+@contextlib.contextmanager
+def _limited(what: str, model: nn.Module | None) -> Iterator[None]:
     if (getattr(_ACTIVE, "on", False) or threading.current_thread() is not threading.main_thread()
             or not hasattr(signal, "setitimer")):
         yield
