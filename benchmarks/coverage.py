@@ -10,7 +10,8 @@ pruned model, which must give a finite loss.  Each model runs in its own process
 
 Status: ``shrunk`` (only the output layers kept whole), ``shrunk, N left alone`` (N more layers kept
 whole, with the reasons), ``refused`` (a one-line ConvSimError before any training, with the reason),
-``timeout``/``skipped``, or ``CRASH`` (any other exception: a bug).
+``timeout``/``skipped``, ``out of memory`` (past the process's ``--memory-gb`` address-space cap, 16 GB by
+default), or ``CRASH`` (any other exception: a bug).
 
     nice -n 10 python benchmarks/coverage.py --out bench-out/coverage            # every model
     python benchmarks/coverage.py --out bench-out/coverage --models resnet18 squeezenet1_1
@@ -109,12 +110,25 @@ def run_one(name: str, *, size: int = 64, criterion: str = "convsim-taylor", tar
     except ConvSimError as exc:
         row["status"] = "refused"
         row["reason"] = str(exc)
+    except MemoryError as exc:  # the process's cap (--memory-gb), not a bug of the tool
+        row["status"] = "out of memory"
+        row["reason"] = f"MemoryError under the benchmark's address-space cap {str(exc)[:100]}"
     except Exception as exc:  # a bug: keep where it happened
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         row["status"] = "CRASH"
+        if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
+            row["status"] = "out of memory"
         row["reason"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''} ({frame.filename.rsplit('/', 1)[-1]}:{frame.lineno})"
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
+
+
+def _cap_memory(gb: float) -> None:
+    """In the child process: cap its address space (ulimit -v), so that one model cannot take the machine."""
+    import resource
+
+    cap = int(gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
 
 def classification_models() -> list[str]:
@@ -175,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=600, help="seconds per model")
     p.add_argument("--max-params", type=float, default=150, help="skip models with more parameters (millions)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--memory-gb", type=float, default=16, help="address-space cap of each model's process (ulimit -v)")
     p.add_argument("--table", action="store_true", help="print the table of OUT/results.json and exit")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model, print its row as JSON
     args = p.parse_args(argv)
@@ -204,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
                 cmd.append("--local")
             t0 = time.perf_counter()
             try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                                      preexec_fn=functools.partial(_cap_memory, args.memory_gb))
                 lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
                 if lines:
                     results[name] = json.loads(lines[-1])

@@ -157,6 +157,10 @@ class PruneConfig(_Section):
     compensation_batches: int = Field(
         16, ge=1, description="training batches whose layer inputs the compensation (and the residual criterion) is fitted on",
     )
+    compensation_rows: int | None = Field(
+        4096, ge=1, description="rows (images x positions) of each layer's input sampled from each statistics batch "
+                                "(null: every row); the float64 products cost rows x channels^2",
+    )
     compensation_ridge: float = Field(
         1e-3, ge=0, le=1, description="ridge of the compensation's least squares, relative to the kept channels' mean variance",
     )

@@ -71,6 +71,28 @@ def test_statistics_match_the_layers_inputs_gathered_by_hand():
     assert not m.training
 
 
+def test_sampled_statistics_keep_whole_rows_and_are_reproducible():
+    """max_rows samples rows (images x positions), never channels apart: an exact linear relation between
+    channels holds on the sample, so the fit recovers it; the same data give the same statistics."""
+    torch.manual_seed(0)
+    m = _redundant_model()
+    x = torch.randn(64, 3, 8, 8)  # 16 x 64 = 1024 rows a batch at layer "2"
+    full = collect_input_statistics(m, _loader(x), batches=4, max_rows=None)
+    sampled = collect_input_statistics(m, _loader(x), batches=4, max_rows=100)
+    again = collect_input_statistics(m, _loader(x), batches=4, max_rows=100)
+    assert full.count["2"] == 4 * 1024 and sampled.count["2"] == 4 * 100
+    assert torch.equal(sampled.products["2"], again.products["2"]) and torch.equal(sampled.sums["2"], again.sums["2"])
+    assert not torch.equal(sampled.products["2"], full.products["2"] * 100 / 1024)
+    a, b = least_squares(sampled, "2", removed=[7], kept=[0, 1, 2, 3, 4, 5, 6], ridge=0.0)
+    torch.testing.assert_close(a[:2, 0], torch.tensor([0.7, -1.3], dtype=torch.float64), atol=1e-6, rtol=0)
+    assert abs(float(a[2:, 0].abs().max())) < 1e-6 and abs(float(b[0]) - 0.25) < 1e-5
+    # a sample's moments estimate the full ones (400 rows of 8 channels)
+    torch.testing.assert_close(sampled.covariance("2"), full.covariance("2"), atol=0.25 * float(full.covariance("2").diagonal().max()), rtol=0)
+    assert sampled.count["7"] == full.count["7"] == 64  # the linear layer's rows (one per image) are under the cap
+    with pytest.raises(ConfigError, match="max_rows"):
+        collect_input_statistics(m, _loader(x), batches=1, max_rows=0)
+
+
 def test_statistics_stop_after_the_asked_batches_and_skip_grouped_convs():
     m = nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 2, 1))
     x = torch.randn(48, 4, 5, 5)

@@ -310,7 +310,8 @@ def prune_stage(
                     model, example_inputs, autocorrelation=cfg.compensation_autocorrelation)
             else:
                 with _fixed_order(data.train) as train:
-                    statistics["now"] = collect_input_statistics(model, train, cfg.compensation_batches)
+                    statistics["now"] = collect_input_statistics(model, train, cfg.compensation_batches,
+                                                                  max_rows=cfg.compensation_rows)
 
     def make_importance():
         importance = criterion.create(**options)

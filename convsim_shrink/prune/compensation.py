@@ -50,6 +50,7 @@ from ..train.device import Precision, resolve_precision
 #: modules other than convs and linears that combine channels (a removed channel changes what they compute)
 _MIXING = (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention, nn.LocalResponseNorm)
 MAX_FEATURES = 4096  # inputs of one consumer whose covariance is kept (float64: 128 MiB at the limit)
+MAX_ROWS = 4096  # rows (images x positions) of one consumer's input kept from each batch (recipe: prune.compensation_rows)
 
 
 def _consumer_kind(module: nn.Module, max_features: int) -> str | None:
@@ -122,10 +123,18 @@ def collect_input_statistics(
     *,
     prec: Precision | None = None,
     max_features: int = MAX_FEATURES,
+    max_rows: int | None = MAX_ROWS,
 ) -> InputStatistics:
     """The input moments of every conv (``groups=1``) and linear layer of ``model`` over the first
     ``batches`` batches of ``loader``, in one pass in eval mode (as the exported model runs), fp32
     forward, float64 sums.
+
+    A conv's input gives ``N * H * W`` rows a batch (every image and position); where that is more than
+    ``max_rows``, a uniform sample of ``max_rows`` of them is kept (without replacement, seeded by the
+    layer and the batch, so the same data give the same statistics).  The float64 products cost
+    ``rows * C**2`` a layer: at 224 px the early layers' 25,000 rows a batch of 8 made the statistics the
+    stage's largest part (docs/BENCHMARKS.md, "The prune stage on large models"), while neighbouring
+    positions carry nearly the same channel mix.  ``None`` keeps every row.
 
     Under ``torchrun`` every rank reads ``batches`` batches of its shard and the sums are all-reduced,
     so every rank holds the same statistics (and compensates identically).  Raises
@@ -135,13 +144,20 @@ def collect_input_statistics(
     prec = prec or resolve_precision(device, "fp32", False)
     stats = InputStatistics()
     hooks = []
-    for name, module, c in _consumers(model, max_features, stats):
+    if max_rows is not None and max_rows < 1:
+        raise ConfigError(f"max_rows = {max_rows} must be at least 1 (or None: every row)")
+    batch_index = [0]
+    for layer_index, (name, module, c) in enumerate(_consumers(model, max_features, stats)):
         stats.count[name] = 0.0
         stats.sums[name] = torch.zeros(c, dtype=torch.float64)
         stats.products[name] = torch.zeros(c, c, dtype=torch.float64)
 
-        def hook(mod, inputs, name=name):
-            rows = _rows(mod, inputs[0].detach()).double()
+        def hook(mod, inputs, name=name, layer_index=layer_index):
+            rows = _rows(mod, inputs[0].detach())
+            if max_rows is not None and rows.shape[0] > max_rows:
+                g = torch.Generator().manual_seed(1_000_003 * layer_index + batch_index[0])
+                rows = rows[torch.randperm(rows.shape[0], generator=g)[:max_rows].to(rows.device)]
+            rows = rows.double()
             stats.count[name] += rows.shape[0]
             stats.sums[name] += rows.sum(0).cpu()
             stats.products[name] += (rows.T @ rows).cpu()
@@ -154,6 +170,7 @@ def collect_input_statistics(
         for x, _ in first_batches(loader, batches, prec):
             model(x.float() if x.is_floating_point() else x)
             used += 1
+            batch_index[0] = used
     finally:
         for h in hooks:
             h.remove()
