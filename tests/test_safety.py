@@ -358,6 +358,39 @@ def _shrinks_to_half(model, x, plan):
     return result
 
 
+class DeepBeforeConcat(nn.Module):
+    """600 element-wise nodes (300 ReLUs and adds) between a conv and a concatenation of two slices of its output (as swin_s's patch
+    merging, 18 blocks deep): torch-pruning's channel inference gives up after 500 steps and its graph build
+    fails with a TypeError."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 1), nn.Conv2d(32, 16, 1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        for _ in range(300):
+            x = torch.relu(x) + 0.0
+        x = self.conv2(torch.cat([x[:, :, 0::2], x[:, :, 1::2]], 1))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_deep_walk_to_a_concatenation_is_inferred_not_refused():
+    torch.manual_seed(0)
+    model = DeepBeforeConcat().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(TypeError):  # torch-pruning alone, at its own cap
+        tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    plan = plan_ignored_layers(model, x)
+    assert plan.refused is None, plan.summary()
+    result = _shrinks_to_half(model, x, plan)
+    assert result.model.conv1.out_channels < 16
+    from torch_pruning.dependency import constants
+
+    assert constants.MAX_RECURSION_DEPTH == 500  # restored after our calls
+
+
 def test_a_group_torch_pruning_cannot_finish_is_left_alone_and_the_rest_prunes():
     from convsim_shrink.prune.safety import GraphLimits, graph_limits
 

@@ -44,6 +44,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..train import distributed
+from .safety.limits import bounded
 from ..train.calibrate import first_batches
 from ..train.device import Precision, resolve_precision
 
@@ -283,7 +284,7 @@ def predict_input_statistics(
                     nonnegative[mod] = nonnegative.get(mod, True) and bool((x >= 0).all())
             hooks.append(module.register_forward_pre_hook(hook))
     try:
-        with torch.enable_grad():  # torch-pruning traces through autograd
+        with torch.enable_grad(), bounded("building the dependency graph", model):  # torch-pruning traces through autograd
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs.to(device))
     finally:
         for h in hooks:
@@ -317,7 +318,8 @@ def predict_input_statistics(
         cov = torch.zeros(c, c, dtype=torch.float64)
         covered = torch.zeros(c, dtype=torch.bool)
         fn = graph.get_pruner_of_module(module).prune_in_channels
-        group = graph.get_pruning_group(module, fn, idxs=list(range(c)))
+        with bounded("following this layer's input channels", model):
+            group = graph.get_pruning_group(module, fn, idxs=list(range(c)))
         for item in group:
             bn = item.dep.target.module
             if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or order.get(bn, len(order) + 1) > order[module]:

@@ -106,9 +106,32 @@ def bounded(what: str, model: nn.Module | None = None) -> Iterator[None]:
     ``what`` completes "torch-pruning ... passed": e.g. ``"building the dependency graph"``.  Signals
     interrupt Python code only between bytecodes, so a limit is noticed once a long C call returns.
     """
-    with cached_index_mapping():
+    with cached_index_mapping(), deeper_channel_inference():
         with _limited(what, model):
             yield
+
+
+#: torch-pruning's cap on the steps of its recursive channel inference, inside :func:`bounded`
+CHANNEL_INFERENCE_STEPS = 1_000_000
+
+
+@contextlib.contextmanager
+def deeper_channel_inference(steps: int = CHANNEL_INFERENCE_STEPS) -> Iterator[None]:
+    """Torch-pruning (1.6.1) gives up inferring the channels of a concatenation's inputs after 500 recursive
+    steps (``dependency.constants.MAX_RECURSION_DEPTH``, a count of steps, not of stack frames) and then fails
+    with ``TypeError: unsupported operand type(s) for +: 'int' and 'NoneType'`` while building the graph:
+    swin_s, whose patch merging concatenates four slices 18 blocks deep, was refused for it.  Inside
+    :func:`bounded` the time and memory limits bound that walk instead, so the cap is raised to ``steps``
+    for the block (and restored after).  The walk recurses in Python: one deeper than Python's recursion
+    limit (about 1,000 nodes in a row) still ends in a refusal naming the ``RecursionError``."""
+    from torch_pruning.dependency import constants
+
+    previous = constants.MAX_RECURSION_DEPTH
+    constants.MAX_RECURSION_DEPTH = max(previous, steps)
+    try:
+        yield
+    finally:
+        constants.MAX_RECURSION_DEPTH = previous
 
 
 @contextlib.contextmanager
