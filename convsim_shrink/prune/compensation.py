@@ -44,9 +44,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..train import distributed
-from .safety.limits import bounded
 from ..train.calibrate import first_batches
 from ..train.device import Precision, resolve_precision
+from .safety.limits import bounded
 
 #: modules other than convs and linears that combine channels (a removed channel changes what they compute)
 _MIXING = (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention, nn.LocalResponseNorm)
