@@ -91,6 +91,8 @@ def run_one(name: str, *, size: int = 64, criterion: str = "convsim-taylor", tar
         pruned = result.model
         row["params_ratio"] = round(result.params_ratio, 4)
         row["macs_ratio"] = round(result.macs_ratio, 4)
+        if result.note:  # why the size is outside the target's window, when it is
+            row["note"] = result.note
         with torch.no_grad():
             row["output_matches"] = tuple(pruned.eval()(x).shape) == tuple(model(x).shape)
         # one training step: the pruned model must train (a finite loss, finite weights after the step)
@@ -161,6 +163,8 @@ def table(results: dict[str, dict]) -> str:
         notes = r.get("reason", "")
         if r.get("left_alone"):
             notes = "; ".join(r["left_alone"][:2]) + (f"; +{len(r['left_alone']) - 2} more" if len(r["left_alone"]) > 2 else "")
+        if r.get("note"):
+            notes = f"NOTE: {r['note']}; {notes}" if notes else f"NOTE: {r['note']}"
         ratio = f"{r['params_ratio']:.3f}" if "params_ratio" in r else ""
         macs = f"{r['macs_ratio']:.3f}" if "macs_ratio" in r else ""
         out = {True: "same", False: "CHANGED"}.get(r.get("output_matches"), "")

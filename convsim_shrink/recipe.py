@@ -145,7 +145,8 @@ class PruneConfig(_Section):
     graph_seconds: float = Field(
         120.0, gt=0,
         description="longest one torch-pruning call may take (building the dependency graph, one channel group, one "
-                    "pruning): a group past it is left unpruned, a graph past it ends the run with the module it was at",
+                    "pruning), the less of wall and CPU time: a group past it is left unpruned, a graph past it ends "
+                    "the run with the module it was at",
     )
     graph_memory_gb: float = Field(4.0, gt=0, description="most one torch-pruning call may grow the process's memory (GiB); as graph_seconds")
     bn_recalibration: int = Field(50, ge=0, description="training batches to re-estimate BN statistics after pruning (0 = off)")

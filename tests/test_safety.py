@@ -332,6 +332,23 @@ def test_bounded_stops_a_runaway_loop_and_names_the_module_it_was_at():
     assert signal.getsignal(signal.SIGALRM) is before  # the caller's handler is back
 
 
+def test_time_the_process_did_not_get_does_not_count_against_the_limit():
+    """On a busy machine other jobs take the CPU: the limit is the less of wall and CPU time, so waiting
+    (here: sleeping, the CPU given away) does not trip it, and a busy walk of the same length does."""
+    import time
+
+    from convsim_shrink.prune.safety import GraphLimitError, GraphLimits, bounded, graph_limits
+
+    with graph_limits(GraphLimits(seconds=0.4)):
+        with bounded("waiting"):
+            time.sleep(1.2)  # 3x the limit in wall time, almost no CPU time
+        with pytest.raises(GraphLimitError, match="time limit of 0.4 s"):
+            with bounded("busy"):
+                end = time.monotonic() + 5
+                while time.monotonic() < end:
+                    pass
+
+
 def test_bounded_stops_runaway_memory_and_lets_quick_work_through():
     from convsim_shrink.prune.safety import GraphLimitError, GraphLimits, bounded, graph_limits
     from convsim_shrink.prune.safety.limits import resident_bytes
