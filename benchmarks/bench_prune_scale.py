@@ -55,7 +55,7 @@ def run_ours(name: str, size: int, batch: int, target: float, test_batches: int,
     from convsim_shrink.data.loaders import DataBundle
     from convsim_shrink.data.presets import DataInfo
     from convsim_shrink.pipeline import stages
-    from convsim_shrink.prune import compensation, search
+    from convsim_shrink.prune import search
     from convsim_shrink.prune.safety import limits
     from convsim_shrink.recipe import PruneConfig
 
@@ -86,7 +86,6 @@ def run_ours(name: str, size: int, batch: int, target: float, test_batches: int,
     search.measure = _timed(parts, "search: measure candidates", search.measure)
     if not index_cache:
         limits.cached_index_mapping = contextlib.nullcontext
-    _ = compensation  # imported so that the stage's own import is the one wrapped above
     t0 = time.perf_counter()
     out = stages.prune_stage(model, data, cfg, example_inputs=stages.example_inputs_for(info))
     total = time.perf_counter() - t0
