@@ -22,8 +22,29 @@ from ._version import __version__
 from .console import console
 from .errors import ConfigError, ConvSimError
 
+
+class _NoFlagTypes:
+    """Typer (0.29) prints a flag's type, ``<bool>``, in ``--help`` as if it took a value; a flag shows none."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+class _Group(_NoFlagTypes, typer.core.TyperGroup):
+    pass
+
+
+class _Command(_NoFlagTypes, typer.core.TyperCommand):
+    pass
+
+
 app = typer.Typer(
     name="convsim-shrink",
+    cls=_Group,
     help="Compress CNNs by Convolutional Similarity minimisation and similarity-ranked structural pruning.\n\n"
     "Run `convsim-shrink MODEL --target-params 0.5` to shrink MODEL (see `convsim-shrink list models`); "
     "`convsim-shrink --resume runs/RUN` continues an interrupted run.",
@@ -222,7 +243,7 @@ NprocOpt = Annotated[Optional[int], typer.Option(
 )]
 
 
-@app.command()
+@app.command(cls=_Command)
 def shrink(
     model: Annotated[Optional[str], typer.Argument(help="A zoo name (see `convsim-shrink list models`), torchvision:NAME, timm:NAME, package.module:function, or a checkpoint (.safetensors file or run directory).")] = None,
     target_params: TargetParams = None,
@@ -257,7 +278,7 @@ def shrink(
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def sweep(
     model: Annotated[Optional[str], typer.Argument(help="Any MODEL the main command takes (a zoo name, torchvision:NAME, a checkpoint, ...).")] = None,
     targets: Annotated[Optional[str], typer.Option("--targets", help="Size targets, fractions in (0, 1) separated by commas, e.g. 0.75,0.5,0.25,0.1.")] = None,
@@ -320,7 +341,7 @@ def sweep(
         raise typer.Exit(130) from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe file or shipped recipe name.")],
     target_params: TargetParams = None,
@@ -343,7 +364,7 @@ def run(
     )
 
 
-@app.command("list")
+@app.command("list", cls=_Command)
 def list_(
     what: Annotated[str, typer.Argument(help="models, recipes, criteria, datasets or keys.")] = "models",
 ) -> None:
@@ -388,7 +409,7 @@ def list_(
         raise unknown("list", what, ["models", "recipes", "criteria", "datasets", "keys"])
 
 
-@app.command()
+@app.command(cls=_Command)
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="An exported model (.safetensors, or a TorchScript file).")],
     data: DataOpt = None,
@@ -404,7 +425,7 @@ def evaluate(
     typer.echo(f"{checkpoint}: top-1 {r.accuracy:.2f}% (loss {r.loss:.4f}) on {r.images} {r.dataset} test images")
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="An exported model (.safetensors).")],
     format_: Annotated[str, typer.Option("--format", help="convsim, onnx, onnx-int8, pt2 or torchscript (as export.formats).")] = "onnx",
@@ -424,7 +445,7 @@ def export(
     typer.echo(f"wrote {done.path}" + (f" ({done.note})" if done.note else ""))
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     target: Annotated[str, typer.Argument(help="A model name or an exported model file.")],
     data: DataOpt = None,

@@ -85,6 +85,16 @@ def test_version_and_help(capsys):
     assert "--resume" in result.output  # how to continue a crashed run is on the first screen a user sees
 
 
+@pytest.mark.parametrize("args", [["--help"], ["shrink", "--help"], ["sweep", "--help"]])
+def test_help_shows_no_type_for_a_flag(args):
+    """Typer prints ``<bool>`` beside a flag as if it took a value; flags show none, options keep theirs."""
+    result = runner.invoke(app, args, env={"COLUMNS": "120"})
+    assert result.exit_code == 0 and "--help" in result.output
+    assert "<bool>" not in result.output
+    if args[0] == "shrink":
+        assert "<path>" in result.output and "--quiet" in result.output  # --resume PATH keeps its type
+
+
 @pytest.mark.parametrize("flag", ["--help", "--version"])
 def test_help_and_version_load_neither_torch_nor_torch_pruning(flag):
     import subprocess

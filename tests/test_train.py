@@ -271,19 +271,37 @@ def test_accumulate_gradients_sums_the_first_batches(tiny):
         assert torch.allclose(p.grad, q.grad, atol=1e-6)
 
 
-def test_progress_off_a_terminal_prints_a_line_per_epoch(tiny):
+def test_progress_off_a_terminal_prints_a_line_per_epoch(tiny, monkeypatch):
     # a log file or pipe: a live bar would show nothing until the stage ends, so each epoch gets a line
     from convsim_shrink.console import console
+    from convsim_shrink.train import progress
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 1e9)  # no line while an epoch runs (the next test has those)
 
     assert not console.is_terminal  # pytest captures stderr
     with console.capture() as cap:
         fit(_model(), tiny.train, _cfg(epochs=2), eval_loader=tiny.test, quiet=False, stage="train")
     lines = [line for line in cap.get().splitlines() if line.startswith("train ")]
     assert [line.split(":")[0] for line in lines] == ["train 1/2", "train 2/2"], cap.get()
-    assert all("loss" in line and "img/s" in line and "val" in line and line.endswith(" s)") for line in lines)
+    assert all("loss" in line and "train acc" in line and "img/s" in line and "val acc" in line and line.endswith(" s)") for line in lines)
     with console.capture() as cap:
         fit(_model(), tiny.train, _cfg(epochs=1), quiet=True)
     assert cap.get() == ""
+
+
+def test_progress_off_a_terminal_prints_running_lines_so_a_log_never_looks_hung(tiny, monkeypatch):
+    from convsim_shrink.console import console
+    from convsim_shrink.train import progress
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)  # a line at every host sync (every step on the CPU)
+    with console.capture() as cap:
+        fit(_model(), tiny.train, _cfg(epochs=1), quiet=False, stage="train")
+    lines = [line for line in cap.get().splitlines() if line.startswith("train 1/1: ")]
+    running = [line for line in lines if line.split(": ")[1][0].isdigit()]
+    steps = len(tiny.train)
+    assert len(running) == steps and len(lines) == steps + 1, cap.get()  # one per step, then the finished line
+    assert [int(line.split(": ")[1].split("/")[0]) for line in running] == list(range(1, steps + 1))
+    assert all(line.split(": ")[1].split()[0].endswith(f"/{steps}") and "train acc" in line for line in running)
 
 
 def test_backward_step_with_a_scaler_matches_the_plain_step_and_skips_an_overflow():

@@ -39,7 +39,7 @@ from .device import Precision, resolve_precision, set_memory_format, to_device
 from .distributed import is_main_process, unwrap, world_size
 from .losses import LossTerm, cs_regularizer
 from .optim import Schedule, make_optimizer, make_schedule
-from .progress import make_progress, print_finished
+from .progress import make_progress, print_finished, print_running
 
 #: steps between host syncs of the running loss/accuracy on accelerators
 _SYNC_EVERY = 32
@@ -148,9 +148,10 @@ def train_one_epoch(
             progress.update(
                 task,
                 advance=pending,
-                info=f"loss {totals['loss'] / totals['seen']:.3f}  acc {100 * totals['correct'] / totals['seen']:.1f}%  "
+                info=f"loss {totals['loss'] / totals['seen']:.3f}  train acc {100 * totals['correct'] / totals['seen']:.1f}%  "
                 f"{totals['seen'] / max(elapsed, 1e-9):.0f} img/s",
             )
+            print_running(progress, task)
         pending = 0
 
     for x, y in loader:
@@ -348,7 +349,7 @@ def fit(
             if eval_loader is not None:
                 ev = evaluate(model, eval_loader, prec)
                 metrics["val_acc"], metrics["val_loss"] = ev["acc"], ev["loss"]
-                progress.update(task, info=progress.tasks[task].fields["info"] + f"  val {ev['acc']:.2f}%")
+                progress.update(task, info=progress.tasks[task].fields["info"] + f"  val acc {ev['acc']:.2f}%")
             print_finished(progress, task)
             result.history.append(metrics)
             if ckpt is not None and is_main_process():

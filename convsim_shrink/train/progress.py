@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from .distributed import is_main_process
 
 
@@ -28,7 +30,28 @@ def make_progress(quiet: bool = False):
         transient=False,
     )
     progress.plain = live and not console.is_terminal
+    progress.plain_last = time.monotonic()
     return progress
+
+
+PLAIN_EVERY_S = 30.0  # off a terminal, a running task prints a line this often, so a log never looks hung
+
+
+def print_running(progress, task, every_s: float | None = None) -> None:
+    """Where the bar is not shown live (a log file, a pipe), one plain line for a running ``task`` at most
+    every ``every_s`` seconds (default :data:`PLAIN_EVERY_S`): ``train 3/30: 120/469 loss 0.412  train acc 86.1%  640 img/s (61 s)``."""
+    if not getattr(progress, "plain", False):
+        return
+    now = time.monotonic()
+    if now - progress.plain_last < (PLAIN_EVERY_S if every_s is None else every_s):
+        return
+    progress.plain_last = now
+    from ..console import console
+
+    t = progress.tasks[task]
+    total = f"/{t.total:.0f}" if t.total is not None else ""
+    elapsed = f" ({t.elapsed:.0f} s)" if t.elapsed is not None else ""
+    console.print(f"{t.description}: {t.completed:.0f}{total} {t.fields.get('info', '').strip()}{elapsed}", soft_wrap=True, markup=False)
 
 
 def print_finished(progress, task) -> None:
@@ -39,3 +62,4 @@ def print_finished(progress, task) -> None:
         t = progress.tasks[task]
         elapsed = f" ({t.elapsed:.0f} s)" if t.elapsed is not None else ""
         console.print(f"{t.description}: {t.fields.get('info', '').strip()}{elapsed}", soft_wrap=True, markup=False)
+        progress.plain_last = time.monotonic()
