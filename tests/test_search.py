@@ -16,6 +16,7 @@ from convsim_shrink.prune.search import (
     confirm_latency,
     probe,
     refine,
+    refine_global,
     refine_uniform,
     signature,
 )
@@ -216,3 +217,53 @@ def test_confirm_latency_says_so_when_the_winner_keeps_missing():
     found = Candidate(nn.Conv2d(1, 4, 1), Size(0, 0), {"latency": 0.3}, 0.9, latencies=[0.3])
     _, notes = confirm_latency(state, found, 0.4, 0.5, best)
     assert len(notes) == 1 and "vary more than the search can resolve" in notes[0]
+
+
+class Groups(nn.Module):
+    def __init__(self, counts):
+        super().__init__()
+        for name, c in counts.items():
+            self.add_module(name, nn.Conv2d(1, c, 1))
+
+
+class FakeGlobalState(SearchState):
+    """Four groups of ``width`` channels; a candidate's size is the fraction of the channels kept (linear),
+    and a per-layer trial keeps ``full * (1 - ratio) - 0.5`` channels, as ``refine_global`` asks."""
+
+    def __init__(self, settings, width=3000, unit=1):
+        full = {n: width for n in ("a", "b", "c", "d")}
+        super().__init__(settings, Groups(full), None, Size(1, 1), None, [], dict(full), base_latency=1.0)
+        self.full, self.unit = full, unit
+
+    def group_roots(self):
+        return list(self.full)
+
+    def trial(self, ratio, overrides=None, *, use_global=None, all_kinds=False, limit=None, rounding=False):
+        self.trials += 1
+        counts = {r: round(self.full[r] * (1 - overrides[r]) - 0.5) // self.unit * self.unit for r in self.full}
+        frac = sum(counts.values()) / sum(self.full.values())
+        return Candidate(Groups(counts), Size(0, 0), {"params": frac}, ratio)
+
+    def smallest_candidate(self, keep):
+        return self.trial(0.0, {r: 1 - (keep + 0.5) / self.full[r] for r in self.full})
+
+
+def test_refine_global_comes_up_from_the_smallest_model_in_a_few_dozen_candidates():
+    """vit_b_16 in the coverage benchmark: global ratios pruned nothing, the smallest model (10 % of the
+    channels) fitted, and giving back one channel at a time ran out of trials 0.1 below a 0.5 target."""
+    state = FakeGlobalState(settings(target_params=0.5, tolerance=0.01, global_pruning=True))
+    start = state.smallest_candidate(300)
+    assert start.fracs["params"] == pytest.approx(0.1)
+    best = refine_global(state, start)
+    assert state.in_window(best) and not state.budget_spent
+    assert state.trials - 1 <= 40, state.trials
+
+
+def test_refine_global_says_when_its_budget_ended_it_and_when_the_channel_counts_did():
+    # a window no allocation can hit: 0.5 - 1e-9 .. 0.5 with channels in units of 7
+    state = FakeGlobalState(settings(target_params=0.5, tolerance=1e-9, global_pruning=True, max_trials=4), unit=7)
+    best = refine_global(state, state.smallest_candidate(301))
+    assert not state.in_window(best) and state.budget_spent and state.trials >= 4 + 48
+    state = FakeGlobalState(settings(target_params=0.5, tolerance=1e-9, global_pruning=True, max_trials=400), unit=7)
+    best = refine_global(state, state.smallest_candidate(301))
+    assert not state.budget_spent and 0.4999 < best.fracs["params"] <= 0.5  # the nearest allocation below

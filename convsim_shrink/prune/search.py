@@ -196,6 +196,7 @@ class SearchState:
     rejected: set[tuple] = field(default_factory=set)  # channel counts whose latency failed its re-measurement
     pooled: dict[tuple, list[float]] = field(default_factory=dict)  # latency measurements per channel-count signature
     roots: list[str] = field(default_factory=list)  # the groups' root layers, found when a trial first needs them
+    budget_spent: bool = False  # a refinement ended on its trial budget, not on the channel counts
 
     # ------------------------------------------------------------------------------- judging
 
@@ -412,35 +413,54 @@ def refine_uniform(state: SearchState, lo: float, hi: float, best: Candidate) ->
                 break
         else:
             lo_k = k
+    state.budget_spent = not state.in_window(best) and hi_k - lo_k > 1
     return best
 
 
 def refine_global(state: SearchState, best: Candidate) -> Candidate:
     """Global pruning: one more kept channel (or ``round_to`` of them) in a large, residual-coupled group can
-    move the size by a few percent at once.  Start from the allocation that fits and give channels back,
-    ``round_to`` at a time, to the most-pruned groups first while the targets still hold.  A latency-bound
-    winner is kept as it is: one group's channels move the latency by less than its noise."""
+    move the size by a few percent at once.  Start from the allocation that fits and give channels back to
+    the most-pruned groups first while the targets still hold: ``round_to`` (or 1) at first, twice as many
+    after every step that fits and half as many after one that overshoots (down to ``round_to``), so a
+    winner far below its window (the smallest allowed model, when global ratios prune nothing) comes up in
+    a few dozen candidates rather than one channel at a time.  It ends in the window, when no group can take
+    ``round_to`` more channels (the nearest size below), or at the trial budget (``state.budget_spent``).
+    A latency-bound winner is kept as it is: one group's channels move the latency by less than its noise."""
     if state.binding(best) == "latency":
         return best
     roots = state.group_roots()
     full = channel_counts(state.model)
     counts_now = channel_counts(best.model)
     kept = {r: counts_now[r] for r in roots}
-    step = state.settings.round_to or 1
+    base = state.settings.round_to or 1
+    budget = state.settings.max_trials + 48
+    step = base
 
     def local_ratios(counts):
         return {r: 1 - (counts[r] + 0.5) / full[r] for r in roots}
 
-    while not state.in_window(best) and state.trials < state.settings.max_trials + 48:
-        order = sorted((r for r in roots if kept[r] + step <= full[r]), key=lambda r: kept[r] / full[r])
+    while not state.in_window(best) and state.trials < budget:
+        order = sorted((r for r in roots if kept[r] + base <= full[r]), key=lambda r: kept[r] / full[r])
+        moved = False
         for r in order:
-            counts = {**kept, r: kept[r] + step}
-            c = state.trial(0.0, local_ratios(counts), use_global=False)
-            if state.fits(c):
-                kept, c.ratio, best = counts, best.ratio, c
+            give = step
+            while state.trials < budget:
+                give = max(base, min(give, (full[r] - kept[r]) // base * base))
+                counts = {**kept, r: kept[r] + give}
+                c = state.trial(0.0, local_ratios(counts), use_global=False)
+                if state.fits(c):
+                    kept, c.ratio, best, moved = counts, best.ratio, c, True
+                    step = 2 * give
+                    break
+                if give == base:
+                    break  # this group cannot take even round_to more
+                give = give // 2 // base * base
+                step = max(base, give)
+            if moved or state.trials >= budget:
                 break
-        else:
-            break  # no group can take channels back without overshooting
+        if not moved:
+            break  # no group can take channels back without overshooting, or the budget is spent
+    state.budget_spent = not state.in_window(best) and state.trials >= budget
     return best
 
 
@@ -595,10 +615,17 @@ def prune_to_target(
     best, notes = confirm_latency(state, found, lo_ratio, hi_ratio, best)
     if state.fits(best) and not state.in_window(best):
         k = state.binding(best)
-        notes.append(
-            f"pruned to {best.fracs[k]:.4f} of the base {NAMES[k]}: the nearest channel count below {targets[k]:g} "
-            f"(round_to={round_to}) is more than {settings.tolerances[k]} below the target"
-        )
+        if state.budget_spent:
+            notes.append(
+                f"pruned to {best.fracs[k]:.4f} of the base {NAMES[k]}, more than {settings.tolerances[k]} below the "
+                f"target {targets[k]:g}: the search stopped after {state.trials} candidates; a size nearer the target "
+                f"may exist" + (" (prune.global_pruning=false prunes layer by layer)" if global_pruning else "")
+            )
+        else:
+            notes.append(
+                f"pruned to {best.fracs[k]:.4f} of the base {NAMES[k]}: the nearest channel count below {targets[k]:g} "
+                f"(round_to={round_to}) is more than {settings.tolerances[k]} below the target"
+            )
     if timer is not None and timer.warning:
         notes.append(timer.warning)
     note = "; ".join(notes) or None
