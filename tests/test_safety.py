@@ -4,6 +4,7 @@ were left alone."""
 
 import copy
 import functools
+import sys
 
 import pytest
 import torch
@@ -406,6 +407,79 @@ def test_a_deep_walk_to_a_concatenation_is_inferred_not_refused():
     from torch_pruning.dependency import constants
 
     assert constants.MAX_RECURSION_DEPTH == 500  # restored after our calls
+
+
+class DiamondsBeforeConcat(nn.Module):
+    """40 gates ``x * sigmoid(x)`` (each reaches ``x`` by two paths) between a conv and a concatenation of two
+    slices of its output: torch-pruning's channel inference visits ``conv1`` once per path, 2^40 times."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 1), nn.Conv2d(32, 16, 1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        for _ in range(40):
+            x = x * torch.sigmoid(x)
+        x = self.conv2(torch.cat([x[:, :, 0::2], x[:, :, 1::2]], 1))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_walk_through_many_diamonds_visits_each_node_once():
+    from torch_pruning.dependency import shape_infer
+
+    torch.manual_seed(0)
+    model = DiamondsBeforeConcat().eval()
+    x = torch.randn(2, 3, 8, 8)
+    frames = sys.getrecursionlimit()
+    plan = plan_ignored_layers(model, x)  # without the memo: a million steps, then refused with the TypeError
+    assert plan.refused is None, plan.summary()
+    result = _shrinks_to_half(model, x, plan)
+    assert result.model.conv1.out_channels < 16
+    assert not hasattr(shape_infer.infer_out_channels_recursively, "__wrapped__")  # torch-pruning's own again
+    assert sys.getrecursionlimit() == frames
+
+
+def test_a_walk_that_multiplies_its_indices_round_a_cycle_stops_at_the_models_size_not_at_the_time_limit():
+    """A miniature swin_v2 (torchvision's own blocks): the residual streams' and the position-bias MLPs'
+    groups go round a flatten cycle, multiplying their indices by 32 a pass; they ran to the time or memory
+    limit (16 groups of swin_v2_t at 60-120 s each), and now stop once the indices pass the model's size."""
+    from torch_pruning.dependency import group, index_mapping
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    from convsim_shrink.prune.safety import GraphLimits, graph_limits
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4],
+                            block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    originals = (index_mapping._FlattenIndexMapping.__call__, group.Group.add_dep)
+    with graph_limits(GraphLimits(seconds=60.0)):
+        plan = plan_ignored_layers(model, x)
+    assert plan.refused is None, plan.summary()
+    stopped = {e.name for e in plan.entries if e.kind == "graph-limit"}
+    assert {"features.1.0.mlp.3", "features.1.0.attn.cpb_mlp.2"} <= stopped, plan.summary()
+    assert all("channel indices passed" in e.reason for e in plan.entries if e.kind == "graph-limit")
+    assert (index_mapping._FlattenIndexMapping.__call__, group.Group.add_dep) == originals  # torch-pruning's own again
+    result, _ = prune_safely(model, x, functools.partial(prune_to_target, model, x, tp.importance.MagnitudeImportance(),
+                                                         target_params=0.8, global_pruning=False), plan=plan)
+    assert result.params_ratio < 0.95 and result.model(x).shape == (1, 10)  # the other layers prune
+
+
+def test_the_index_limit_stops_a_flatten_mapping_before_it_builds_the_list():
+    from torch_pruning import _helpers
+    from torch_pruning.dependency import index_mapping
+
+    from convsim_shrink.prune.safety import GraphLimitError, GraphLimits, bounded, graph_limits
+
+    mapping = index_mapping._FlattenIndexMapping(stride=32)
+    idxs = [_helpers._HybridIndex(idx=i, root_idx=i) for i in range(100)]
+    with graph_limits(GraphLimits(max_indices=3200)), bounded("mapping"):
+        assert len(mapping(idxs)) == 3200  # at the limit: allowed
+    with graph_limits(GraphLimits(max_indices=3199)), bounded("mapping"), pytest.raises(GraphLimitError, match="3,199"):
+        mapping(idxs)
+    assert len(mapping(idxs)) == 3200  # outside bounded: torch-pruning's own
 
 
 def test_a_group_torch_pruning_cannot_finish_is_left_alone_and_the_rest_prunes():

@@ -25,10 +25,11 @@ alone, each with a one-line reason, in two passes:
      channel count.
 
    * ``graph-limit``: layers whose channel group torch-pruning could not finish building within the
-     limits of :mod:`.limits` (``prune.graph_seconds``, ``prune.graph_memory_gb``): its walk of the
-     dependency graph never ends on some index mappings (a ``tensor_split`` in a residual block, an
-     attention block's q, k, v chunked from one conv), so each group is built under a bound and the
-     ones that pass it are left alone;
+     limits of :mod:`.limits` (``prune.graph_seconds``, ``prune.graph_memory_gb``, and, while planning,
+     channel indices no more than twice the model's largest tensor): its walk of the dependency graph
+     never ends on some index mappings (a ``tensor_split`` in a residual block, an attention block's q, k,
+     v chunked from one conv, swin_v2's flatten cycles that multiply the indices at every pass), so each
+     group is built under a bound and the ones that pass it are left alone;
 
 2. **Trials** (the safety net for everything the rules do not know): a copy of the model is pruned
    with torch-pruning's ``MetaPruner`` (magnitude importance, half the channels of every group) and
@@ -48,13 +49,14 @@ exception from inside torch-pruning into :class:`PruningError` (one line).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 
 from ...errors import ConvSimError
-from .limits import GraphLimitError, GraphLimits, bounded, graph_limits
+from .limits import GraphLimitError, GraphLimits, bounded, current_limits, graph_limits
 from .plan import REASONS, Ignored, IgnorePlan, PruningError
 from .rules import RULES, apply_rules
 from .tracing import Trace, record_trace, tolerant_tracing
@@ -98,7 +100,7 @@ def plan_ignored_layers(
     settings = settings or TrialSettings()
     signature = output_signature(model, example_inputs)
     try:
-        apply_rules(model, example_inputs, plan, rules)
+        trace = apply_rules(model, example_inputs, plan, rules)
     except Exception as exc:
         raise PruningError(f"the model cannot be traced op by op on an input of shape {shape_of(example_inputs)} ({describe_error(exc)})") from None
     names = {id(m): n for n, m in model.named_modules()}
@@ -107,20 +109,23 @@ def plan_ignored_layers(
             plan.add(names[id(m)], "request", "left alone on request")
     if not trials:
         return plan
-    try:
-        work = copy.deepcopy(model).eval()
-        with tolerant_tracing():
-            groups, over = prunable_groups(work, example_inputs, plan.modules(work))
-    except GraphLimitError as exc:
-        plan.refused = str(exc)
-        return plan
-    except Exception as exc:
-        plan.refused = f"torch-pruning cannot build this model's dependency graph ({describe_error(exc)})"
-        return plan
-    for name, limit in over:
-        plan.add(name, "graph-limit", f"torch-pruning did not finish following its channels within {limit}")
-    candidates = [g for g in groups if not any(m in plan for m in g.members)]
-    bisect_groups(model, example_inputs, signature, plan, candidates, groups, settings, check_function, max_trials)
+    # a walk producing more indices than twice the largest tensor is going round a cycle: stop it at once
+    limits = dataclasses.replace(current_limits(), max_indices=2 * max(trace.largest_tensor(), 1))
+    with graph_limits(limits):
+        try:
+            work = copy.deepcopy(model).eval()
+            with tolerant_tracing():
+                groups, over = prunable_groups(work, example_inputs, plan.modules(work))
+        except GraphLimitError as exc:
+            plan.refused = str(exc)
+            return plan
+        except Exception as exc:
+            plan.refused = f"torch-pruning cannot build this model's dependency graph ({describe_error(exc)})"
+            return plan
+        for name, limit in over:
+            plan.add(name, "graph-limit", f"torch-pruning did not finish following its channels within {limit}")
+        candidates = [g for g in groups if not any(m in plan for m in g.members)]
+        bisect_groups(model, example_inputs, signature, plan, candidates, groups, settings, check_function, max_trials)
     if not [g for g in groups if not any(m in plan for m in g.members)]:
         plan.refused = "no layer can be pruned safely: " + (plan.entries[-1].reason if plan.entries else "torch-pruning finds no prunable group")
     return plan

@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -44,6 +45,11 @@ class GraphLimits:
 
     seconds: float = 120.0
     memory_gb: float = 4.0
+    #: most channel indices one of torch-pruning's flatten index mappings may produce (None: no check).  The
+    #: planner sets it to twice the model's largest tensor (per example): more indices than that mean the
+    #: walk is going round a cycle that multiplies them at each pass (swin_v2's residual streams grew to
+    #: 2 million indices in 7 s and then to the time or memory limit), so it stops at once instead.
+    max_indices: int | None = None
 
 
 class GraphLimitError(PruningError):
@@ -114,6 +120,9 @@ def bounded(what: str, model: nn.Module | None = None) -> Iterator[None]:
 
 #: torch-pruning's cap on the steps of its recursive channel inference, inside :func:`bounded`
 CHANNEL_INFERENCE_STEPS = 1_000_000
+#: Python's recursion limit inside :func:`bounded` (Python 3.11+ runs a Python-to-Python call without C stack;
+#: 3.10 spends C stack on every frame, so less there)
+RECURSION_FRAMES = 10_000 if sys.version_info >= (3, 11) else 4_000
 
 
 @contextlib.contextmanager
@@ -121,18 +130,56 @@ def deeper_channel_inference(steps: int = CHANNEL_INFERENCE_STEPS) -> Iterator[N
     """Torch-pruning (1.6.1) gives up inferring the channels of a concatenation's inputs after 500 recursive
     steps (``dependency.constants.MAX_RECURSION_DEPTH``, a count of steps, not of stack frames) and then fails
     with ``TypeError: unsupported operand type(s) for +: 'int' and 'NoneType'`` while building the graph:
-    swin_s, whose patch merging concatenates four slices 18 blocks deep, was refused for it.  Inside
-    :func:`bounded` the time and memory limits bound that walk instead, so the cap is raised to ``steps``
-    for the block (and restored after).  The walk recurses in Python: one deeper than Python's recursion
-    limit (about 1,000 nodes in a row) still ends in a refusal naming the ``RecursionError``."""
-    from torch_pruning.dependency import constants
+    swin_s, whose patch merging concatenates four slices 18 blocks deep, was refused for it.  The walk also
+    visits a node once for every path that reaches it, so a chain of diamonds (``x * sigmoid(x)``, an add of
+    two element-wise branches of one tensor) costs 2^depth steps: swin_s's walk ran for minutes once the cap
+    was raised.  Inside :func:`bounded` both are fixed for the block (and restored after): the cap is raised
+    to ``steps``, and within one outermost inference each node's channel count is computed once (the graph
+    does not change during an inference, so the answer is the same; only the repeated visits go).  The walk
+    recurses in Python, two frames a node with the memo, so Python's recursion limit is raised to
+    :data:`RECURSION_FRAMES` for the block; a walk deeper than that (about 5,000 nodes in a row) still ends in
+    a refusal naming the ``RecursionError``."""
+    from torch_pruning.dependency import constants, shape_infer
 
-    previous = constants.MAX_RECURSION_DEPTH
+    previous, frames = constants.MAX_RECURSION_DEPTH, sys.getrecursionlimit()
+    originals = {name: getattr(shape_infer, name) for name in _INFERENCES}
     constants.MAX_RECURSION_DEPTH = max(previous, steps)
+    sys.setrecursionlimit(max(frames, RECURSION_FRAMES))
+    for name, fn in originals.items():
+        setattr(shape_infer, name, _memoised(name, fn))
     try:
         yield
     finally:
         constants.MAX_RECURSION_DEPTH = previous
+        sys.setrecursionlimit(frames)
+        for name, fn in originals.items():
+            setattr(shape_infer, name, fn)
+
+
+_INFERENCES = ("infer_out_channels_recursively", "infer_in_channels_recursively")
+_MEMO = threading.local()  # .known: {(inference, node): channels} of the outermost inference running, or None
+
+
+def _memoised(name: str, fn):
+    """``fn`` (one of torch-pruning's recursive inferences, which call each other through the module's
+    globals) computing each node's answer once per outermost call."""
+
+    def inference(graph, node, recursive_depth):
+        known = getattr(_MEMO, "known", None)
+        outer = known is None
+        if outer:
+            known = _MEMO.known = {}
+        try:
+            key = (name, id(graph), id(node))
+            if key not in known:
+                known[key] = fn(graph, node, recursive_depth)
+            return known[key]
+        finally:
+            if outer:
+                _MEMO.known = None
+
+    inference.__wrapped__ = fn
+    return inference
 
 
 @contextlib.contextmanager
@@ -166,8 +213,47 @@ def _limited(what: str, model: nn.Module | None) -> Iterator[None]:
     _ACTIVE.on = True
     signal.setitimer(signal.ITIMER_REAL, TICK, TICK)
     try:
-        yield
+        with _index_limit(what, names, limits.max_indices):
+            yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         _ACTIVE.on = False
+
+
+@contextlib.contextmanager
+def _index_limit(what: str, names: dict[int, str], max_indices: int | None) -> Iterator[None]:
+    """Torch-pruning's walk of a channel group stops with :class:`GraphLimitError` once a dependency's
+    channel indices number more than ``max_indices`` or reach it in value (a walk round a cycle makes new
+    indices at every pass: a flatten multiplies them, a concatenation shifts them); the flatten index mapping
+    (channel ``c`` -> features ``c*stride .. (c+1)*stride-1``) is stopped before it builds such a list."""
+    if max_indices is None:
+        yield
+        return
+    from torch_pruning.dependency import group, index_mapping
+
+    def stop(depth: int) -> GraphLimitError:
+        where = module_at(sys._getframe(depth), names)
+        at = f" at {where}" if where else ""
+        limit = (f"the model's size: its channel indices passed {max_indices:,}, twice the model's largest tensor "
+                 "(it mis-maps an operation here and goes round a cycle)")
+        return GraphLimitError(f"torch-pruning passed {limit} while {what}{at}", where, limit)
+
+    flatten, grp = index_mapping._FlattenIndexMapping, group.Group
+    original_flatten, original_add = flatten.__call__, grp.add_dep
+
+    def flatten_call(self, idxs):
+        if not self.reverse and idxs and max(len(idxs), 1 + max(i.idx for i in idxs)) * self._stride > max_indices:
+            raise stop(2)
+        return original_flatten(self, idxs)
+
+    def add_dep(self, dep, idxs):
+        if idxs and (len(idxs) > max_indices or max(int(getattr(i, "idx", i)) for i in idxs) >= max_indices):
+            raise stop(2)
+        return original_add(self, dep, idxs)
+
+    flatten.__call__, grp.add_dep = flatten_call, add_dep
+    try:
+        yield
+    finally:
+        flatten.__call__, grp.add_dep = original_flatten, original_add

@@ -47,7 +47,8 @@ def _split_reaches_cat(trace: Trace, start: int, consumers: dict[int, list[int]]
 RULES = ("output", "reshape", "pixel-shuffle", "split-cat", "train-only")
 
 
-def apply_rules(model: nn.Module, example_inputs, plan: IgnorePlan, rules=RULES) -> None:
+def apply_rules(model: nn.Module, example_inputs, plan: IgnorePlan, rules=RULES) -> Trace:
+    """Mark in ``plan`` the layers the static ``rules`` leave alone; the forward pass's trace (eval mode)."""
     eval_trace = record_trace(model, example_inputs, train=False)
     try:
         train_trace = record_trace(model, example_inputs, train=True)
@@ -81,3 +82,4 @@ def apply_rules(model: nn.Module, example_inputs, plan: IgnorePlan, rules=RULES)
                 for name in train_trace.producers(feeders):
                     if name not in only_train:
                         plan.add(name, "train-only", f"feeds '{op.module}', which runs only in training mode and which torch-pruning does not trace")
+    return eval_trace

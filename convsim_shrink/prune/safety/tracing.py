@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -127,6 +128,10 @@ class Trace:
     outputs: list[int | None]  # producing op of every output tensor
     names: dict[str, nn.Module]  # module name -> module
     used: set[str]  # modules whose compute ran
+
+    def largest_tensor(self) -> int:
+        """Elements of the largest tensor an op of the forward pass produced (0 if none)."""
+        return max((math.prod(shape) for op in self.ops for shape in op.outputs), default=0)
 
     def is_compute(self, i: int) -> bool:
         op = self.ops[i]
