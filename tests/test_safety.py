@@ -441,7 +441,7 @@ def test_a_walk_through_many_diamonds_visits_each_node_once():
     assert sys.getrecursionlimit() == frames
 
 
-def test_a_walk_that_multiplies_its_indices_round_a_cycle_stops_at_the_models_size_not_at_the_time_limit():
+def test_a_walk_round_a_cycle_stops_at_its_bounds_not_at_the_time_limit():
     """A miniature swin_v2 (torchvision's own blocks): the residual streams' and the position-bias MLPs'
     groups go round a flatten cycle, multiplying their indices by 32 a pass; they ran to the time or memory
     limit (16 groups of swin_v2_t at 60-120 s each), and now stop once the indices pass the model's size."""
@@ -460,7 +460,7 @@ def test_a_walk_that_multiplies_its_indices_round_a_cycle_stops_at_the_models_si
     assert plan.refused is None, plan.summary()
     stopped = {e.name for e in plan.entries if e.kind == "graph-limit"}
     assert {"features.1.0.mlp.3", "features.1.0.attn.cpb_mlp.2"} <= stopped, plan.summary()
-    assert all("channel indices passed" in e.reason for e in plan.entries if e.kind == "graph-limit")
+    assert all("a bound on its walk" in e.reason for e in plan.entries if e.kind == "graph-limit"), plan.summary()
     assert (index_mapping._FlattenIndexMapping.__call__, group.Group.add_dep) == originals  # torch-pruning's own again
     result, _ = prune_safely(model, x, functools.partial(prune_to_target, model, x, tp.importance.MagnitudeImportance(),
                                                          target_params=0.8, global_pruning=False), plan=plan)
@@ -482,17 +482,25 @@ def test_the_index_limit_stops_a_flatten_mapping_before_it_builds_the_list():
     assert len(mapping(idxs)) == 3200  # outside bounded: torch-pruning's own
 
 
-def test_a_group_torch_pruning_cannot_finish_is_left_alone_and_the_rest_prunes():
-    from convsim_shrink.prune.safety import GraphLimits, graph_limits
+@pytest.mark.parametrize("walk_bounds", [True, False])
+def test_a_group_torch_pruning_cannot_finish_is_left_alone_and_the_rest_prunes(walk_bounds, monkeypatch):
+    from convsim_shrink.prune.safety import GraphLimits, graph_limits, limits
 
     torch.manual_seed(0)
     model = TensorSplitResidual().eval()  # the walk of branch.0's group never ends
     x = torch.randn(2, 3, 16, 16)
-    with graph_limits(GraphLimits(seconds=8.0)):  # building any other group here takes well under a second, even on a busy machine
+    if not walk_bounds:  # the time limit alone (the backstop for a cycle the walk's bounds do not see)
+        monkeypatch.setattr(limits, "MAX_DEP_REPEATS", 10**9)
+    bounds = GraphLimits(seconds=8.0, max_indices=None if walk_bounds else 10**12)
+    with graph_limits(bounds):  # building any other group here takes well under a second, even on a busy machine
         plan = plan_ignored_layers(model, x)
         assert plan.refused is None
         entry = next(e for e in plan.entries if e.kind == "graph-limit")
-        assert entry.name == "branch.0" and "within its time limit of 8 s (prune.graph_seconds)" in entry.reason
+        assert entry.name == "branch.0"
+        if walk_bounds:  # the walk re-adds its dependencies with shifted indices: stopped after 64 passes
+            assert "reached one dependency more than 64 times" in entry.reason, entry.reason
+        else:
+            assert "within its time limit of 8 s (prune.graph_seconds)" in entry.reason, entry.reason
         result = _shrinks_to_half(model, x, plan)
     assert result.model.branch[0].out_channels == model.branch[0].out_channels
 

@@ -109,8 +109,11 @@ def plan_ignored_layers(
             plan.add(names[id(m)], "request", "left alone on request")
     if not trials:
         return plan
-    # a walk producing more indices than twice the largest tensor is going round a cycle: stop it at once
-    limits = dataclasses.replace(current_limits(), max_indices=2 * max(trace.largest_tensor(), 1))
+    # a walk making more indices than twice the largest tensor, or re-adding one dependency again and again,
+    # is going round a cycle: stop it at once (GraphLimits.max_indices)
+    limits = current_limits()
+    if limits.max_indices is None:
+        limits = dataclasses.replace(limits, max_indices=2 * max(trace.largest_tensor(), 1))
     with graph_limits(limits):
         try:
             work = copy.deepcopy(model).eval()

@@ -45,10 +45,11 @@ class GraphLimits:
 
     seconds: float = 120.0
     memory_gb: float = 4.0
-    #: most channel indices one of torch-pruning's flatten index mappings may produce (None: no check).  The
-    #: planner sets it to twice the model's largest tensor (per example): more indices than that mean the
-    #: walk is going round a cycle that multiplies them at each pass (swin_v2's residual streams grew to
-    #: 2 million indices in 7 s and then to the time or memory limit), so it stops at once instead.
+    #: bounds on a group's walk (None: none; the planner sets twice the model's largest tensor): its channel
+    #: indices may not pass it, nor may it add one dependency more than ``MAX_DEP_REPEATS`` times.  A walk
+    #: past either is going round a cycle (swin_v2's residual streams grew to 2 million indices in 7 s,
+    #: maxvit's q/k/v chunks re-add the same dependencies with shifted indices) and would otherwise run to
+    #: the time or memory limit, a minute or two per group; it stops at once instead.
     max_indices: int | None = None
 
 
@@ -221,22 +222,28 @@ def _limited(what: str, model: nn.Module | None) -> Iterator[None]:
         _ACTIVE.on = False
 
 
+#: how often a group's walk may add one dependency (with different indices) before it counts as a cycle
+MAX_DEP_REPEATS = 64
+
+
 @contextlib.contextmanager
 def _index_limit(what: str, names: dict[int, str], max_indices: int | None) -> Iterator[None]:
     """Torch-pruning's walk of a channel group stops with :class:`GraphLimitError` once a dependency's
-    channel indices number more than ``max_indices`` or reach it in value (a walk round a cycle makes new
-    indices at every pass: a flatten multiplies them, a concatenation shifts them); the flatten index mapping
-    (channel ``c`` -> features ``c*stride .. (c+1)*stride-1``) is stopped before it builds such a list."""
+    channel indices number more than ``max_indices`` or reach it in value, or once it adds one dependency to
+    the group more than :data:`MAX_DEP_REPEATS` times.  A walk round a cycle makes new indices at every pass
+    (a flatten multiplies them, a concatenation or chunk shifts them) and re-adds the same dependencies with
+    them; a walk that ends adds each dependency once per distinct index set that reaches it, a few times at
+    most.  The flatten index mapping (channel ``c`` -> features ``c*stride .. (c+1)*stride-1``) is stopped
+    before it builds a list past the bound."""
     if max_indices is None:
         yield
         return
     from torch_pruning.dependency import group, index_mapping
 
-    def stop(depth: int) -> GraphLimitError:
+    def stop(depth: int, why: str) -> GraphLimitError:
         where = module_at(sys._getframe(depth), names)
         at = f" at {where}" if where else ""
-        limit = (f"the model's size: its channel indices passed {max_indices:,}, twice the model's largest tensor "
-                 "(it mis-maps an operation here and goes round a cycle)")
+        limit = f"a bound on its walk: {why} (it mis-maps an operation here and goes round a cycle)"
         return GraphLimitError(f"torch-pruning passed {limit} while {what}{at}", where, limit)
 
     flatten, grp = index_mapping._FlattenIndexMapping, group.Group
@@ -244,12 +251,16 @@ def _index_limit(what: str, names: dict[int, str], max_indices: int | None) -> I
 
     def flatten_call(self, idxs):
         if not self.reverse and idxs and max(len(idxs), 1 + max(i.idx for i in idxs)) * self._stride > max_indices:
-            raise stop(2)
+            raise stop(2, f"its channel indices would pass {max_indices:,}, twice the model's largest tensor")
         return original_flatten(self, idxs)
 
     def add_dep(self, dep, idxs):
         if idxs and (len(idxs) > max_indices or max(int(getattr(i, "idx", i)) for i in idxs) >= max_indices):
-            raise stop(2)
+            raise stop(2, f"its channel indices passed {max_indices:,}, twice the model's largest tensor")
+        seen = self.__dict__.setdefault("_convsim_adds", {})
+        seen[id(dep)] = seen.get(id(dep), 0) + 1
+        if seen[id(dep)] > MAX_DEP_REPEATS:
+            raise stop(2, f"it reached one dependency more than {MAX_DEP_REPEATS} times")
         return original_add(self, dep, idxs)
 
     flatten.__call__, grp.add_dep = flatten_call, add_dep
