@@ -48,6 +48,11 @@ def _cached_update(graph) -> None:
     _STATE["recomputed"] += 1
 
 
+def pruning_epoch() -> tuple[int, int]:
+    """(outermost block, prunings counted in it): changes whenever a graph's channel counts may have changed."""
+    return _STATE["epoch"], _STATE["prunings"]
+
+
 @contextlib.contextmanager
 def cached_index_mapping() -> Iterator[dict]:
     """Inside the block, torch-pruning recomputes a graph's index mapping only after a pruning.

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..index_cache import cached_index_mapping
+from ..index_cache import cached_index_mapping, pruning_epoch
 from .plan import PruningError
 
 TICK = 0.2  # seconds between two checks
@@ -135,49 +135,58 @@ def deeper_channel_inference(steps: int = CHANNEL_INFERENCE_STEPS) -> Iterator[N
     visits a node once for every path that reaches it, so a chain of diamonds (``x * sigmoid(x)``, an add of
     two element-wise branches of one tensor) costs 2^depth steps: swin_s's walk ran for minutes once the cap
     was raised.  Inside :func:`bounded` both are fixed for the block (and restored after): the cap is raised
-    to ``steps``, and within one outermost inference each node's channel count is computed once (the graph
-    does not change during an inference, so the answer is the same; only the repeated visits go).  The walk
+    to ``steps``, and each node's channel count is computed once per graph until a pruning changes it (the
+    answer is the same; only the repeated visits go).  The walk
     recurses in Python, two frames a node with the memo, so Python's recursion limit is raised to
     :data:`RECURSION_FRAMES` for the block; a walk deeper than that (about 5,000 nodes in a row) still ends in
     a refusal naming the ``RecursionError``."""
     from torch_pruning.dependency import constants, shape_infer
 
-    previous, frames = constants.MAX_RECURSION_DEPTH, sys.getrecursionlimit()
-    originals = {name: getattr(shape_infer, name) for name in _INFERENCES}
-    constants.MAX_RECURSION_DEPTH = max(previous, steps)
-    sys.setrecursionlimit(max(frames, RECURSION_FRAMES))
-    for name, fn in originals.items():
-        setattr(shape_infer, name, _memoised(name, fn))
+    with _INFERENCE_LOCK:
+        _INFERENCE["depth"] += 1
+        if _INFERENCE["depth"] == 1:  # the outermost block patches; an inner one is part of it
+            _INFERENCE["saved"] = (constants.MAX_RECURSION_DEPTH, sys.getrecursionlimit(),
+                                   {name: getattr(shape_infer, name) for name in _INFERENCES})
+            constants.MAX_RECURSION_DEPTH = max(constants.MAX_RECURSION_DEPTH, steps)
+            sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_FRAMES))
+            for name, fn in _INFERENCE["saved"][2].items():
+                setattr(shape_infer, name, _memoised(name, fn))
     try:
-        yield
+        with cached_index_mapping():  # counts the prunings that make a memo stale
+            yield
     finally:
-        constants.MAX_RECURSION_DEPTH = previous
-        sys.setrecursionlimit(frames)
-        for name, fn in originals.items():
-            setattr(shape_infer, name, fn)
+        with _INFERENCE_LOCK:
+            _INFERENCE["depth"] -= 1
+            if _INFERENCE["depth"] == 0:
+                cap, frames, originals = _INFERENCE.pop("saved")
+                constants.MAX_RECURSION_DEPTH = cap
+                sys.setrecursionlimit(frames)
+                for name, fn in originals.items():
+                    setattr(shape_infer, name, fn)
 
 
 _INFERENCES = ("infer_out_channels_recursively", "infer_in_channels_recursively")
-_MEMO = threading.local()  # .known: {(inference, node): channels} of the outermost inference running, or None
+_INFERENCE: dict = {"depth": 0}
+_INFERENCE_LOCK = threading.Lock()
+_MEMO_ATTR = "_convsim_channels"  # on a DependencyGraph: (pruning epoch, {(inference, id(node)): channels})
 
 
 def _memoised(name: str, fn):
     """``fn`` (one of torch-pruning's recursive inferences, which call each other through the module's
-    globals) computing each node's answer once per outermost call."""
+    globals) computing each node's answer once per graph until a pruning changes the graph's channel counts
+    (:func:`~convsim_shrink.prune.index_cache.pruning_epoch`).  The index mapping asks again for every
+    concatenation, split and slice; on swin_s each asked walk was a thousand nodes long."""
 
     def inference(graph, node, recursive_depth):
-        known = getattr(_MEMO, "known", None)
-        outer = known is None
-        if outer:
-            known = _MEMO.known = {}
-        try:
-            key = (name, id(graph), id(node))
-            if key not in known:
-                known[key] = fn(graph, node, recursive_depth)
-            return known[key]
-        finally:
-            if outer:
-                _MEMO.known = None
+        now = pruning_epoch()
+        memo = graph.__dict__.get(_MEMO_ATTR)
+        if memo is None or memo[0] != now:
+            memo = graph.__dict__[_MEMO_ATTR] = (now, {})
+        key = (name, id(node))
+        known = memo[1]
+        if key not in known:
+            known[key] = fn(graph, node, recursive_depth)
+        return known[key]
 
     inference.__wrapped__ = fn
     return inference
@@ -223,7 +232,7 @@ def _limited(what: str, model: nn.Module | None) -> Iterator[None]:
 
 
 #: how often a group's walk may add one dependency (with different indices) before it counts as a cycle
-MAX_DEP_REPEATS = 64
+MAX_DEP_REPEATS = 16
 
 
 @contextlib.contextmanager
