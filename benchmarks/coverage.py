@@ -52,7 +52,7 @@ def run_one(name: str, *, size: int = 64, criterion: str = "convsim-taylor", tar
     import torch.nn.functional as F
     import torchvision
 
-    from convsim_shrink.errors import ConvSimError
+    from convsim_shrink.errors import ConvSimError, OutOfMemoryError
     from convsim_shrink.models.adapt import logits_of
     from convsim_shrink.prune.pruning import measure
     from convsim_shrink.prune.ranking import get_criterion
@@ -109,6 +109,9 @@ def run_one(name: str, *, size: int = 64, criterion: str = "convsim-taylor", tar
         row["status"] = "shrunk" if not alone else f"shrunk, {len(alone)} left alone"
         if not row["output_matches"] or not row["trains"]:
             row["status"] = "CRASH: " + ("output shape changed" if not row["output_matches"] else "does not train")
+    except OutOfMemoryError as exc:  # the process's cap (--memory-gb), said in one line by the tool
+        row["status"] = "out of memory"
+        row["reason"] = str(exc)
     except ConvSimError as exc:
         row["status"] = "refused"
         row["reason"] = str(exc)

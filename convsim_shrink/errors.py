@@ -45,6 +45,11 @@ class MissingDependencyError(ConvSimError, ImportError):
     the package and the command that installs it."""
 
 
+class OutOfMemoryError(ConvSimError, MemoryError):
+    """The machine ran out of memory for a step whose size the model sets (the target search's pruned copies);
+    the message names the step and the model's size."""
+
+
 class OutputNotWritableError(ConvSimError, OSError):
     """The run directory cannot be created or written (a file in the way, a read-only or full disk)."""
 

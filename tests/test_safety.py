@@ -523,3 +523,28 @@ def test_a_dependency_graph_past_its_limit_refuses_in_one_line_naming_the_module
                             "dependency graph at features.1")
     with pytest.raises(ConvSimError, match="^cannot prune this model: torch-pruning passed its time limit"):
         prune_safely(model, torch.randn(1, 3, 12, 12), lambda ignored_layers: None, plan=plan)
+
+
+@pytest.mark.parametrize("where", ["search", "trial"])
+def test_running_out_of_memory_is_one_line_not_a_refusal_or_a_failing_group(where, monkeypatch):
+    """regnet_y_128gf was 'refused' with 'pruning failed ... trials found no layer to leave alone: torch-pruning
+    raised RuntimeError: ... can't allocate memory' under the coverage benchmark's memory cap, and an out of
+    memory in a trial would have marked a good group as failing: both are now OutOfMemoryError."""
+    from convsim_shrink.errors import OutOfMemoryError
+    from convsim_shrink.prune.safety import trials
+
+    torch.manual_seed(0)
+    model = TensorSplitResidual().eval()
+    x = torch.randn(2, 3, 16, 16)
+    oom = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 16777216 bytes.")
+
+    def out_of_memory(*args, **kwargs):
+        raise oom
+
+    if where == "trial":
+        monkeypatch.setattr(trials.copy, "deepcopy", out_of_memory)  # copying the model for a trial
+        with pytest.raises(OutOfMemoryError, match="ran out of memory while .*can.t allocate memory.*more memory is free"):
+            plan_ignored_layers(model, x)
+    else:
+        with pytest.raises(OutOfMemoryError, match=r"pruning copies of the model \(0\.0 M parameters.*more memory is free"):
+            prune_safely(model, x, out_of_memory, plan=plan_ignored_layers(model, x, trials=False))

@@ -55,7 +55,7 @@ from typing import Any
 
 from torch import nn
 
-from ...errors import ConvSimError
+from ...errors import ConvSimError, OutOfMemoryError
 from .limits import GraphLimitError, GraphLimits, bounded, current_limits, graph_limits
 from .plan import REASONS, Ignored, IgnorePlan, PruningError
 from .rules import RULES, apply_rules
@@ -64,6 +64,7 @@ from .trials import TrialSettings, bisect_groups, prunable_groups
 from .verify import (
     OutputSignature,
     describe_error,
+    is_out_of_memory,
     output_signature,
     raised_in_torch_pruning,
     shape_of,
@@ -123,12 +124,21 @@ def plan_ignored_layers(
             plan.refused = str(exc)
             return plan
         except Exception as exc:
+            if is_out_of_memory(exc):
+                raise OutOfMemoryError(f"ran out of memory while building the model's dependency graph ({describe_error(exc)}): "
+                                       "run it where more memory is free") from None
             plan.refused = f"torch-pruning cannot build this model's dependency graph ({describe_error(exc)})"
             return plan
         for name, limit in over:
             plan.add(name, "graph-limit", f"torch-pruning did not finish following its channels within {limit}")
         candidates = [g for g in groups if not any(m in plan for m in g.members)]
-        bisect_groups(model, example_inputs, signature, plan, candidates, groups, settings, check_function, max_trials)
+        try:
+            bisect_groups(model, example_inputs, signature, plan, candidates, groups, settings, check_function, max_trials)
+        except Exception as exc:
+            if is_out_of_memory(exc):  # e.g. copying the model for a trial
+                raise OutOfMemoryError(f"ran out of memory while pruning a trial copy of the model ({describe_error(exc)}): "
+                                       "run it where more memory is free") from None
+            raise
     if not [g for g in groups if not any(m in plan for m in g.members)]:
         plan.refused = "no layer can be pruned safely: " + (plan.entries[-1].reason if plan.entries else "torch-pruning finds no prunable group")
     return plan
@@ -155,8 +165,9 @@ def prune_safely(
     ``retries`` times.  ``plan_kwargs`` go to :func:`plan_ignored_layers` when ``plan`` is None.
 
     Returns ``(result, plan)``.  Errors: the :class:`~convsim_shrink.errors.ConvSimError` subclasses
-    ``prune`` raises for the user (e.g. an unreachable target) pass through; everything else from
-    inside torch-pruning becomes a one-line :class:`PruningError`.
+    ``prune`` raises for the user (e.g. an unreachable target) pass through; running out of memory
+    anywhere in it is one :class:`~convsim_shrink.errors.OutOfMemoryError` (no retry); everything else
+    from inside torch-pruning becomes a one-line :class:`PruningError`.
     """
     signature = output_signature(model, example_inputs)
     plan = plan if plan is not None else plan_ignored_layers(model, example_inputs, **plan_kwargs)
@@ -171,6 +182,12 @@ def prune_safely(
         except ConvSimError:
             raise
         except Exception as exc:
+            if is_out_of_memory(exc):  # no retry: a second plan and search would need the same memory again
+                params = sum(p.numel() for p in model.parameters()) / 1e6
+                raise OutOfMemoryError(
+                    f"ran out of memory while pruning copies of the model ({params:,.1f} M parameters; the target search "
+                    f"holds several pruned copies at once) ({describe_error(exc)}): run it where more memory is free"
+                ) from None
             if not raised_in_torch_pruning(exc):
                 raise  # a bug in the caller's code keeps its traceback
             problem = f"torch-pruning raised {describe_error(exc)}"

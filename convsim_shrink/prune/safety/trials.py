@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...errors import OutOfMemoryError
 from .limits import GraphLimitError, bounded
 from .plan import IgnorePlan
 from .tracing import PRUNABLE, ZERO_DIM1, ZERO_DIMLAST, flatten, tolerant_tracing
@@ -18,6 +19,7 @@ from .verify import (
     PruningError,
     describe_error,
     forward,
+    is_out_of_memory,
     verify_pruned,
 )
 
@@ -147,6 +149,9 @@ def trial(model: nn.Module, example_inputs, signature: OutputSignature, ignored_
     except GraphLimitError as exc:
         return str(exc)
     except Exception as exc:
+        if is_out_of_memory(exc):  # the machine's limit, not this group's fault
+            raise OutOfMemoryError(f"ran out of memory while pruning a trial copy of the model ({describe_error(exc)}): "
+                                   "run it where more memory is free") from None
         return f"torch-pruning raised {describe_error(exc)}"
     try:
         verify_pruned(trial, example_inputs, signature)

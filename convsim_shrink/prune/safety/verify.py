@@ -69,6 +69,15 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}{where}" if text else f"{type(exc).__name__}{where}"
 
 
+_OOM_TEXT = ("can't allocate memory", "not enough memory", "out of memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the process running out of memory: a ``MemoryError``, or the ``RuntimeError`` (or
+    ``torch.OutOfMemoryError``) that PyTorch's allocators raise for it."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and any(t in str(exc) for t in _OOM_TEXT))
+
+
 def raised_in_torch_pruning(exc: BaseException) -> bool:
     """Whether torch-pruning's code (or a forward pass it ran) is on the traceback of ``exc``."""
     return any("torch_pruning" in frame.filename.replace("\\", "/").split("/") for frame in traceback.extract_tb(exc.__traceback__))
