@@ -165,6 +165,34 @@ def test_probe_steps_down_from_the_upper_end_when_only_smaller_ratios_fit():
     assert found.ratio == 0.8 and [r for r, _ in state.calls] == [0.9, 0.0, 0.8]
 
 
+def test_probe_keeps_no_copy_of_the_probes_that_missed():
+    """On vit_l_32 (305 M parameters) every probe's pruned copy stayed alive while the probe stepped down:
+    the search ran out of an 18 GB cap.  Only the candidate found keeps its model."""
+    import gc
+    import weakref
+
+    def late(ratio, overrides, limit, rounding):  # only 0.5 and below fit: five misses before it
+        if overrides:
+            return {"params": 0.1}
+        return {"params": 0.9 if ratio > 0.55 else (1 - ratio) ** 2}
+
+    state = FakeState(settings(target_params=0.5), late)
+    made, held = [], []
+    trial = state.trial
+
+    def tracked(*a, **kw):
+        gc.collect()
+        held.append(sum(r() is not None for r in made))  # copies alive while the next one is made
+        c = trial(*a, **kw)
+        made.append(weakref.ref(c.model))
+        return c
+
+    state.trial = tracked
+    found = probe(state)
+    assert found.ratio == 0.5 and len(made) == 6  # 0.9, the smallest, 0.8 ... 0.5
+    assert max(held) <= 1, held  # the smallest model (the fallback when no ratio fits), no probe that missed
+
+
 def test_probe_refusal_names_a_setting_that_reaches_the_target():
     def rounded(ratio, overrides, limit, rounding):  # round_to keeps too much; without it the floor fits
         return {"params": 0.3 if overrides and rounding is None else 0.6}

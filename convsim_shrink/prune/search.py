@@ -93,9 +93,11 @@ class PruneResult:
 
 @dataclass
 class Candidate:
-    """One pruned copy the search measured."""
+    """One pruned copy the search measured (``model`` is None once the search has no more use for it: a
+    probe that missed keeps only its measurements, so a large model's search holds a few copies, not one
+    per probe)."""
 
-    model: nn.Module
+    model: nn.Module | None
     size: Size
     fracs: dict[str, float]  # measured fraction of the base, per targeted kind (latency only when measured)
     ratio: float
@@ -343,17 +345,27 @@ def probe(state: SearchState) -> Candidate:
     (``round_to`` off, ``max_layer_ratio`` 0.95 or 0.99) if one does.
     """
     s = state.settings
-    probes = [state.trial(s.max_layer_ratio, all_kinds=True)]
-    found = probes[0] if state.fits(probes[0]) else None
+    probes: list[Candidate] = []
+
+    def measured(c: Candidate) -> Candidate:
+        probes.append(c)
+        if not state.fits(c):
+            c.model = None  # only its measurements are needed (the refusal); a copy of a 300 M model is GBs
+        return c
+
+    found = measured(state.trial(s.max_layer_ratio, all_kinds=True))
+    found = found if found.model is not None else None
     if found is None:
-        probes.append(state.smallest(s.max_layer_ratio, s.round_to))
-        if state.fits(probes[-1]):
+        smallest = measured(state.smallest(s.max_layer_ratio, s.round_to))
+        if smallest.model is not None:
             hi_ratio = round(s.max_layer_ratio - 0.1, 6)
             while found is None and hi_ratio > 0.05:
-                probes.append(state.trial(hi_ratio, all_kinds=True))
-                found = probes[-1] if state.fits(probes[-1]) else None
+                c = measured(state.trial(hi_ratio, all_kinds=True))
+                found = c if c.model is not None else None
                 hi_ratio = round(hi_ratio - 0.1, 6)
-            found = found or probes[1]
+            found = found or smallest
+            if found is not smallest:
+                smallest.model = None
     if found is None:
         tried = ([{"round_to": None}] if s.round_to else []) + [{"max_layer_ratio": m} for m in (0.95, 0.99) if m > s.max_layer_ratio]
         for changed in tried:
