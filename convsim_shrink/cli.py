@@ -47,7 +47,8 @@ app = typer.Typer(
     cls=_Group,
     help="Compress CNNs by Convolutional Similarity minimisation and similarity-ranked structural pruning.\n\n"
     "Run `convsim-shrink MODEL --target-params 0.5` to shrink MODEL (see `convsim-shrink list models`); "
-    "`convsim-shrink --resume runs/RUN` continues an interrupted run.",
+    "`convsim-shrink --resume runs/RUN` continues an interrupted run.  Without a command, the arguments go to `shrink`: "
+    "`convsim-shrink shrink --help` lists its options (--resume, --epochs, --set, ...).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -224,18 +225,18 @@ TargetLatency = Annotated[Optional[float], typer.Option("--target-latency", help
 RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", help="Recipe file or shipped recipe name (default: the model's own).")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data set: fashion-mnist, cifar10, cifar100, imagefolder.")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the data set.")]
-EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=0, help="Training epochs of the dense model (a model with trained weights: train it this much more; default none).")]
+EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=0, help="Training epochs of the dense model (default: the recipe's train.epochs; a model with trained weights is not trained unless this is given, then this much more).")]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="DEFAULT or a torchvision weights name (downloads), or a state-dict file (.safetensors, or a torch file read with weights_only).")]
-FtEpochsOpt = Annotated[Optional[int], typer.Option("--finetune-epochs", min=0, help="Fine-tuning epochs after pruning.")]
+FtEpochsOpt = Annotated[Optional[int], typer.Option("--finetune-epochs", min=0, help="Fine-tuning epochs after pruning (default: the recipe's finetune.epochs; 0: the pruned model after compensation and BN re-estimation, no training).")]
 CriterionOpt = Annotated[Optional[str], typer.Option("--criterion", help="Channel ranking: convsim-taylor, convsim, l1, l2, taylor, fpgm, lamp, bn-scale, random (see 'list criteria').")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: the recipe's run.seed).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<model>-<timestamp>).")]
 ResumeOpt = Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any recipe field: --set train.lr=0.05 (repeatable).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 MaxDropOpt = Annotated[Optional[str], typer.Option(
-    "--max-drop", help="Instead of a size target: the smallest model whose validation top-1 after fine-tuning is within D points of "
+    "--max-drop", metavar="<points>", help="Instead of a size target: the smallest model whose validation top-1 after fine-tuning is within <points> of "
     "the dense model's (bisection on the size; prune.search_kind sizes it by params, macs or latency).",
 )]
 NprocOpt = Annotated[Optional[int], typer.Option(
@@ -245,7 +246,7 @@ NprocOpt = Annotated[Optional[int], typer.Option(
 
 @app.command(cls=_Command)
 def shrink(
-    model: Annotated[Optional[str], typer.Argument(help="A zoo name (see `convsim-shrink list models`), torchvision:NAME, timm:NAME, package.module:function, or a checkpoint (.safetensors file or run directory).")] = None,
+    model: Annotated[Optional[str], typer.Argument(help="A zoo name (see `convsim-shrink list models`), torchvision:NAME, timm:NAME, package.module:function, or a checkpoint (.safetensors file or run directory). Not needed with --resume, or with a --recipe that names one.")] = None,
     target_params: TargetParams = None,
     target_macs: TargetMacs = None,
     target_latency: TargetLatency = None,
@@ -267,8 +268,7 @@ def shrink(
 ) -> None:
     """Run the whole pipeline: build, CS pre-minimisation, train, rank, prune, fine-tune, export.
 
-    A model with trained weights (a checkpoint, --weights) skips pre-minimisation and dense training
-    unless --epochs is given; its checkpoint's data set is the default --data."""
+    A model with trained weights (a checkpoint, --weights) skips pre-minimisation and dense training unless --epochs is given; its checkpoint's data set is the default --data. Options left out take the recipe's values (`convsim-shrink list keys` names every key)."""  # noqa: E501 (one paragraph: --help wraps it)
     if model is None and recipe is None and resume is None:
         raise ConfigError("name a model (e.g. `convsim-shrink resnet18`), a --recipe, or a run to --resume")
     _run_pipeline(

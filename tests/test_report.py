@@ -91,3 +91,15 @@ def test_report_header_says_how_the_model_was_fine_tuned(tmp_path):
     assert "4 fine-tuning epochs, distillation 0.5." in lines[2]
     lines = _written(tmp_path, ["finetune.epochs=1", "finetune.distill=0"], "zoo model resnet18, random weights")
     assert "1 fine-tuning epoch, no distillation." in lines[2]
+
+
+def test_summary_says_why_training_raised_cs_and_only_then():
+    rise = {"definition": "normalized", "init": 922.2, "after_premin": 233.8, "after_train": 1304.0, "shrunk": 872.4}
+    cs = [line for line in _printed(_report(rise)) if line.startswith("CS (normalized):")]
+    assert len(cs) == 1 and "after train 1304 (training raised it: train.cs_beta is 0;" in cs[0]
+    with_beta = {**_report(rise), "cs_beta": 0.01}
+    cs = [line for line in _printed(with_beta) if line.startswith("CS (normalized):")]
+    assert "train.cs_beta 0.01 held it only in part" in cs[0]
+    fall = {**rise, "after_train": 200.0}
+    cs = [line for line in _printed(_report(fall)) if line.startswith("CS (normalized):")]
+    assert "raised" not in cs[0]

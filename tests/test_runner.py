@@ -10,6 +10,7 @@ import torch
 
 import convsim_shrink.pipeline.runner as runner
 import convsim_shrink.pipeline.stages as stages
+from convsim_shrink.console import console
 from convsim_shrink.errors import CheckpointError, ConfigError
 from convsim_shrink.export import native as ckpt
 from convsim_shrink.export.load import load
@@ -27,7 +28,7 @@ SETS = [
 #: the keys of report.json (its content must not change with the pipeline's wiring)
 REPORT_KEYS = {
     "model", "recipe", "width", "dataset", "test_images", "criterion", "global_pruning", "distill", "finetune_epochs", "target", "dense", "shrunk",
-    "params_ratio", "macs_ratio", "accuracy_delta", "cs", "stages", "total_seconds", "exports", "onnx_max_abs_diff", "pt2_max_abs_diff", "int8", "speed", "target_latency",
+    "params_ratio", "macs_ratio", "accuracy_delta", "cs", "cs_beta", "stages", "total_seconds", "exports", "onnx_max_abs_diff", "pt2_max_abs_diff", "int8", "speed", "target_latency",
     "source", "ignored_layers", "data_notes", "notes",
     "world_size", "global_batch", "per_process_batch", "prune_steps", "compensate", "compensation", "size_search",
 }
@@ -132,7 +133,12 @@ def test_post_training_path_reports_top1_through_the_prune_stage(tmp_path, monke
     """finetune.epochs=0 (the post-training path): the report says how top-1 moved at each step of pruning,
     and the shrunk model is the compensated, BN re-estimated one."""
     monkeypatch.chdir(tmp_path)
-    result = Runner(resolve(None, sets=SETS)).run()
+    with console.capture() as cap:
+        result = Runner(resolve(None, sets=SETS + ["run.quiet=false"])).run()
+    said = [line for line in cap.get().splitlines() if line.startswith("pruning: ")]  # what the stage is doing, as it starts
+    assert [line.split()[1] for line in said[:4]] == ["finding", "task-loss", "the", "searching"], said
+    assert "searching for" in said[3] and "then compensating" in said[3] and "re-estimating batch-norm" in said[4]
+    assert any("(the search pruned " in line and "candidates)" in line for line in cap.get().splitlines())
     steps = result.report["prune_steps"]
     assert list(steps) == ["split", "dense", "dropped", "compensated", "bn"] and steps["split"] == "test"
     assert steps["bn"] == result.report["shrunk"]["accuracy_before_finetune"] == result.report["shrunk"]["accuracy"]
@@ -226,6 +232,21 @@ def test_first_line_quotes_the_recipes_measured_time_only_for_the_recipe_as_writ
     assert expected_text(resolve("resnet18", sets=["data.subset=600"]), fp32) == ""
     assert expected_text(resolve(None), fp32) == ""  # built-in defaults: nothing measured
     assert expected_text(resolve({"expected_minutes": {"cpu-fp32": 3}}), fp32) == ""  # a dict is not a recipe file
+
+
+def test_a_run_past_its_expected_time_says_so():
+    from convsim_shrink.pipeline.runner import SLOW_FACTOR, slow_note
+
+    assert slow_note(28 * 60 * SLOW_FACTOR - 1, 28) is None
+    assert slow_note(10_000, None) is None  # nothing measured for this recipe on this machine: nothing to compare
+    note = slow_note(41.5 * 60, 28)
+    assert note.startswith("this run has taken 42 min so far, past the about 28 min expected")
+
+
+def test_duration_text_rounds_to_a_readable_unit():
+    from convsim_shrink.train.progress import duration_text
+
+    assert [duration_text(s) for s in (12.4, 89, 95, 3000, 5400, 9000)] == ["12 s", "89 s", "2 min", "50 min", "1.5 h", "2.5 h"]
 
 
 @pytest.mark.parametrize("accuracy, classes, near", [

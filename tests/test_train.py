@@ -284,6 +284,7 @@ def test_progress_off_a_terminal_prints_a_line_per_epoch(tiny, monkeypatch):
     lines = [line for line in cap.get().splitlines() if line.startswith("train ")]
     assert [line.split(":")[0] for line in lines] == ["train 1/2", "train 2/2"], cap.get()
     assert all("loss" in line and "train acc" in line and "img/s" in line and "val acc" in line and line.endswith(" s)") for line in lines)
+    assert "train ends in ~" in lines[0] and "ends in" not in lines[1]  # the stage's estimate, after every epoch but the last
     with console.capture() as cap:
         fit(_model(), tiny.train, _cfg(epochs=1), quiet=True)
     assert cap.get() == ""

@@ -62,6 +62,7 @@ def build_report(recipe, state: RunState, data) -> dict[str, Any]:
             "shrunk": m.cs_shrunk,
             "definition": "normalized Convolutional Similarity summed over conv layers (pairs=all, channels=same)",
         },
+        "cs_beta": recipe.train.cs_beta,  # the CS regulariser's weight in dense training (0: off)
         "stages": dict(state.seconds),
         "total_seconds": round(sum(state.seconds.values()), 1),
         "exports": dict(state.exports),
@@ -271,6 +272,17 @@ def _plots(state: RunState, run_dir: Path) -> dict[str, str]:
     return out
 
 
+def _cs_rise(report: dict) -> str:
+    """Why CS went up in training, when it did: a reader expects a tool named after CS to lower it."""
+    cs = report.get("cs") or {}
+    before = cs.get("after_premin") if cs.get("after_premin") is not None else cs.get("init")
+    after = cs.get("after_train")
+    if before is None or after is None or after <= before:
+        return ""
+    why = "train.cs_beta is 0" if not report.get("cs_beta") else f"train.cs_beta {report['cs_beta']:g} held it only in part"
+    return f" (training raised it: {why}; pruning then removes the most similar channels)"
+
+
 def print_summary(report: dict) -> None:
     from rich.table import Table
 
@@ -297,7 +309,8 @@ def print_summary(report: dict) -> None:
             groups[-1][0].append(k.replace("_", " "))
         else:
             groups.append(([k.replace("_", " ")], v))
-    cs = ", ".join(f"{' = '.join(names)} {_fmt(v, '.4g')}" for names, v in groups)
+    rise = _cs_rise(report)
+    cs = ", ".join(f"{' = '.join(names)} {_fmt(v, '.4g')}{rise if 'after train' in names else ''}" for names, v in groups)
     console.print((f"CS (normalized): {cs}  |  " if cs else "") + f"{report['total_seconds']} s in all", soft_wrap=True)
     s = report.get("size_search")
     if s:

@@ -57,6 +57,7 @@ from ..train import (
     set_memory_format,
 )
 from ..train.distributed import is_main_process
+from ..train.progress import duration_text
 from .preflight import check_model, check_run
 from .report import build_report, speedup_text, write_report
 from .stages import (
@@ -157,13 +158,31 @@ def runs_as_written(recipe: Recipe) -> bool:
     return all(getattr(recipe, s) == getattr(written, s) for s in ("model", "data", "premin", "train", "finetune"))
 
 
-def expected_text(recipe: Recipe, precision) -> str:
-    """``'; expected: about 28 min (...)'``, what the recipe as written took on this kind of machine where it
-    was measured (its ``expected_minutes``), or ``''`` when it has no measurement for this kind."""
+def expected_minutes(recipe: Recipe, precision) -> float | None:
+    """What the recipe as written took on this kind of machine where it was measured (its
+    ``expected_minutes``), or None: no measurement for this kind, or the run changes a stage that takes time."""
     minutes = recipe.expected_minutes.get(machine_kind(precision))
-    if minutes is None or not runs_as_written(recipe):
+    return minutes if minutes is not None and runs_as_written(recipe) else None
+
+
+def expected_text(recipe: Recipe, precision) -> str:
+    """``'; expected: about 28 min (...)'`` (:func:`expected_minutes`), or ``''``."""
+    minutes = expected_minutes(recipe, precision)
+    if minutes is None:
         return ""
     return f"; expected: about {minutes:g} min (the recipe as written, measured on a 2-core {machine_kind(precision)} machine)"
+
+
+SLOW_FACTOR = 1.25  # a run this much past its expected time says so, once
+
+
+def slow_note(elapsed_s: float, expected_min: float | None) -> str | None:
+    """The note for a run past :data:`SLOW_FACTOR` times its expected minutes (None when it is not, or has
+    no expectation)."""
+    if expected_min is None or elapsed_s <= SLOW_FACTOR * expected_min * 60:
+        return None
+    return (f"this run has taken {duration_text(elapsed_s)} so far, past the about {expected_min:g} min expected for this recipe "
+            "on this kind of machine: the CPU is slower, or other jobs share it (compare the epochs' img/s); the run goes on")
 
 
 class Runner:
@@ -191,6 +210,8 @@ class Runner:
         which a pretrained model then trains for; otherwise it is not trained before pruning."""
         self.recipe = recipe
         self.quiet = recipe.run.quiet
+        self.expected_min: float | None = None  # minutes the run is expected to take (set when it starts)
+        self.started = time.perf_counter()
         self.run_dir = Path(run_dir) if run_dir else (Path(recipe.run.out) if recipe.run.out else None)
         self.resume = resume
         self.given_model = model
@@ -404,7 +425,7 @@ class Runner:
         pr = self.recipe.prune
         out = prune_stage(
             self.dense, self.data, pr, example_inputs=self.example_inputs, finetune=self.recipe.finetune,
-            device=self.device, quiet=self.quiet, reuse=self.prune_reuse,
+            device=self.device, quiet=self.quiet, reuse=self.prune_reuse, say=self.log,
         )
         result = out.result
         if result.note:  # one clean line, also under --quiet, instead of Python's warning format
@@ -414,7 +435,7 @@ class Runner:
             self.log(f"note: {out.hint}")
         self.log(
             f"pruned with '{pr.criterion}' to {result.params_ratio:.3f} of the params, {result.macs_ratio:.3f} of the MACs "
-            f"({result.trials} trials): {out.accuracy:.2f}% before fine-tuning"
+            f"(the search pruned {result.trials} candidates): {out.accuracy:.2f}% before fine-tuning"
         )
         self.model = out.model
         m = self.state.metrics
@@ -488,6 +509,8 @@ class Runner:
         r = self.recipe
         self.state.processes = distributed.describe(r.train.batch_size, self.device)
         precision = resolve_precision(self.device, r.train.precision, r.train.channels_last)
+        self.expected_min = None if self.resume else expected_minutes(r, precision)  # a resumed run's clock restarts
+        self.started = time.perf_counter()
         self.log(f"device: {precision.describe()}" + expected_text(r, precision)
                  + (f"; run directory: {self.run_dir}" if self.run_dir else ""))
         self.log(f"recipe: {r.run.recipe_source or 'built-in defaults (no recipe file)'}")
@@ -527,6 +550,10 @@ class Runner:
             if step.artefact:
                 self._save_model(self.model, step.artefact)
             self._save_state()
+            note = slow_note(time.perf_counter() - self.started, self.expected_min)
+            if note is not None:
+                console.print(f"note: {note}", soft_wrap=True)
+                self.expected_min = None  # once
         self._restore(skipped)
 
 

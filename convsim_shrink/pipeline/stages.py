@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,7 @@ def prune_stage(
     device: torch.device | None = None,
     quiet: bool = True,
     reuse: PruneReuse | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> PruneOutcome:
     """A pruned copy of ``dense`` at ``cfg``'s measured target (``dense`` is left as it was).
 
@@ -285,9 +287,11 @@ def prune_stage(
 
     ``reuse`` (:class:`PruneReuse`, one-step pruning): the dense model's calibration, input statistics,
     plan and latency are taken from it when it holds them for ``dense`` and these settings, else measured
-    and kept in it, so calls for several targets measure them once.
+    and kept in it, so calls for several targets measure them once.  ``say(text)`` is called as each part
+    starts (``"pruning: searching for 0.5 of the params"``), so a log shows what the stage is doing.
     """
     ft = finetune or FinetuneConfig()
+    say = say or (lambda text: None)
     device = device or _device_of(dense)
     criterion = get_criterion(cfg.criterion)
     options = dict(cfg.criterion_options)
@@ -302,9 +306,12 @@ def prune_stage(
 
     def before_scoring(model: nn.Module) -> None:
         if criterion.needs_gradients:
+            say(f"pruning: task-loss gradients for '{cfg.criterion}' on {cfg.calibration_batches} training batches")
             with _fixed_order(data.train) as train:
                 accumulate_gradients(model, train, cfg.calibration_batches)
         if needs_statistics:  # the layers' inputs before this step's pruning, for compensation and the residual criterion
+            say("pruning: the layers' input statistics for compensation"
+                + (" (from the weights)" if cfg.compensation_data == "kernels" else f" on {cfg.compensation_batches} training batches"))
             if cfg.compensation_data == "kernels":
                 statistics["now"] = predict_input_statistics(
                     model, example_inputs, autocorrelation=cfg.compensation_autocorrelation)
@@ -341,6 +348,7 @@ def prune_stage(
     else:
         # calibration writes gradients and BN statistics: only then work on a copy of the dense model
         source = copy.deepcopy(dense) if criterion.needs_gradients else dense
+        say("pruning: finding the layers to leave alone (torch-pruning's dependency graph, trial prunings)")
         plan = plan_ignored_layers(source, example_inputs.to(device))
         if plan.refused:
             raise PruningError(plan.summary())
@@ -356,6 +364,10 @@ def prune_stage(
             reuse.base_latency = _median_seconds([latency_fn(dense) for _ in range(3)])
             reuse.latency_measurements += 3
         base_latency = reuse.base_latency
+    wanted = ", ".join(f"{t:g} of the {kind}" for kind, t in (("params", cfg.target_params), ("MACs", cfg.target_macs),
+                                                               ("latency", cfg.target_latency)) if t is not None)
+    say(f"pruning: searching for {wanted}" + (f" in {cfg.iterative_steps} steps" if cfg.iterative_steps > 1 else "")
+        + (", then compensating the removed channels" if cfg.compensate else ""))
     result = iterative_prune(
         source, example_inputs, make_importance, steps=cfg.iterative_steps,
         between=between, before_scoring=scoring, base_latency=base_latency,
@@ -378,6 +390,7 @@ def prune_stage(
     result.uncompensated = None  # not kept past the stage: a second model's memory
     bn_batches = 0
     if cfg.bn_recalibration:
+        say(f"pruning: re-estimating batch-norm statistics on {cfg.bn_recalibration} training batches")
         with _fixed_order(data.train) as train:
             bn_batches = recalibrate_bn(model, train, cfg.bn_recalibration, resolve_precision(device, ft.precision, ft.channels_last))
     accuracy = evaluate(model, data.test, eval_precision(device, ft))["acc"]

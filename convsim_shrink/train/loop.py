@@ -39,7 +39,7 @@ from .device import Precision, resolve_precision, set_memory_format, to_device
 from .distributed import is_main_process, unwrap, world_size
 from .losses import LossTerm, cs_regularizer
 from .optim import Schedule, make_optimizer, make_schedule
-from .progress import make_progress, print_finished, print_running
+from .progress import duration_text, make_progress, print_finished, print_running
 
 #: steps between host syncs of the running loss/accuracy on accelerators
 _SYNC_EVERY = 32
@@ -350,6 +350,10 @@ def fit(
                 ev = evaluate(model, eval_loader, prec)
                 metrics["val_acc"], metrics["val_loss"] = ev["acc"], ev["loss"]
                 progress.update(task, info=progress.tasks[task].fields["info"] + f"  val acc {ev['acc']:.2f}%")
+            left = cfg.epochs - epoch - 1
+            if left:  # this stage's estimate, from the epochs this process ran so far
+                eta = (time.perf_counter() - t0) / (epoch + 1 - start_epoch) * left
+                progress.update(task, info=progress.tasks[task].fields["info"] + f"  {stage} ends in ~{duration_text(eta)}")
             print_finished(progress, task)
             result.history.append(metrics)
             if ckpt is not None and is_main_process():

@@ -63,3 +63,12 @@ def print_finished(progress, task) -> None:
         elapsed = f" ({t.elapsed:.0f} s)" if t.elapsed is not None else ""
         console.print(f"{t.description}: {t.fields.get('info', '').strip()}{elapsed}", soft_wrap=True, markup=False)
         progress.plain_last = time.monotonic()
+
+
+def duration_text(seconds: float) -> str:
+    """``'45 s'``, ``'12 min'`` or ``'1.5 h'``: a rough duration for an estimate."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
