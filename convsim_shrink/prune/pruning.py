@@ -153,7 +153,7 @@ def prune_copy(model, example_inputs, importance, ratio, *, round_to, global_pru
     """A pruned copy of ``model`` (torch-pruning's ``MetaPruner`` at channel ratio ``ratio``, or per root
     layer ``overrides``; ``ignored`` modules of ``model`` are left alone); with a ``compensator``
     (:class:`~convsim_shrink.prune.compensation.Compensator`), every group's consumers are compensated just before
-    the group is removed."""
+    the group is removed.  The copy has no gradients (``model``'s are copied for the scoring, then dropped)."""
     trial = copy.deepcopy(model)
     for p, q in zip(model.parameters(), trial.parameters()):  # deepcopy drops .grad; Taylor needs it
         if p.grad is not None:
@@ -183,6 +183,7 @@ def prune_copy(model, example_inputs, importance, ratio, *, round_to, global_pru
             for group in pruner.step(interactive=True):
                 compensator.before_prune(group, pruner.DG)
                 group.prune()
+    trial.zero_grad(set_to_none=True)  # the gradients served the scoring; a candidate kept by the search holds no copy
     return trial
 
 
