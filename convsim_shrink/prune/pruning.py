@@ -157,7 +157,7 @@ def prune_copy(model, example_inputs, importance, ratio, *, round_to, global_pru
     trial = copy.deepcopy(model)
     for p, q in zip(model.parameters(), trial.parameters()):  # deepcopy drops .grad; Taylor needs it
         if p.grad is not None:
-            q.grad = p.grad.detach().clone()
+            q.grad = p.grad.detach()  # shared, not copied: torch-pruning makes new tensors when it prunes, and reads these
     importance.bind(trial)
     names = dict(model.named_modules())
     trial_modules = dict(trial.named_modules())
