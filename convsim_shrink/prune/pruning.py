@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import classifier_of, evaluating
+from .memory import release_memory
 from .safety.limits import GraphLimitError, bounded
 from .sparsity import GroupNormRegularizer
 
@@ -154,6 +155,7 @@ def prune_copy(model, example_inputs, importance, ratio, *, round_to, global_pru
     layer ``overrides``; ``ignored`` modules of ``model`` are left alone); with a ``compensator``
     (:class:`~convsim_shrink.prune.compensation.Compensator`), every group's consumers are compensated just before
     the group is removed.  The copy has no gradients (``model``'s are copied for the scoring, then dropped)."""
+    release_memory(model)  # the copies dropped since the last one (torch-pruning's graphs hold them in cycles)
     trial = copy.deepcopy(model)
     for p, q in zip(model.parameters(), trial.parameters()):  # deepcopy drops .grad; Taylor needs it
         if p.grad is not None:

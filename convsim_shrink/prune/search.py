@@ -42,6 +42,7 @@ from torch import nn
 from ..errors import ConfigError, TargetUnreachableError
 from ..measure.latency import latency_meter
 from ..models import classifier_of
+from .memory import release_memory
 from .pruning import (
     CachedImportance,
     Size,
@@ -644,6 +645,7 @@ def prune_to_target(
     if note and warn:
         warnings.warn(note, stacklevel=2)
     out = state.result(best, note)
+    release_memory(model)  # the candidates the search dropped
     if compensator is not None:
         out.uncompensated = best.model
         out.model = prune_copy(

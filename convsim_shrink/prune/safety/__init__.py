@@ -56,6 +56,7 @@ from typing import Any
 from torch import nn
 
 from ...errors import ConvSimError, OutOfMemoryError
+from ..memory import release_memory
 from .limits import GraphLimitError, GraphLimits, bounded, current_limits, graph_limits
 from .plan import REASONS, Ignored, IgnorePlan, PruningError
 from .rules import RULES, apply_rules
@@ -131,6 +132,7 @@ def plan_ignored_layers(
             return plan
         for name, limit in over:
             plan.add(name, "graph-limit", f"torch-pruning did not finish following its channels within {limit}")
+        del work  # the groups are by name: this copy (a whole model) is not needed in the trials
         candidates = [g for g in groups if not any(m in plan for m in g.members)]
         try:
             bisect_groups(model, example_inputs, signature, plan, candidates, groups, settings, check_function, max_trials)
@@ -139,6 +141,7 @@ def plan_ignored_layers(
                 raise OutOfMemoryError(f"ran out of memory while pruning a trial copy of the model ({describe_error(exc)}): "
                                        "run it where more memory is free") from None
             raise
+    release_memory(model)  # the last trial's copy
     if not [g for g in groups if not any(m in plan for m in g.members)]:
         plan.refused = "no layer can be pruned safely: " + (plan.entries[-1].reason if plan.entries else "torch-pruning finds no prunable group")
     return plan

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ...errors import OutOfMemoryError
+from ..memory import release_memory
 from .limits import GraphLimitError, bounded
 from .plan import IgnorePlan
 from .tracing import PRUNABLE, ZERO_DIM1, ZERO_DIMLAST, flatten, tolerant_tracing
@@ -113,6 +114,7 @@ def trial(model: nn.Module, example_inputs, signature: OutputSignature, ignored_
     """Prune the ``active`` groups of a copy of ``model`` (everything else ignored); the problem, or None."""
     import torch_pruning as tp
 
+    release_memory(model)  # the last trial's copy, held in cycles by its dependency graph
     trial = copy.deepcopy(model).eval()
     # the function check runs ``model`` itself with hooks that zero the removed channels (in eval mode, no
     # gradients, hooks removed after): a second copy of a 600 M-parameter model ran out of memory
