@@ -71,29 +71,6 @@ def test_statistics_match_the_layers_inputs_gathered_by_hand():
     assert not m.training
 
 
-def test_wide_layers_statistics_match_the_sum_of_outer_products():
-    """From SYRK_MIN_CHANNELS channels on the Gram matrix is numpy's symmetric product: the same sums as
-    a plain loop over rows of outer products, and exactly symmetric."""
-    from convsim_shrink.prune.compensation import SYRK_MIN_CHANNELS, gram
-
-    g = torch.Generator().manual_seed(0)
-    for c in (SYRK_MIN_CHANNELS - 1, SYRK_MIN_CHANNELS + 3):
-        rows = torch.randn(50, c, generator=g, dtype=torch.float64) + 3.0
-        reference = torch.zeros(c, c, dtype=torch.float64)
-        for r in rows:
-            reference += torch.outer(r, r)
-        got = gram(rows)
-        assert got.dtype == torch.float64 and got.shape == (c, c)
-        torch.testing.assert_close(got, reference, rtol=1e-12, atol=1e-9)
-        assert torch.equal(got, got.T) or c < SYRK_MIN_CHANNELS
-    wide = nn.Conv2d(SYRK_MIN_CHANNELS + 8, 4, 1)
-    x = torch.randn(6, SYRK_MIN_CHANNELS + 8, 3, 3, generator=g)
-    stats = collect_input_statistics(wide, _loader(x, batch=4), batches=2)
-    rows = _rows(x).double()
-    centred = rows - rows.mean(0)
-    torch.testing.assert_close(stats.covariance(""), centred.T @ centred / rows.shape[0])
-
-
 def test_sampled_statistics_keep_whole_rows_and_are_reproducible():
     """max_rows samples rows (images x positions), never channels apart: an exact linear relation between
     channels holds on the sample, so the fit recovers it; the same data give the same statistics."""

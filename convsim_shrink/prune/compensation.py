@@ -109,23 +109,6 @@ class InputStatistics:
         return self.products[name] / self.count[name] - torch.outer(mu, mu)
 
 
-SYRK_MIN_CHANNELS = 512  # from this width on, the Gram matrix goes through numpy's symmetric product
-
-
-def gram(rows: torch.Tensor) -> torch.Tensor:
-    """``rowsᵀ rows`` of a float64 ``(n, C)`` tensor, as a ``(C, C)`` float64 tensor on the CPU.
-
-    From :data:`SYRK_MIN_CHANNELS` channels on, on the CPU, it is numpy's ``a.T @ a``, which numpy computes with
-    BLAS's symmetric rank-k update (``syrk``: one triangle, half the multiplications, the same float64
-    sums up to rounding order); torch has no such call and multiplies the full matrix.  The wide layers' Gram
-    matrices were most of the statistics' time (convnext_tiny's 1,536- and 3,072-wide inputs, docs/BENCHMARKS.md).
-    """
-    if rows.shape[1] < SYRK_MIN_CHANNELS or rows.device.type != "cpu":
-        return (rows.T @ rows).cpu()
-    a = rows.contiguous().numpy()
-    return torch.from_numpy(a.T @ a)
-
-
 def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as rows of channels: ``(N·positions, C)``."""
     if isinstance(module, nn.Linear):
@@ -178,7 +161,7 @@ def collect_input_statistics(
             rows = rows.double()
             stats.count[name] += rows.shape[0]
             stats.sums[name] += rows.sum(0).cpu()
-            stats.products[name] += gram(rows)
+            stats.products[name] += (rows.T @ rows).cpu()
 
         hooks.append(module.register_forward_pre_hook(hook))
     was_training = model.training
