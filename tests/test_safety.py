@@ -376,27 +376,32 @@ def _shrinks_to_half(model, x, plan):
     return result
 
 
-class DeepBeforeConcat(nn.Module):
-    """600 element-wise nodes (300 ReLUs and adds) between a conv and a concatenation of two slices of its output (as swin_s's patch
-    merging, 18 blocks deep): torch-pruning's channel inference gives up after 500 steps and its graph build
-    fails with a TypeError."""
+class GatesBeforeConcat(nn.Module):
+    """``depth`` element-wise gates between a conv and a concatenation of two slices of its output (as
+    swin_s's patch merging).  ``"relu"``, ``relu(x) + 0``: two nodes a gate, so 300 gates are 600 nodes, past
+    the 500 steps after which torch-pruning's channel inference gives up (its graph build fails with a
+    TypeError).  ``"swish"``, ``x * sigmoid(x)``: each gate reaches ``x`` by two paths, so the inference
+    visits ``conv1`` once per path, 2^depth times."""
 
-    def __init__(self):
+    GATES = {"relu": lambda x: torch.relu(x) + 0.0, "swish": lambda x: x * torch.sigmoid(x)}
+
+    def __init__(self, depth: int, gate: str):
         super().__init__()
+        self.depth, self.gate = depth, self.GATES[gate]
         self.conv1, self.conv2 = nn.Conv2d(3, 16, 1), nn.Conv2d(32, 16, 1)
         self.head = nn.Linear(16, 10)
 
     def forward(self, x):
         x = self.conv1(x)
-        for _ in range(300):
-            x = torch.relu(x) + 0.0
+        for _ in range(self.depth):
+            x = self.gate(x)
         x = self.conv2(torch.cat([x[:, :, 0::2], x[:, :, 1::2]], 1))
         return self.head(x.mean((2, 3)))
 
 
 def test_a_deep_walk_to_a_concatenation_is_inferred_not_refused():
     torch.manual_seed(0)
-    model = DeepBeforeConcat().eval()
+    model = GatesBeforeConcat(300, "relu").eval()
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(TypeError):  # torch-pruning alone, at its own cap
         tp.DependencyGraph().build_dependency(model, example_inputs=x)
@@ -409,28 +414,11 @@ def test_a_deep_walk_to_a_concatenation_is_inferred_not_refused():
     assert constants.MAX_RECURSION_DEPTH == 500  # restored after our calls
 
 
-class DiamondsBeforeConcat(nn.Module):
-    """40 gates ``x * sigmoid(x)`` (each reaches ``x`` by two paths) between a conv and a concatenation of two
-    slices of its output: torch-pruning's channel inference visits ``conv1`` once per path, 2^40 times."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(3, 16, 1), nn.Conv2d(32, 16, 1)
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x):
-        x = self.conv1(x)
-        for _ in range(40):
-            x = x * torch.sigmoid(x)
-        x = self.conv2(torch.cat([x[:, :, 0::2], x[:, :, 1::2]], 1))
-        return self.head(x.mean((2, 3)))
-
-
 def test_a_walk_through_many_diamonds_visits_each_node_once():
     from torch_pruning.dependency import shape_infer
 
     torch.manual_seed(0)
-    model = DiamondsBeforeConcat().eval()
+    model = GatesBeforeConcat(40, "swish").eval()
     x = torch.randn(2, 3, 8, 8)
     frames = sys.getrecursionlimit()
     plan = plan_ignored_layers(model, x)  # without the memo: a million steps, then refused with the TypeError
