@@ -219,8 +219,8 @@ def _finish(run_dir: Path, print_summary) -> None:
     console.print(f"report: {Path(run_dir) / 'report.md'}")
 
 
-TargetParams = Annotated[Optional[float], typer.Option("--target-params", help="Keep at most this fraction of the parameters (0 < R < 1).")]
-TargetMacs = Annotated[Optional[float], typer.Option("--target-macs", help="Keep at most this fraction of the MACs (0 < R < 1).")]
+TargetParams = Annotated[Optional[float], typer.Option("--target-params", help="Keep at most this fraction of the parameters (0 < R < 1; default: the recipe's prune.target_params, 0.5 in resnet18's).")]
+TargetMacs = Annotated[Optional[float], typer.Option("--target-macs", help="Keep at most this fraction of the MACs (0 < R < 1; default: the recipe's prune.target_macs).")]
 TargetLatency = Annotated[Optional[float], typer.Option("--target-latency", help="Shrunk model's measured latency at most this fraction of the dense model's (0 < R < 1); combines with the other targets.")]
 RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", help="Recipe file or shipped recipe name (default: the model's own).")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data set: fashion-mnist, cifar10, cifar100, imagefolder.")]
@@ -234,7 +234,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (def
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<model>-<timestamp>).")]
 ResumeOpt = Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any recipe field: --set train.lr=0.05 (repeatable).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or stage lines: only notes, errors and the final summary.")]
 MaxDropOpt = Annotated[Optional[str], typer.Option(
     "--max-drop", metavar="<points>", help="Instead of a size target: the smallest model whose validation top-1 after fine-tuning is within <points> of "
     "the dense model's (bisection on the size; prune.search_kind sizes it by params, macs or latency).",

@@ -30,7 +30,9 @@ def test_summary_names_cs_values_and_the_total_time():
     cs = [line for line in lines if line.startswith("CS (normalized):")]
     assert len(cs) == 1 and "after premin 0.25" in cs[0] and "shrunk 1.5" in cs[0] and cs[0].endswith("12.5 s in all")
     assert any("Latency at batch 1" in line and "2.00x faster" in line for line in lines)
-    assert any("run/model.onnx" in line for line in lines)
+    assert any("run/model.onnx" in line for line in lines) and "exports:" in lines
+    long_run = [line for line in _printed({**_report({}), "total_seconds": 2436.9}) if line.strip().endswith("in all")]
+    assert long_run == ["2436.9 s (40.6 min) in all"]
 
 
 @pytest.mark.parametrize("cs", [{}, {"definition": "normalized"}])

@@ -243,6 +243,23 @@ def test_a_run_past_its_expected_time_says_so():
     assert note.startswith("this run has taken 42 min so far, past the about 28 min expected")
 
 
+def test_the_slow_run_note_comes_when_the_mark_passes_not_at_a_stage_end():
+    import time
+
+    from convsim_shrink.pipeline.runner import SLOW_FACTOR, SlowRunWatch
+
+    said = []
+    watch = SlowRunWatch(0.002, said.append).start()  # 0.12 s expected: the note at 0.15 s
+    time.sleep(0.002 * 60 * SLOW_FACTOR + 0.5)
+    watch.stop()
+    assert len(said) == 1 and said[0].startswith("note: this run has taken") and "past the about 0.002 min expected" in said[0]
+    quiet = SlowRunWatch(0.002, said.append).start()
+    quiet.stop()  # a run that ends before the mark says nothing
+    time.sleep(0.002 * 60 * SLOW_FACTOR + 0.3)
+    assert len(said) == 1
+    SlowRunWatch(None, said.append).start().stop()  # nothing expected, nothing to watch
+
+
 def test_duration_text_rounds_to_a_readable_unit():
     from convsim_shrink.train.progress import duration_text
 

@@ -311,7 +311,9 @@ def print_summary(report: dict) -> None:
             groups.append(([k.replace("_", " ")], v))
     rise = _cs_rise(report)
     cs = ", ".join(f"{' = '.join(names)} {_fmt(v, '.4g')}{rise if 'after train' in names else ''}" for names, v in groups)
-    console.print((f"CS (normalized): {cs}  |  " if cs else "") + f"{report['total_seconds']} s in all", soft_wrap=True)
+    total = report["total_seconds"]
+    minutes = f" ({total / 60:.1f} min)" if isinstance(total, (int, float)) and total >= 120 else ""
+    console.print((f"CS (normalized): {cs}  |  " if cs else "") + f"{total} s{minutes} in all", soft_wrap=True)
     s = report.get("size_search")
     if s:
         console.print(f"size search: {s['kind']} {_fmt(s['target'], 'g')} chosen on validation from {len(s['candidates'])} candidates, "
@@ -319,5 +321,7 @@ def print_summary(report: dict) -> None:
                       f"{s['dense_val_top1']:.2f} (max drop {s['max_drop']:g}); test {_fmt(s.get('winner_test_top1'), '.2f')}", soft_wrap=True)
     for line in _speed_lines(report, short=True):
         console.print(line, soft_wrap=True)
+    if report.get("exports"):
+        console.print("exports:")
     for name, path in report.get("exports", {}).items():
         console.print(f"  {name}: {path}")

@@ -27,6 +27,7 @@ writes (run directory, state, models, exports, report) and the others receive it
 from __future__ import annotations
 
 import datetime as _dt
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ from ..train import (
 from ..train.distributed import is_main_process
 from ..train.progress import duration_text
 from .preflight import check_model, check_run
-from .report import build_report, speedup_text, write_report
+from .report import build_report, write_report
 from .stages import (
     PruneReuse,
     build_stage,
@@ -185,6 +186,34 @@ def slow_note(elapsed_s: float, expected_min: float | None) -> str | None:
             "on this kind of machine: the CPU is slower, or other jobs share it (compare the epochs' img/s); the run goes on")
 
 
+class SlowRunWatch:
+    """Prints :func:`slow_note` once, when the run passes :data:`SLOW_FACTOR` times ``expected_min`` (a timer
+    thread: the mark passes in the middle of a stage, and a fresh user should hear it then, not at the end).
+    Nothing when ``expected_min`` is None.  ``stop()`` cancels it."""
+
+    def __init__(self, expected_min: float | None, say: Callable[[str], None]):
+        self.expected_min, self.say, self.said = expected_min, say, False
+        self.started = time.perf_counter()
+        self._timer: threading.Timer | None = None
+
+    def start(self) -> SlowRunWatch:
+        if self.expected_min is not None:
+            self._timer = threading.Timer(SLOW_FACTOR * self.expected_min * 60, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def _fire(self) -> None:
+        note = slow_note(time.perf_counter() - self.started + 1e-3, self.expected_min)
+        if note is not None and not self.said:
+            self.said = True
+            self.say(f"note: {note}")
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 class Runner:
     """One run of the pipeline for a resolved :class:`Recipe`.
 
@@ -210,8 +239,6 @@ class Runner:
         which a pretrained model then trains for; otherwise it is not trained before pruning."""
         self.recipe = recipe
         self.quiet = recipe.run.quiet
-        self.expected_min: float | None = None  # minutes the run is expected to take (set when it starts)
-        self.started = time.perf_counter()
         self.run_dir = Path(run_dir) if run_dir else (Path(recipe.run.out) if recipe.run.out else None)
         self.resume = resume
         self.given_model = model
@@ -479,9 +506,9 @@ class Runner:
             rows = speed_rows(self.dense, self.model, tuple(self.example_inputs.shape[1:]), (1, latency_batch_size(pr, ft, self.data)),
                               device=self.device, time_budget=SPEED_BUDGET_S)
             self.state.metrics.speed = rows
-            for row in rows:
-                self.log(f"speed at batch {row['batch']}: dense {row['dense_ms']:.2f} ms, shrunk {row['shrunk_ms']:.2f} ms ({speedup_text(row['speedup'])})"
-                         + (f"; {row['warning']}" if row.get("warning") else ""))
+            for row in rows:  # the numbers are in the summary; a timing warning in full only here
+                if row.get("warning"):
+                    self.log(f"note: speed at batch {row['batch']}: {row['warning']}")
         out = export_stage(
             self.model, self.recipe.export, self.run_dir, example_inputs=self.example_inputs,
             recipe=self.recipe.to_dict(), metrics=self.state.metrics.to_dict(), data=self.data.unsharded(),
@@ -509,8 +536,16 @@ class Runner:
         r = self.recipe
         self.state.processes = distributed.describe(r.train.batch_size, self.device)
         precision = resolve_precision(self.device, r.train.precision, r.train.channels_last)
-        self.expected_min = None if self.resume else expected_minutes(r, precision)  # a resumed run's clock restarts
-        self.started = time.perf_counter()
+        # a resumed run's clock restarts: no expectation to compare with
+        watch = SlowRunWatch(None if self.resume else expected_minutes(r, precision),
+                             lambda text: console.print(text, soft_wrap=True)).start()
+        try:
+            return self._run_stages_watched(precision)
+        finally:
+            watch.stop()
+
+    def _run_stages_watched(self, precision) -> ShrinkResult:
+        r = self.recipe
         self.log(f"device: {precision.describe()}" + expected_text(r, precision)
                  + (f"; run directory: {self.run_dir}" if self.run_dir else ""))
         self.log(f"recipe: {r.run.recipe_source or 'built-in defaults (no recipe file)'}")
@@ -550,10 +585,6 @@ class Runner:
             if step.artefact:
                 self._save_model(self.model, step.artefact)
             self._save_state()
-            note = slow_note(time.perf_counter() - self.started, self.expected_min)
-            if note is not None:
-                console.print(f"note: {note}", soft_wrap=True)
-                self.expected_min = None  # once
         self._restore(skipped)
 
 
