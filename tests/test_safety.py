@@ -536,3 +536,6 @@ def test_running_out_of_memory_is_one_line_not_a_refusal_or_a_failing_group(wher
     else:
         with pytest.raises(OutOfMemoryError, match=r"pruning copies of the model \(0\.0 M parameters.*more memory is free"):
             prune_safely(model, x, out_of_memory, plan=plan_ignored_layers(model, x, trials=False))
+        model(x).sum().backward()  # gradients, as a Taylor criterion leaves them: the line names the lighter setting
+        with pytest.raises(OutOfMemoryError, match=r"more memory is free or with a criterion that needs no gradients \(--criterion lamp"):
+            prune_safely(model, x, out_of_memory, plan=plan_ignored_layers(model, x, trials=False))

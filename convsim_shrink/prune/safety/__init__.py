@@ -187,9 +187,12 @@ def prune_safely(
         except Exception as exc:
             if is_out_of_memory(exc):  # no retry: a second plan and search would need the same memory again
                 params = sum(p.numel() for p in model.parameters()) / 1e6
+                # gradients (a criterion such as convsim-taylor) are a model's size, and its scoring copy another
+                lighter = (" or with a criterion that needs no gradients (--criterion lamp or l2: two model-sized copies fewer)"
+                           if any(p.grad is not None for p in model.parameters()) else "")
                 raise OutOfMemoryError(
                     f"ran out of memory while pruning copies of the model ({params:,.1f} M parameters; the target search "
-                    f"holds several pruned copies at once) ({describe_error(exc)}): run it where more memory is free"
+                    f"holds several pruned copies at once) ({describe_error(exc)}): run it where more memory is free{lighter}"
                 ) from None
             if not raised_in_torch_pruning(exc):
                 raise  # a bug in the caller's code keeps its traceback
