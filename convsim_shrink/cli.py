@@ -226,18 +226,19 @@ RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", help="Recipe file 
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data set: fashion-mnist, cifar10, cifar100, imagefolder.")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the data set.")]
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=0, help="Training epochs of the dense model (default: the recipe's train.epochs; a model with trained weights is not trained unless this is given, then this much more).")]
-WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="DEFAULT or a torchvision weights name (downloads), or a state-dict file (.safetensors, or a torch file read with weights_only).")]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", metavar="<name|file>", help="Trained weights: DEFAULT (the source's recommended pretrained weights: torchvision's or timm's), a torchvision weights name such as IMAGENET1K_V2 (both download once), or a state-dict file (.safetensors, or a torch file read with weights_only).")]
 FtEpochsOpt = Annotated[Optional[int], typer.Option("--finetune-epochs", min=0, help="Fine-tuning epochs after pruning (default: the recipe's finetune.epochs; 0: the pruned model after compensation and BN re-estimation, no training).")]
 CriterionOpt = Annotated[Optional[str], typer.Option("--criterion", help="Channel ranking: convsim-taylor, convsim, l1, l2, taylor, fpgm, lamp, bn-scale, random (see 'list criteria').")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: the recipe's run.seed).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<model>-<timestamp>).")]
 ResumeOpt = Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any recipe field: --set train.lr=0.05 (repeatable).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="<key=value>", help="Override any recipe field: --set train.lr=0.05 (repeatable; `convsim-shrink list keys` names them).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or stage lines: only notes, errors and the final summary.")]
 MaxDropOpt = Annotated[Optional[str], typer.Option(
     "--max-drop", metavar="<points>", help="Instead of a size target: the smallest model whose validation top-1 after fine-tuning is within <points> of "
-    "the dense model's (bisection on the size; prune.search_kind sizes it by params, macs or latency).",
+    "the dense model's (bisection on the size; prune.search_kind sizes it by params, macs or latency). The choice reads validation top-1 "
+    "on held-out training images (data.val_split, or some held out when it is 0), never the test set; the summary gives test top-1 beside it.",
 )]
 NprocOpt = Annotated[Optional[int], typer.Option(
     "--nproc", min=1, help="Run in N processes on this machine (torchrun --standalone --nproc-per-node N; one GPU each on CUDA); train.batch_size is the global batch.",
