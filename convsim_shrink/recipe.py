@@ -114,6 +114,9 @@ class FinetuneConfig(OptimConfig):
     # 0.5: better validation accuracy in benchmarks/compare.py (docs/BENCHMARKS.md, issue 6)
     distill: float = Field(0.5, ge=0, le=1, description="weight of distillation from the dense model (0 = off)")
     temperature: float = Field(4.0, gt=0)
+    distill_every: int = Field(
+        1, ge=1, description="run the teacher on every N-th step only, its term scaled by N (the same objective on average at 1/N of the teacher's cost)"
+    )
 
 
 class PruneConfig(_Section):

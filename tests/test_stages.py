@@ -163,6 +163,19 @@ def test_finetune_stage_distils_from_an_untouched_teacher(data, dense):
     assert "train_kd" not in plain.history[0]
 
 
+def test_finetune_stage_runs_the_teacher_on_every_kth_step_with_distill_every(data, dense):
+    pruned = prune_stage(dense, data, PruneConfig(target_params=0.5, criterion="l1", global_pruning=False), example_inputs=X).model
+    forwards = []
+    hook = dense.register_forward_hook(lambda m, i, o: forwards.append(1))  # travels with the stage's copy
+    try:
+        out = finetune_stage(pruned, dense, data, FinetuneConfig(epochs=1, distill=0.5, distill_every=3, precision="fp32"))
+    finally:
+        hook.remove()
+    steps = len(data.train)
+    assert steps >= 4 and len(forwards) == (steps + 2) // 3  # steps 1, 4, 7, ...
+    assert out.history[0]["train_kd"] > 0
+
+
 def test_export_stage_records_the_input_shape(tmp_path):
     model = create_model("simple_cnn", in_channels=1, width=0.25)
     out = export_stage(model, ExportConfig(formats=["convsim", "torchscript"]), tmp_path, example_inputs=X,

@@ -182,6 +182,27 @@ def test_distillation_is_zero_against_itself_and_positive_otherwise():
     assert term(teacher, x, None, torch.zeros(8, 3)).item() > 0
 
 
+def test_distillation_every_k_steps_runs_the_teacher_on_every_kth_call_only_with_k_times_the_term():
+    """``finetune.distill_every=k``: calls 1, k+1, 2k+1, ... run the teacher and give k times the every-step
+    term; the calls between run no teacher and give zero, so the mean over k calls is the every-step term."""
+    torch.manual_seed(0)
+    teacher = nn.Linear(4, 3)
+    forwards = []
+    teacher.register_forward_hook(lambda m, i, o: forwards.append(1))
+    x, student_logits = torch.randn(8, 4), torch.randn(8, 3)
+    want = distillation(teacher, 0.5, 2.0)(None, x, None, student_logits).item()
+    assert want > 0 and len(forwards) == 1
+    forwards.clear()
+    term = distillation(teacher, 0.5, 2.0, every=3)
+    got = [term(None, x, None, student_logits).item() for _ in range(7)]
+    assert len(forwards) == 3  # calls 1, 4 and 7
+    assert [g > 0 for g in got] == [True, False, False, True, False, False, True]
+    assert got[0] == pytest.approx(3 * want, rel=1e-6) and got[3] == pytest.approx(3 * want, rel=1e-6)
+    assert sum(got[:6]) / 6 == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="every=0"):
+        distillation(teacher, 0.5, 2.0, every=0)
+
+
 def test_distillation_in_inference_mode_and_channels_last_gives_the_direct_formulas_gradient():
     """The teacher now runs under inference_mode, at the engine's precision and memory format; the loss and
     the student's gradient are those of the formula written out with an fp32 teacher under no_grad."""

@@ -475,7 +475,7 @@ def finetune_stage(
             raise ConfigError("finetune.distill > 0 distils from the dense model, but none was given; pass the teacher or set finetune.distill=0")
         teacher = copy.deepcopy(teacher).to(device).eval()
         prec = resolve_precision(device, cfg.precision, cfg.channels_last)  # the engine's (fit's) precision
-        extra = (distillation(teacher, cfg.distill, cfg.temperature, prec=prec),)
+        extra = (distillation(teacher, cfg.distill, cfg.temperature, prec=prec, every=cfg.distill_every),)
         task_weight = 1.0 - cfg.distill
     result = fit(
         model, _finetune_loader(data, cfg), cfg, eval_loader=data.val, device=device, extra=extra, task_weight=task_weight,

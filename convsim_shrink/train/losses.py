@@ -40,8 +40,15 @@ def cs_regularizer(beta: float, *, normalized: bool = True, channels: str = "sam
     return term
 
 
-def distillation(teacher: nn.Module, weight: float, temperature: float = 4.0, *, prec: Precision | None = None) -> LossTerm:
+def distillation(
+    teacher: nn.Module, weight: float, temperature: float = 4.0, *, prec: Precision | None = None, every: int = 1
+) -> LossTerm:
     """``weight * T² * KL(softmax(teacher/T) || softmax(student/T))`` (Hinton et al., 2015).
+
+    ``every=k`` runs the teacher on every k-th call only (the first, the (k+1)-th, ...) and returns ``k``
+    times the term there, zero between: the same objective on average at 1/k of the teacher's cost (as
+    :func:`cs_regularizer`'s ``every``). The count starts at this term's creation (a resumed stage starts
+    it again).
 
     The teacher runs in inference mode (no autograd bookkeeping), at the engine's precision ``prec``
     (its autocast; its memory format: ``teacher`` is put in channels_last in place when ``prec`` says so,
@@ -53,13 +60,19 @@ def distillation(teacher: nn.Module, weight: float, temperature: float = 4.0, *,
         set_memory_format(teacher, True)
     autocast = prec.autocast if prec is not None else contextlib.nullcontext
     t = temperature
+    if every < 1:
+        raise ValueError(f"distillation every={every}: must be at least 1")
+    calls = {"n": 0}
 
     def term(model, x, y, logits):
+        calls["n"] += 1
+        if (calls["n"] - 1) % every:
+            return logits.new_zeros((), dtype=torch.float32)
         with torch.inference_mode(), autocast():
             target = F.log_softmax(logits_of(teacher(x)).float() / t, 1)
         target = target.clone()  # an ordinary tensor: autograd keeps it for the backward pass of kl_div
         kl = F.kl_div(F.log_softmax(logits.float() / t, 1), target, log_target=True, reduction="batchmean")
-        return weight * t * t * kl
+        return (weight * every) * t * t * kl
 
     term.__name__ = "kd"
     return term
