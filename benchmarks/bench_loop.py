@@ -186,10 +186,18 @@ def main_job_parts(args, prec):
     dense = create_model("resnet18", num_classes=10, in_channels=1, width=0.25, small_input=True)
     x1 = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     plan = plan_ignored_layers(dense, x1)
-    cfg = TrainConfig()
-    steps = args.steps
+    with_reg = None
+    if args.only != "distillation":
+        with_reg = regulariser_part(dense, plan, x1, prec, args.steps)
+    distillation_part(args, dense, plan, x1, prec)
+    if args.only != "distillation":
+        epoch_part(args, dense, prec, with_reg)
 
-    # -- the regulariser
+
+def regulariser_part(dense, plan, x1, prec, steps) -> float:
+    """The main job's training step with the pruning-aware regulariser against the step without it; returns
+    the step's seconds with it."""
+    cfg = TrainConfig()
     models = {k: prepared(dense, prec) for k in ("plain", "vectorised", "library")}
     opts = {k: make_optimizer(m, cfg) for k, m in models.items()}
     regs = {
@@ -212,17 +220,25 @@ def main_job_parts(args, prec):
         c = statistics.median(calls[k])
         print(f"| with it, {k} | {per_step(t, k):.3f} | {ratio(t, k, 'plain'):.3f} ({spread(t, k, 'plain')}) | {1000 * c:.1f} ms | "
               f"**{100 * c / per_step(t, k):.1f}%** |", flush=True)
+    return with_reg
 
-    # -- distillation: the pruned model (half the parameters, as the main recipe) taught by the dense one
+
+def distillation_part(args, dense, plan, x1, prec):
+    """A fine-tuning step with distillation against the plain step: the pruned model (half the parameters,
+    as the main recipe) taught by the dense one, every step and (``finetune.distill_every``) every 2nd and
+    4th step; those rows are ratios of the summed step times over a multiple of 4 steps."""
+    steps = 4 * -(-args.steps // 4)
     dense.eval()
     pruned = prune_to_target(dense, x1, tp.importance.GroupMagnitudeImportance(p=2), target_params=0.5, round_to=8,
                              global_pruning=True, ignored_layers=plan.layers, warn=False).model
     fcfg = FinetuneConfig()
-    students = {k: prepared(pruned, prec) for k in ("plain", "kd", "kd before")}
+    students = {k: prepared(pruned, prec) for k in ("plain", "kd", "kd before", "kd every 2", "kd every 4")}
     fopts = {k: make_optimizer(m, fcfg) for k, m in students.items()}
     teacher = copy.deepcopy(dense).eval()
     terms = {"kd": (distillation(copy.deepcopy(teacher), fcfg.distill, fcfg.temperature, prec=prec),),
              "kd before": (_distillation_before(copy.deepcopy(teacher), fcfg.distill, fcfg.temperature),)}
+    for k in (2, 4):  # the warm-up's 2 steps come first: the timed steps hold steps // k teacher calls
+        terms[f"kd every {k}"] = (distillation(copy.deepcopy(teacher), fcfg.distill, fcfg.temperature, prec=prec, every=k),)
 
     fwd_teacher = prepared(teacher, prec)
 
@@ -240,8 +256,14 @@ def main_job_parts(args, prec):
     print(f"| distillation, the product's term now | {per_step(t, 'kd'):.3f} | **{ratio(t, 'kd', 'plain'):.3f}** ({spread(t, 'kd', 'plain')}) |")
     print(f"| (the dense teacher's forward pass alone, inference mode) | {per_step(t, 'teacher forward'):.3f} | "
           f"{ratio(t, 'teacher forward', 'plain'):.3f} |", flush=True)
+    for k in (2, 4):
+        name = f"kd every {k}"
+        print(f"| distillation on one step in {k} (`finetune.distill_every={k}`; mean step) | {statistics.mean(t[name]):.3f} | "
+              f"**{sum(t[name]) / sum(t['plain']):.3f}** (sums over {steps} steps) |", flush=True)
 
-    # -- an epoch: steps, data loading, evaluation
+
+def epoch_part(args, dense, prec, with_reg):
+    """What an epoch of the main job is made of: training steps, data loading, one test evaluation."""
     if args.no_data:
         return
     from convsim_shrink.data import build_data
@@ -294,14 +316,14 @@ def main():
     p.add_argument("--no-data", action="store_true", help="skip the epoch breakdown (needs Fashion-MNIST)")
     p.add_argument("--clock", choices=sorted(CLOCK), default="thread",
                    help="thread: CPU time of the loop's thread (default; one-thread runs); wall: elapsed time (any thread count)")
-    p.add_argument("--only", choices=["engine", "parts"], help="run one half")
+    p.add_argument("--only", choices=["engine", "parts", "distillation"], help="run one half, or only the distillation rows")
     args = p.parse_args()
     global clock
     clock = CLOCK[args.clock]
     prec = resolve_precision(torch.device("cpu"), "auto", None)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), native bf16: {cpu_has_fast_bf16()}, "
           f"engine precision: {prec.describe()}, clock: {args.clock}\n")
-    if args.only == "parts":
+    if args.only in ("parts", "distillation"):
         return main_job_parts(args, prec)
     print("| model | batch | bare loop s / step | bare img/s | engine s / step | engine img/s | engine / bare (img/s; middle half) |\n|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
