@@ -305,8 +305,9 @@ class Bench:
                 for label, sets in self.rows.items():
                     self.prune_finetune(f"A/{label}/{self.tk(target)}/{seed}", dense_a, rng_a, sets, target, seed)
             if a.ablation:
-                self.long_dense(seed)
-                for target in a.targets:
+                if "long" in a.ablation_parts:
+                    self.long_dense(seed)
+                for target in a.targets if "narrow" in a.ablation_parts else ():
                     self.narrow(seed, target, base)
                 dense_b = None if self.out_of_time() or not self.b_rows else self.dense(seed, premin=False)
                 for target in a.targets:
@@ -476,7 +477,8 @@ def main(argv=None):
     for name, key in SHORTCUTS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=float if name == "width" else int, help=f"shortcut for --set {key}=...")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any recipe setting for every unit (repeatable)")
-    p.add_argument("--criteria", nargs="+", help=f"registered criteria, one row each (default: {' '.join(CRITERIA)})")
+    p.add_argument("--criteria", nargs="*", help=f"registered criteria, one row each (default: {' '.join(CRITERIA)}; "
+                                                 "given with none: no grid rows, only the ablation)")
     p.add_argument("--variant", nargs="+", action="append", metavar=("LABEL", "KEY=VALUE"),
                    help="an extra row: a label and its recipe settings, e.g. --variant convsim-s0.5 prune.criterion=convsim "
                         "prune.criterion_options.strength=0.5 (repeatable)")
@@ -486,6 +488,9 @@ def main(argv=None):
                         "device (--target-latency; prune.latency_batch, prune.global_pruning and the rest via --set)")
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--no-ablation", dest="ablation", action="store_false")
+    p.add_argument("--ablation-parts", nargs="+", choices=["long", "narrow"], default=["long", "narrow"],
+                   help="which of the ablation's models from scratch to train: the dense model for the same total "
+                        "epochs (long), the narrow one (narrow); dense B follows --b-criteria")
     p.add_argument("--plot", nargs="+", default=None, help="rows drawn in the plot (default: all)")
     p.add_argument("--b-criteria", nargs="*", default=["convsim-taylor", "l1"],
                    help="criteria applied to dense B (no pre-minimisation); none: the ablation trains no dense B")
@@ -503,7 +508,7 @@ def main(argv=None):
     preset = PRESETS[args.preset]
     args.model = args.model or preset["model"]
     args.preset_sets = preset["sets"]
-    args.criteria = args.criteria or preset.get("criteria", CRITERIA)
+    args.criteria = preset.get("criteria", CRITERIA) if args.criteria is None else args.criteria
     args.targets = args.targets or preset.get("targets", TARGETS)
     args.seeds = args.seeds if args.seeds is not None else preset.get("seeds", [0, 1, 2])
     args.out = args.out or f"bench-out/compare-{args.preset}"
