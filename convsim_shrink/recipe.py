@@ -168,6 +168,12 @@ class PruneConfig(_Section):
     compensation_ridge: float = Field(
         1e-3, ge=0, le=1, description="ridge of the compensation's least squares, relative to the kept channels' mean variance",
     )
+    compensation_refit: int = Field(
+        0, ge=0, le=8,
+        description="passes that then refit every conv and linear layer of the compensated model to compute, from "
+                    "the pruned model's own inputs, what the dense layer computes (He et al. 2017's reconstruction; "
+                    "one pass over compensation_batches training batches through both models each; 0 = off)",
+    )
     compensation_data: Literal["train", "kernels"] = Field(
         "train",
         description="what the compensation is fitted on: 'train' measures the layers' inputs on training batches; "
@@ -206,6 +212,12 @@ class PruneConfig(_Section):
             raise ValueError("set only one of target_params and target_macs")
         if self.target_params is None and self.target_macs is None and self.target_latency is None:
             raise ValueError("set a pruning target: target_params, target_macs or target_latency")
+        if self.compensation_refit and not self.compensate:
+            raise ValueError("compensation_refit refits the compensated model: it needs compensate=true")
+        if self.compensation_refit and self.compensation_data != "train":
+            raise ValueError("compensation_refit measures both models on training batches: it needs compensation_data=train")
+        if self.compensation_refit and self.iterative_steps > 1:
+            raise ValueError("compensation_refit refits one-step pruning: set iterative_steps=1 or compensation_refit=0")
         if self.cost_exponent and not self.global_pruning:
             raise ValueError("cost_exponent weighs channels of different layers against each other; it needs "
                              "global_pruning=true (per-layer pruning removes one ratio of every layer)")

@@ -10,12 +10,16 @@ from torch import nn
 
 from convsim_shrink.errors import ConfigError
 from convsim_shrink.prune.compensation import (
+    CompensationReport,
     Compensator,
+    _Joint,
     collect_input_statistics,
     fold_into_consumer,
     kernel_output_covariance,
     least_squares,
     predict_input_statistics,
+    refit_map,
+    refit_to_dense,
 )
 from convsim_shrink.prune.ranking import ResidualImportance, get_criterion
 from convsim_shrink.prune.search import prune_to_target
@@ -439,3 +443,101 @@ def test_data_free_compensation_recovers_a_redundant_filter():
     dropped, compensated = prune(None), prune(Compensator(stats, ridge=1e-9))
     assert dropped > 1e-3
     assert compensated < 1e-4 * dropped
+
+
+# ----------------------------------------------------------------------------- refitting to the dense model
+
+
+def _chain(seed=7):
+    """conv(3→10) → ReLU → conv(10→8, 1×1) → ReLU → conv(8→5, 1×1): the first conv's outputs are pruned, the
+    second conv reads them (compensated), the third reads an input that pruning upstream changed."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 10, 3), nn.ReLU(), nn.Conv2d(10, 8, 1), nn.ReLU(), nn.Conv2d(8, 5, 1)).eval()
+
+
+def _prune_first_conv(model, stats, channels):
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 6, 6))
+    group = dg.get_pruning_group(model[0], tp.prune_conv_out_channels, channels)
+    comp = Compensator(stats, ridge=0.0)
+    comp.bind(model)
+    comp.before_prune(group, dg)
+    group.prune()
+    return comp.report
+
+
+def test_refit_map_is_the_ridge_to_identity_least_squares_on_the_raw_rows():
+    g = torch.Generator().manual_seed(8)
+    xp = torch.randn(500, 4, generator=g, dtype=torch.float64) + 0.3
+    mix = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    xd = xp @ mix + 0.1 * torch.randn(500, 6, generator=g, dtype=torch.float64) + 1.0
+    kept, ridge = [5, 0, 2, 3], 0.05
+    joint = _Joint()
+    for i in range(0, 500, 100):
+        joint.add(xp[i:i + 100], xd[i:i + 100])
+    b, d = refit_map(joint, kept, ridge)
+    # reference: minimise (1/n)‖Xd − X̃ B − 1 dᵀ‖² + λ‖B − E‖² as one stacked least-squares problem
+    n = len(xp)
+    xc, yc = xp - xp.mean(0), xd - xd.mean(0)
+    lam = ridge * float(xc.var(0, unbiased=False).mean())
+    embed = torch.zeros(4, 6, dtype=torch.float64)
+    embed[torch.arange(4), torch.tensor(kept)] = 1.0
+    design = torch.cat([xc / n ** 0.5, lam ** 0.5 * torch.eye(4, dtype=torch.float64)])
+    target = torch.cat([yc / n ** 0.5, lam ** 0.5 * embed])
+    ref = torch.linalg.lstsq(design, target).solution
+    torch.testing.assert_close(b, ref, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(d, xd.mean(0) - ref.T @ xp.mean(0), atol=1e-8, rtol=1e-8)
+
+
+def test_refit_leaves_a_layer_whose_input_did_not_change_as_it_was():
+    m = _chain()
+    x = torch.randn(40, 3, 6, 6)
+    pruned = copy.deepcopy(m)
+    report = CompensationReport()  # nothing pruned
+    done = refit_to_dense(pruned, m, report, _loader(x), batches=3, ridge=1e-3)
+    assert done == ["0", "2", "4"]
+    for a, b in zip(m.parameters(), pruned.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_refitted_last_layer_is_the_least_squares_layer_on_the_pruned_models_inputs():
+    """With upstream pruned, the refitted 1×1 output layer is the layer that best reproduces the dense model's
+    output from the pruned model's own input: lstsq of the dense outputs on [x̃, 1] (ridge 0)."""
+    m = _chain()
+    x = torch.randn(60, 3, 6, 6)
+    stats = collect_input_statistics(m, _loader(x), batches=10)
+    pruned = copy.deepcopy(m)
+    report = _prune_first_conv(pruned, stats, [1, 4, 7])
+    assert report.kept_outputs["0"] == [0, 2, 3, 5, 6, 8, 9] and report.kept_inputs["2"] == [0, 2, 3, 5, 6, 8, 9]
+    with torch.no_grad():
+        before = (pruned(x) - m(x)).pow(2).mean().item()
+    refit_to_dense(pruned, m, report, _loader(x), batches=10, ridge=0.0, max_rows=None)
+    with torch.no_grad():
+        xin = _rows(pruned[3](pruned[2](pruned[1](pruned[0](x))))).double()
+        want = _rows(m(x)).double()
+        after = (pruned(x) - m(x)).pow(2).mean().item()
+    design = torch.cat([xin, torch.ones(len(xin), 1, dtype=torch.float64)], 1)
+    ref = torch.linalg.lstsq(design, want).solution
+    torch.testing.assert_close(pruned[4].weight[:, :, 0, 0].double(), ref[:-1].T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pruned[4].bias.double(), ref[-1], atol=1e-4, rtol=1e-4)
+    assert after < before  # least squares on these very rows: the refit cannot be worse than the compensation
+    assert report.refitted == ["0", "2", "4"]
+
+
+def test_refit_keeps_a_redundant_model_exact_and_moves_constants_into_the_dense_norm():
+    torch.manual_seed(3)
+    dense = _redundant_model()
+    x = torch.randn(64, 3, 6, 6)
+    stats = collect_input_statistics(dense, _loader(x), batches=10)
+    pruned = copy.deepcopy(dense)
+    comp = _prune_one(pruned, stats, 7, compensate=True)
+    refit_to_dense(pruned, dense, comp.report, _loader(x), batches=10, ridge=0.0)
+    assert comp.report.refitted == ["0", "2", "7"]
+    with torch.no_grad():
+        err = (pruned(x) - dense(x)).abs().max().item()
+    assert err < 1e-3
+
+
+def test_refit_needs_a_batch():
+    m = _chain()
+    with pytest.raises(ConfigError, match="compensation_refit=0"):
+        refit_to_dense(copy.deepcopy(m), m, CompensationReport(), [], batches=2)

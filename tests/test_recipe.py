@@ -189,3 +189,14 @@ def test_cost_exponent_needs_global_pruning():
     assert resolve(None, sets=["prune.cost_exponent=1"]).prune.cost_exponent == 1
     with pytest.raises(ConfigError, match="cost_exponent .* needs global_pruning=true"):
         resolve(None, sets=["prune.cost_exponent=1", "prune.global_pruning=false"])
+
+
+@pytest.mark.parametrize("other, fix", [
+    ("prune.compensate=false", "needs compensate=true"),
+    ("prune.compensation_data=kernels", "needs compensation_data=train"),
+    ("prune.iterative_steps=2", "set iterative_steps=1 or compensation_refit=0"),
+])
+def test_compensation_refit_names_the_setting_it_needs(other, fix):
+    assert resolve(None, sets=["prune.compensation_refit=2"]).prune.compensation_refit == 2
+    with pytest.raises(ConfigError, match=fix):
+        resolve(None, sets=["prune.compensation_refit=1", other])

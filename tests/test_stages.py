@@ -138,6 +138,25 @@ def test_prune_stage_does_not_depend_on_the_epoch_the_training_loader_was_left_a
     assert _same(*states)
 
 
+def test_prune_stage_refits_the_compensated_model_to_the_dense_layers(data, dense):
+    """prune.compensation_refit: the same channels as compensation alone, every conv/linear layer refitted (the
+    report lists them), the step recorded, and the pruned model's logits closer to the dense model's on the
+    refit's own training batches (least squares on them, layer by layer)."""
+    cfg = PruneConfig(target_params=0.5, criterion="l1", bn_recalibration=0, compensation_batches=2)
+    plain = prune_stage(dense, data, cfg, example_inputs=X)
+    refit = prune_stage(dense, data, cfg.model_copy(update={"compensation_refit": 1}), example_inputs=X)
+    assert refit.result.params_ratio == plain.result.params_ratio
+    assert list(refit.steps) == ["dense", "dropped", "compensated", "refitted", "bn"]
+    convs = [n for n, m in refit.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert sorted(refit.compensation.refitted) == sorted(convs) and "refitted" in refit.compensation.summary()
+    x = torch.cat([b[0] for _, b in zip(range(2), data.train)])
+    with torch.no_grad():
+        want = dense.eval()(x)
+        err_plain = (plain.model.eval()(x) - want).pow(2).mean().item()
+        err_refit = (refit.model.eval()(x) - want).pow(2).mean().item()
+    assert err_refit < err_plain
+
+
 def test_prune_stage_says_when_a_criterion_does_not_suit_global_pruning(data, dense):
     out = prune_stage(dense, data, PruneConfig(target_params=0.6, criterion="l2", bn_recalibration=0), example_inputs=X)
     assert out.bn_batches == 0 and "criterion 'l2' scores are not comparable across layers" in out.hint

@@ -113,7 +113,8 @@ def _speed_lines(report: dict, short: bool = False) -> list[str]:
     return out
 
 
-_STEP_NAMES = {"dense": "dense", "dropped": "channels dropped", "compensated": "compensated", "bn": "BN re-estimated"}
+_STEP_NAMES = {"dense": "dense", "dropped": "channels dropped", "compensated": "compensated",
+               "refitted": "refitted to the dense layers", "bn": "BN re-estimated"}
 
 
 def _steps_lines(report: dict) -> list[str]:

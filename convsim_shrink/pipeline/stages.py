@@ -37,6 +37,7 @@ from ..prune.compensation import (
     InputStatistics,
     collect_input_statistics,
     predict_input_statistics,
+    refit_to_dense,
 )
 from ..prune.pruning import Size, channel_counts, group_sparsity_regularizer, measure
 from ..prune.ranking import Criterion, get_criterion
@@ -387,6 +388,15 @@ def prune_stage(
         steps["dropped"] = evaluate(plain.to(device), step_data, eval_precision(device, ft))["acc"]
         if result.uncompensated is not None:
             steps["compensated"] = evaluate(model, step_data, eval_precision(device, ft))["acc"]
+    if cfg.compensation_refit and result.compensation is not None:
+        say(f"pruning: refitting the layers to the dense model's, {cfg.compensation_refit} pass(es) over "
+            f"{cfg.compensation_batches} training batches")
+        for _ in range(cfg.compensation_refit):
+            with _fixed_order(data.train) as train:
+                refit_to_dense(model, dense, result.compensation, train, cfg.compensation_batches,
+                               ridge=cfg.compensation_ridge, max_rows=cfg.compensation_rows)
+        if cfg.step_accuracy:
+            steps["refitted"] = evaluate(model, step_data, eval_precision(device, ft))["acc"]
     result.uncompensated = None  # not kept past the stage: a second model's memory
     bn_batches = 0
     if cfg.bn_recalibration:

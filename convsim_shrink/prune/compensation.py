@@ -395,9 +395,16 @@ class CompensationReport:
     compensated: list[str] = field(default_factory=list)
     left_alone: dict[str, str] = field(default_factory=dict)
     constants_dropped: list[str] = field(default_factory=list)  # no bias and no batch norm after: the constant is lost
+    # the dense model's indices of the input / output channels each conv and linear layer kept, for the layers
+    # whose channels were pruned (a layer missing here kept all of them); what :func:`refit_to_dense` maps by
+    kept_inputs: dict[str, list[int]] = field(default_factory=dict)
+    kept_outputs: dict[str, list[int]] = field(default_factory=dict)
+    refitted: list[str] = field(default_factory=list)  # layers refitted to the dense model's inputs (refit_to_dense)
 
     def summary(self) -> str:
         parts = [f"{len(self.compensated)} layers compensated"]
+        if self.refitted:
+            parts.append(f"{len(self.refitted)} refitted to the dense model's layer inputs")
         if self.left_alone:
             parts.append(f"{len(self.left_alone)} read removed channels uncompensated ("
                          + ", ".join(f"{n}: {r}" for n, r in list(self.left_alone.items())[:3])
@@ -422,12 +429,34 @@ class Compensator:
         self.ridge = ridge
         self.report = CompensationReport()
         self._names: dict[int, str] = {}
-        self._alive: dict[str, list[int]] = {}
 
     def bind(self, model: nn.Module) -> None:
         self._names = {id(m): n for n, m in model.named_modules()}
-        self._alive = {}
         self.report = CompensationReport()
+
+    def _track_kept(self, group, graph: tp.DependencyGraph) -> None:
+        """Record the dense indices of the input and output channels every conv/linear layer keeps after ``group``
+        is pruned (positions in a group refer to the layer's current channels: several entries are united first)."""
+        gone: dict[tuple[str, str], tuple[int, set[int]]] = {}
+        for dep, idxs in group:
+            module = dep.target.module
+            if not len(idxs) or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+                continue
+            name = self._names.get(id(module))
+            if name is None:
+                continue
+            linear = isinstance(module, nn.Linear)
+            if graph.is_out_channel_pruning_fn(dep.handler):
+                side, width = "out", module.out_features if linear else module.out_channels
+            elif graph.is_in_channel_pruning_fn(dep.handler):
+                side, width = "in", module.in_features if linear else module.in_channels
+            else:
+                continue
+            gone.setdefault((side, name), (width, set()))[1].update(int(i) for i in idxs)
+        for (side, name), (width, positions) in gone.items():
+            kept = self.report.kept_outputs if side == "out" else self.report.kept_inputs
+            alive = kept.setdefault(name, list(range(width)))
+            kept[name] = [c for i, c in enumerate(alive) if i not in positions]
 
     def before_prune(self, group, graph: tp.DependencyGraph) -> None:
         removed_at: dict[str, tuple[nn.Module, set[int]]] = {}
@@ -450,7 +479,7 @@ class Compensator:
             removed_at.setdefault(name, (module, set()))[1].update(int(i) for i in idxs)
         for name, (module, positions) in removed_at.items():
             width = module.weight.shape[1]
-            alive = self._alive.setdefault(name, list(range(width)))
+            alive = self.report.kept_inputs.get(name, list(range(width)))
             if len(alive) != width:  # pruned by something this compensator did not see: do not guess
                 self.report.left_alone.setdefault(name, "input channels changed outside the compensation")
                 continue
@@ -467,9 +496,199 @@ class Compensator:
                     norm.running_mean.data -= const.to(norm.running_mean.dtype).to(norm.running_mean.device)
                 elif bool(const.abs().max() > 0):
                     self.report.constants_dropped.append(name)
-            self._alive[name] = [alive[i] for i in kept]
             if name not in self.report.compensated:
                 self.report.compensated.append(name)
+        self._track_kept(group, graph)
+
+
+@dataclass
+class _Joint:
+    """Running sums of one layer's input in the pruned model (``x̃``, K channels) and the dense model (``x``, C)."""
+
+    count: float = 0.0
+    s_pruned: torch.Tensor | None = None  # (K,)
+    s_dense: torch.Tensor | None = None  # (C,)
+    pp: torch.Tensor | None = None  # (K, K) Σ x̃ x̃ᵀ
+    pd: torch.Tensor | None = None  # (K, C) Σ x̃ xᵀ
+
+    def add(self, xp: torch.Tensor, xd: torch.Tensor) -> None:
+        xp, xd = xp.double(), xd.double()
+        sums = (xp.sum(0).cpu(), xd.sum(0).cpu(), (xp.T @ xp).cpu(), (xp.T @ xd).cpu())
+        if self.s_pruned is None:
+            self.s_pruned, self.s_dense, self.pp, self.pd = sums
+        else:
+            for t, v in zip((self.s_pruned, self.s_dense, self.pp, self.pd), sums):
+                t += v
+        self.count += xp.shape[0]
+
+
+def refit_map(joint: _Joint, kept: list[int], ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine map from a layer's input in the pruned model to its input in the dense model.
+
+    ``x ≈ Bᵀ x̃ + d`` with ``B`` of shape ``(K, C)`` and ``d`` of shape ``(C,)``: least squares over the
+    calibration rows, with the ridge pulling ``B`` towards the identity embedding ``E`` (``E[k, kept[k]] = 1``:
+    the pruned model's channel k *is* the dense model's channel ``kept[k]``) rather than towards zero, so a
+    layer whose input did not change is left exactly as it is:
+    ``B = E + (Σ̃ + λI)⁻¹ Cov(x̃, x − Eᵀx̃)``, ``d = μ − Bᵀ μ̃``, ``λ = ridge ×`` the mean variance of ``x̃`` (at least 1e-9 × it).
+    For the removed channels' columns this is :func:`least_squares`'s fit, for the kept ones a correction
+    for what pruning upstream changed in them.
+    """
+    n = joint.count
+    mp, md = joint.s_pruned / n, joint.s_dense / n
+    cpp = joint.pp / n - torch.outer(mp, mp)
+    cpd = joint.pd / n - torch.outer(mp, md)
+    k = len(kept)
+    idx = torch.tensor(kept, dtype=torch.long)
+    embed = torch.zeros(k, md.numel(), dtype=torch.float64)
+    embed[torch.arange(k), idx] = 1.0
+    resid = cpd - cpp @ embed  # Cov(x̃, x − Eᵀx̃)
+    # a floor far below any ridge keeps a channel that never varies (a dead ReLU) from making the system singular
+    lam = max(ridge, 1e-9) * float(cpp.diagonal().mean().clamp_min(1e-12))
+    b = embed + torch.linalg.solve(cpp + lam * torch.eye(k, dtype=cpp.dtype), resid)
+    return b, md - b.T @ mp
+
+
+@torch.no_grad()
+def refit_to_dense(
+    model: nn.Module,
+    dense: nn.Module,
+    report: CompensationReport,
+    loader: Iterable,
+    batches: int,
+    *,
+    ridge: float = 1e-3,
+    max_rows: int | None = MAX_ROWS,
+    max_features: int = MAX_FEATURES,
+    prec: Precision | None = None,
+) -> list[str]:
+    """Refit every conv (``groups=1``) and linear layer of the pruned ``model`` so that, fed what the pruned
+    model feeds it, it computes what the dense layer computes on the dense model's input.
+
+    Compensation (:class:`Compensator`) fits each removed channel from the kept ones *as the dense model
+    computes them*; after pruning upstream, the kept channels themselves differ, and the error grows with
+    depth.  Here each layer's input in the pruned model ``x̃`` (``K`` channels) and in the dense model ``x``
+    (``C``) are measured together on the same ``batches`` training batches (eval mode, both models), the map
+    ``x ≈ Bᵀ x̃ + d`` is fitted (:func:`refit_map`), and the layer becomes the dense layer composed with it:
+    ``W ← W_dense[kept outputs] · Bᵀ`` per kernel position (a conv is linear in its input channels), and the
+    constant ``W_dense d`` goes to the bias, or to the running mean of the batch norm that reads the layer
+    (the dense norm's, so the norm's output is the dense one's).  This is the reconstruction step of He et
+    al., "Channel Pruning for Accelerating Very Deep Neural Networks" (ICCV 2017): the pruned network's
+    inputs against the original network's outputs, here through the inputs so that any kernel size works.
+
+    Every layer is refitted from one pass over both models, so a layer's fit sees its upstream as it was
+    before this call: call again for a closer fit.  ``report`` is the compensation's
+    (:class:`CompensationReport`): its ``kept_inputs`` / ``kept_outputs`` map the pruned layers' channels to
+    the dense ones; layers are matched by name; one whose widths do not match is left alone and listed in
+    ``report.left_alone``.  Returns the names of the layers refitted (also added to ``report.refitted``).
+    Rows are sampled as :func:`collect_input_statistics` samples them (the same rows of both models); under
+    ``torchrun`` the sums are all-reduced, so every rank refits identically.  Raises
+    :class:`~convsim_shrink.errors.ConfigError` when the loader gives no batch.
+    """
+    if max_rows is not None and max_rows < 1:
+        raise ConfigError(f"max_rows = {max_rows} must be at least 1 (or None: every row)")
+    device = next(model.parameters()).device
+    prec = prec or resolve_precision(device, "fp32", None)
+    dense_modules = dict(dense.named_modules())
+    layers: dict[str, tuple[nn.Module, nn.Module, list[int], list[int]]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or _consumer_kind(module, max_features):
+            continue
+        ref = dense_modules.get(name)
+        if type(ref) is not type(module):
+            report.left_alone.setdefault(name, "no layer of that name in the dense model")
+            continue
+        linear = isinstance(module, nn.Linear)
+        c_in, c_out = (ref.in_features, ref.out_features) if linear else (ref.in_channels, ref.out_channels)
+        kin = report.kept_inputs.get(name, list(range(c_in)))
+        kout = report.kept_outputs.get(name, list(range(c_out)))
+        if len(kin) != module.weight.shape[1] or len(kout) != module.weight.shape[0]:
+            report.left_alone.setdefault(name, "its channels do not map onto the dense layer's")
+            continue
+        layers[name] = (module, ref, kin, kout)
+    joints = {name: _Joint() for name in layers}
+    dense_rows: dict[str, torch.Tensor] = {}
+    norm_after: dict[str, str] = {}  # layer -> name of the batch norm that reads its output
+    batch_index = [0]
+
+    def sample(rows: torch.Tensor, layer_index: int) -> torch.Tensor:
+        if max_rows is not None and rows.shape[0] > max_rows:
+            g = torch.Generator().manual_seed(1_000_003 * layer_index + batch_index[0])
+            rows = rows[torch.randperm(rows.shape[0], generator=g)[:max_rows].to(rows.device)]
+        return rows
+
+    hooks = []
+    for layer_index, (name, (module, ref, _, _)) in enumerate(layers.items()):
+        def on_dense(mod, inputs, name=name, layer_index=layer_index):
+            dense_rows[name] = sample(_rows(mod, inputs[0].detach()), layer_index)
+
+        def on_pruned(mod, inputs, name=name, layer_index=layer_index):
+            rows = sample(_rows(mod, inputs[0].detach()), layer_index)
+            if name in dense_rows and dense_rows[name].shape[0] == rows.shape[0]:
+                joints[name].add(rows, dense_rows.pop(name))
+
+        def mark(mod, inputs, output, name=name):
+            if isinstance(output, torch.Tensor):
+                output._convsim_layer = name  # the batch norm that reads it finds its layer by this
+
+        hooks += [ref.register_forward_pre_hook(on_dense), module.register_forward_pre_hook(on_pruned),
+                  module.register_forward_hook(mark)]
+    for bn_name, bn in model.named_modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and bn.running_mean is not None:
+            def on_norm(mod, inputs, bn_name=bn_name):
+                layer = getattr(inputs[0], "_convsim_layer", None)
+                if layer is not None:
+                    norm_after.setdefault(layer, bn_name)
+            hooks.append(bn.register_forward_pre_hook(on_norm))
+    modes = (model.training, dense.training)
+    model.eval()
+    dense.eval()
+    used = 0
+    try:
+        for x, _ in first_batches(loader, batches, prec):
+            x = x.float() if x.is_floating_point() else x
+            dense(x)
+            model(x)
+            dense_rows.clear()
+            used += 1
+            batch_index[0] = used
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(modes[0])
+        dense.train(modes[1])
+    if used == 0:
+        raise ConfigError("the training data gave no batch to refit the pruned model on; add images or set prune.compensation_refit=0")
+    refitted = []
+    for name, (module, ref, kin, kout) in layers.items():
+        joint = joints[name]
+        if distributed.world_size() > 1:
+            joint.count = distributed.all_reduce_sum([joint.count])[0]
+            for t in (joint.s_pruned, joint.s_dense, joint.pp, joint.pd):
+                distributed.all_reduce_tensor_(t)
+        if not joint.count:
+            report.left_alone.setdefault(name, "not reached by the forward pass")
+            continue
+        b, d = refit_map(joint, kin, ridge)
+        w = ref.weight.detach()[kout].double().cpu()
+        if isinstance(module, nn.Linear):
+            new, const = w @ b.T, w @ d
+        else:
+            new, const = torch.einsum("oc...,kc->ok...", w, b), torch.einsum("oc...,c->o", w, d)
+        module.weight.data.copy_(new.to(module.weight.dtype))
+        if module.bias is not None:
+            base = ref.bias.detach()[kout].double().cpu() if ref.bias is not None else 0.0
+            module.bias.data.copy_((base + const).to(module.bias.dtype))
+        elif name in norm_after:
+            # the layer now outputs (dense output − const): the norm subtracts the dense mean lowered by the same
+            norm, dense_norm = model.get_submodule(norm_after[name]), dense_modules[norm_after[name]]
+            if norm.running_mean.shape[0] == len(kout) and dense_norm.running_mean.shape[0] == ref.weight.shape[0]:
+                rm = dense_norm.running_mean.detach()[kout].double().cpu() - const
+                norm.running_mean.data.copy_(rm.to(norm.running_mean.dtype))
+        elif bool(const.abs().max() > 0) and name not in report.constants_dropped:
+            report.constants_dropped.append(name)
+        refitted.append(name)
+    report.refitted = list(dict.fromkeys(report.refitted + refitted))
+    return refitted
 
 
 def _following_norm(module: nn.Module, graph: tp.DependencyGraph) -> nn.Module | None:
@@ -485,5 +704,5 @@ def _following_norm(module: nn.Module, graph: tp.DependencyGraph) -> nn.Module |
 
 __all__ = [
     "CompensationReport", "Compensator", "InputStatistics", "collect_input_statistics", "fold_into_consumer",
-    "kernel_output_covariance", "least_squares", "predict_input_statistics",
+    "kernel_output_covariance", "least_squares", "predict_input_statistics", "refit_map", "refit_to_dense",
 ]
