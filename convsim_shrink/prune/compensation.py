@@ -128,7 +128,7 @@ def collect_input_statistics(
 ) -> InputStatistics:
     """The input moments of every conv (``groups=1``) and linear layer of ``model`` over the first
     ``batches`` batches of ``loader``, in one pass in eval mode (as the exported model runs), fp32
-    forward, float64 sums.
+    forward (channels_last where :func:`~convsim_shrink.train.device.resolve_precision` finds it faster), float64 sums.
 
     A conv's input gives ``N * H * W`` rows a batch (every image and position); where that is more than
     ``max_rows``, a uniform sample of ``max_rows`` of them is kept (without replacement, seeded by the
@@ -142,7 +142,9 @@ def collect_input_statistics(
     :class:`~convsim_shrink.errors.ConfigError` when the loader gives no batch.
     """
     device = next(model.parameters()).device
-    prec = prec or resolve_precision(device, "fp32", False)
+    # channels_last where it is faster (CPU, CUDA): the convs run faster and a layer's input is then already
+    # (positions, channels) in memory, so its rows are a view, not a copy
+    prec = prec or resolve_precision(device, "fp32", None)
     stats = InputStatistics()
     hooks = []
     if max_rows is not None and max_rows < 1:
@@ -154,11 +156,7 @@ def collect_input_statistics(
         stats.products[name] = torch.zeros(c, c, dtype=torch.float64)
 
         def hook(mod, inputs, name=name, layer_index=layer_index):
-            rows = _rows(mod, inputs[0].detach())
-            if max_rows is not None and rows.shape[0] > max_rows:
-                g = torch.Generator().manual_seed(1_000_003 * layer_index + batch_index[0])
-                rows = rows[torch.randperm(rows.shape[0], generator=g)[:max_rows].to(rows.device)]
-            rows = rows.double()
+            rows = _sample(_rows(mod, inputs[0].detach()), max_rows, layer_index, batch_index[0]).double()
             stats.count[name] += rows.shape[0]
             stats.sums[name] += rows.sum(0).cpu()
             stats.products[name] += (rows.T @ rows).cpu()
@@ -548,6 +546,93 @@ def refit_map(joint: _Joint, kept: list[int], ridge: float = 1e-3) -> tuple[torc
     return b, md - b.T @ mp
 
 
+class _Reached(Exception):
+    """Stops a forward pass once the layer of interest has been given its input."""
+
+
+def _input_rows(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer``'s input as rows when ``model`` runs on ``x`` (the forward stops there)."""
+    got = []
+
+    def hook(mod, inputs):
+        got.append(_rows(mod, inputs[0].detach()))
+        raise _Reached
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        model(x)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise ConfigError(f"the forward pass never reached {type(layer).__name__}: it cannot be refitted")
+    return got[0]
+
+
+def _sample(rows: torch.Tensor, max_rows: int | None, layer_index: int, batch_index: int) -> torch.Tensor:
+    """At most ``max_rows`` rows, the same ones for the same layer, batch and row count (as the statistics sample)."""
+    if max_rows is not None and rows.shape[0] > max_rows:
+        g = torch.Generator().manual_seed(1_000_003 * layer_index + batch_index)
+        rows = rows[torch.randperm(rows.shape[0], generator=g)[:max_rows].to(rows.device)]
+    return rows
+
+
+def _execution_order(model: nn.Module, layers: dict, x: torch.Tensor) -> tuple[list[str], dict[str, str]]:
+    """The order in which ``model`` runs ``layers`` on ``x``, and the batch norm (by name) that reads each one's
+    output, where one does (found by tagging the layer's output tensor)."""
+    order: list[str] = []
+    norm_after: dict[str, str] = {}
+    hooks = []
+    for name, (module, *_) in layers.items():
+        def first(mod, inputs, name=name):
+            if name not in order:
+                order.append(name)
+
+        def tag(mod, inputs, output, name=name):
+            if isinstance(output, torch.Tensor):
+                output._convsim_layer = name
+
+        hooks += [module.register_forward_pre_hook(first), module.register_forward_hook(tag)]
+    for bn_name, bn in model.named_modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and bn.running_mean is not None:
+            def on_norm(mod, inputs, bn_name=bn_name):
+                layer = getattr(inputs[0], "_convsim_layer", None)
+                if layer is not None:
+                    norm_after.setdefault(layer, bn_name)
+            hooks.append(bn.register_forward_pre_hook(on_norm))
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order, norm_after
+
+
+def _refit_layer(module, ref, kout, b, d, norm_name, model, dense, report, name) -> None:
+    """``module`` becomes ``ref`` (its kept output rows) composed with the map ``x ≈ Bᵀ x̃ + d``; the constant
+    goes to the bias, or to the running mean of the batch norm after it (the dense norm's, lowered by it)."""
+    w = ref.weight.detach()[kout].double().cpu()
+    if isinstance(module, nn.Linear):
+        new, const = w @ b.T, w @ d
+    else:
+        new, const = torch.einsum("oc...,kc->ok...", w, b), torch.einsum("oc...,c->o", w, d)
+    module.weight.data.copy_(new.to(module.weight.dtype))
+    if module.bias is not None:
+        base = ref.bias.detach()[kout].double().cpu() if ref.bias is not None else 0.0
+        module.bias.data.copy_((base + const).to(module.bias.dtype))
+        return
+    if norm_name is not None:
+        norm, dense_norm = model.get_submodule(norm_name), dense.get_submodule(norm_name)
+        if norm.running_mean.shape[0] == len(kout) and dense_norm.running_mean.shape[0] == ref.weight.shape[0]:
+            # the layer outputs (dense output − const): the norm subtracts the dense mean lowered by the same
+            rm = dense_norm.running_mean.detach()[kout].double().cpu() - const
+            norm.running_mean.data.copy_(rm.to(norm.running_mean.dtype))
+            return
+    if bool(const.abs().max() > 0) and name not in report.constants_dropped:
+        report.constants_dropped.append(name)
+
+
 @torch.no_grad()
 def refit_to_dense(
     model: nn.Module,
@@ -575,8 +660,11 @@ def refit_to_dense(
     al., "Channel Pruning for Accelerating Very Deep Neural Networks" (ICCV 2017): the pruned network's
     inputs against the original network's outputs, here through the inputs so that any kernel size works.
 
-    Every layer is refitted from one pass over both models, so a layer's fit sees its upstream as it was
-    before this call: call again for a closer fit.  ``report`` is the compensation's
+    The layers are refitted one at a time in the order the model runs them, each on its input as the layers
+    before it, already refitted, now compute it (refitting them all from one pass, each against an upstream
+    that then changes, made deep layers' errors grow without bound); each layer's measurement stops both
+    forward passes at that layer, so the whole costs about ``layers / 2`` forward passes of both models per
+    batch (the batches are read once and kept).  ``report`` is the compensation's
     (:class:`CompensationReport`): its ``kept_inputs`` / ``kept_outputs`` map the pruned layers' channels to
     the dense ones; layers are matched by name; one whose widths do not match is left alone and listed in
     ``report.left_alone``.  Returns the names of the layers refitted (also added to ``report.refitted``).
@@ -605,88 +693,38 @@ def refit_to_dense(
             report.left_alone.setdefault(name, "its channels do not map onto the dense layer's")
             continue
         layers[name] = (module, ref, kin, kout)
-    joints = {name: _Joint() for name in layers}
-    dense_rows: dict[str, torch.Tensor] = {}
-    norm_after: dict[str, str] = {}  # layer -> name of the batch norm that reads its output
-    batch_index = [0]
-
-    def sample(rows: torch.Tensor, layer_index: int) -> torch.Tensor:
-        if max_rows is not None and rows.shape[0] > max_rows:
-            g = torch.Generator().manual_seed(1_000_003 * layer_index + batch_index[0])
-            rows = rows[torch.randperm(rows.shape[0], generator=g)[:max_rows].to(rows.device)]
-        return rows
-
-    hooks = []
-    for layer_index, (name, (module, ref, _, _)) in enumerate(layers.items()):
-        def on_dense(mod, inputs, name=name, layer_index=layer_index):
-            dense_rows[name] = sample(_rows(mod, inputs[0].detach()), layer_index)
-
-        def on_pruned(mod, inputs, name=name, layer_index=layer_index):
-            rows = sample(_rows(mod, inputs[0].detach()), layer_index)
-            if name in dense_rows and dense_rows[name].shape[0] == rows.shape[0]:
-                joints[name].add(rows, dense_rows.pop(name))
-
-        def mark(mod, inputs, output, name=name):
-            if isinstance(output, torch.Tensor):
-                output._convsim_layer = name  # the batch norm that reads it finds its layer by this
-
-        hooks += [ref.register_forward_pre_hook(on_dense), module.register_forward_pre_hook(on_pruned),
-                  module.register_forward_hook(mark)]
-    for bn_name, bn in model.named_modules():
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and bn.running_mean is not None:
-            def on_norm(mod, inputs, bn_name=bn_name):
-                layer = getattr(inputs[0], "_convsim_layer", None)
-                if layer is not None:
-                    norm_after.setdefault(layer, bn_name)
-            hooks.append(bn.register_forward_pre_hook(on_norm))
     modes = (model.training, dense.training)
     model.eval()
     dense.eval()
-    used = 0
     try:
-        for x, _ in first_batches(loader, batches, prec):
-            x = x.float() if x.is_floating_point() else x
-            dense(x)
-            model(x)
-            dense_rows.clear()
-            used += 1
-            batch_index[0] = used
+        xs = [x.float() if x.is_floating_point() else x for x, _ in first_batches(loader, batches, prec)]
+        if not xs:
+            raise ConfigError("the training data gave no batch to refit the pruned model on; add images or set prune.compensation_refit=0")
+        order, norm_after = _execution_order(model, layers, xs[0])
+        refitted = []
+        for layer_index, name in enumerate(order):
+            module, ref, kin, kout = layers[name]
+            joint = _Joint()
+            for batch_index, x in enumerate(xs):
+                rows = [_sample(_input_rows(net, layer, x), max_rows, layer_index, batch_index)
+                        for net, layer in ((model, module), (dense, ref))]
+                if rows[0].shape[0] == rows[1].shape[0]:
+                    joint.add(*rows)
+            if distributed.world_size() > 1:
+                joint.count = distributed.all_reduce_sum([joint.count])[0]
+                for t in (joint.s_pruned, joint.s_dense, joint.pp, joint.pd):
+                    distributed.all_reduce_tensor_(t)
+            if not joint.count:
+                report.left_alone.setdefault(name, "its input differs in shape from the dense layer's")
+                continue
+            _refit_layer(module, ref, kout, *refit_map(joint, kin, ridge), norm_after.get(name), model, dense, report, name)
+            refitted.append(name)
+        for name in layers:
+            if name not in order:
+                report.left_alone.setdefault(name, "not run by the model's forward pass")
     finally:
-        for h in hooks:
-            h.remove()
         model.train(modes[0])
         dense.train(modes[1])
-    if used == 0:
-        raise ConfigError("the training data gave no batch to refit the pruned model on; add images or set prune.compensation_refit=0")
-    refitted = []
-    for name, (module, ref, kin, kout) in layers.items():
-        joint = joints[name]
-        if distributed.world_size() > 1:
-            joint.count = distributed.all_reduce_sum([joint.count])[0]
-            for t in (joint.s_pruned, joint.s_dense, joint.pp, joint.pd):
-                distributed.all_reduce_tensor_(t)
-        if not joint.count:
-            report.left_alone.setdefault(name, "not reached by the forward pass")
-            continue
-        b, d = refit_map(joint, kin, ridge)
-        w = ref.weight.detach()[kout].double().cpu()
-        if isinstance(module, nn.Linear):
-            new, const = w @ b.T, w @ d
-        else:
-            new, const = torch.einsum("oc...,kc->ok...", w, b), torch.einsum("oc...,c->o", w, d)
-        module.weight.data.copy_(new.to(module.weight.dtype))
-        if module.bias is not None:
-            base = ref.bias.detach()[kout].double().cpu() if ref.bias is not None else 0.0
-            module.bias.data.copy_((base + const).to(module.bias.dtype))
-        elif name in norm_after:
-            # the layer now outputs (dense output − const): the norm subtracts the dense mean lowered by the same
-            norm, dense_norm = model.get_submodule(norm_after[name]), dense_modules[norm_after[name]]
-            if norm.running_mean.shape[0] == len(kout) and dense_norm.running_mean.shape[0] == ref.weight.shape[0]:
-                rm = dense_norm.running_mean.detach()[kout].double().cpu() - const
-                norm.running_mean.data.copy_(rm.to(norm.running_mean.dtype))
-        elif bool(const.abs().max() > 0) and name not in report.constants_dropped:
-            report.constants_dropped.append(name)
-        refitted.append(name)
     report.refitted = list(dict.fromkeys(report.refitted + refitted))
     return refitted
 
