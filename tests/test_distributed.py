@@ -14,6 +14,7 @@ step in fp32.  A wrong reduction (sum instead of mean, or no synchronisation) di
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -518,3 +519,43 @@ def test_compensation_statistics_are_all_reduced_to_the_single_process_ones(tmp_
         for name in single.count:
             torch.testing.assert_close(got["sums"][name], single.sums[name])
             torch.testing.assert_close(got["products"][name], single.products[name])
+
+
+def _refit_pair():
+    """The statistics model and a perturbed copy of it (what pruning upstream would have changed)."""
+    dense = _statistics_model()
+    torch.manual_seed(5)
+    pruned = copy.deepcopy(dense)
+    with torch.no_grad():
+        pruned[0].weight.add_(0.3 * torch.randn_like(pruned[0].weight))
+    return dense, pruned
+
+
+def _refit_worker(rank: int, out: str) -> None:
+    """Each rank refits on its half of the images; the refitted weights go to refit{rank}.pt."""
+    from convsim_shrink.prune.compensation import CompensationReport, refit_to_dense
+
+    with distributed.session(torch.device("cpu")):
+        dense, pruned = _refit_pair()
+        x = _statistics_images()[rank::2]
+        refit_to_dense(pruned, dense, CompensationReport(), [(x[i:i + 4], torch.zeros(4, dtype=torch.long)) for i in (0, 4)], 2,
+                       max_rows=None)
+        torch.save(pruned.state_dict(), Path(out) / f"refit{rank}.pt")
+
+
+def test_the_refit_is_all_reduced_so_every_rank_refits_as_one_process(tmp_path):
+    from convsim_shrink.prune.compensation import CompensationReport, refit_to_dense
+
+    _spawn(_refit_worker, str(tmp_path))
+    dense, single = _refit_pair()
+    x = _statistics_images()
+    refit_to_dense(single, dense, CompensationReport(), [(x[i:i + 4], torch.zeros(4, dtype=torch.long)) for i in range(0, 16, 4)], 4,
+                   max_rows=None)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"refit{rank}.pt", weights_only=True)
+        for key, value in single.state_dict().items():
+            torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-5)
+    # the perturbed layer reads the images, which did not change: the refit gives it back the dense weights
+    perturbed = _refit_pair()[1]
+    assert not torch.allclose(perturbed[0].weight, dense[0].weight)
+    torch.testing.assert_close(single[0].weight, dense[0].weight, atol=1e-4, rtol=1e-4)
