@@ -1,11 +1,14 @@
-"""The prune stage's time with and without compensation, side by side in one process.
+"""The prune stage's time with and without compensation (and with the refit), side by side in one process.
 
     python benchmarks/bench_prune_stage.py bench-out/compare-main/dense-A-0.safetensors --preset main --repeats 3
+    python benchmarks/bench_prune_stage.py bench-out/compare-main/dense-A-0.safetensors --preset main --refit
 
 Runs ``stages.prune_stage`` on the dense model with the preset's recipe (compare.py's presets), alternating
-``prune.compensate=false`` and ``true`` (A B A B ...), with ``prune.step_accuracy=false`` in both so that
-only the stage's own work is timed (the per-step evaluations are a report option).  Prints each run's
-seconds, the medians and the ratio of the medians, and the pruned models' sizes (which must match).
+``prune.compensate=false`` and ``true`` (A B A B ...; with ``--refit`` also ``prune.compensation_refit=1``:
+A B C A B C ...), with ``prune.step_accuracy=false`` in all so that only the stage's own work is timed (the
+per-step evaluations are a report option).  Prints each run's seconds (wall, and the process's CPU time,
+steadier on a shared machine), the medians and their ratios to the plain stage, and the pruned models'
+sizes (which must match).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--refit", action="store_true", help="add prune.compensation_refit=1 as a third variant")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     recipe = resolve(default_recipe_for(preset["model"]), overrides={"run.seed": args.seed, "run.quiet": True},
@@ -44,20 +48,28 @@ def main(argv=None):
     data = prepare_data(recipe)
     dense = convsim_shrink.load(args.dense).to(device)
     x = example_inputs_for(data.info)
-    times: dict[bool, list[float]] = {False: [], True: []}
+    variants = {"plain": {"compensate": False}, "compensated": {"compensate": True}}
+    if args.refit:
+        variants["refitted"] = {"compensate": True, "compensation_refit": 1}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
     sizes = {}
     for _ in range(args.repeats):
-        for compensate in (False, True):
-            cfg = recipe.prune.model_copy(update={"compensate": compensate})
+        for label, update in variants.items():
+            cfg = recipe.prune.model_copy(update=update)
             torch.manual_seed(args.seed)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = prune_stage(dense, data, cfg, example_inputs=x, finetune=recipe.finetune, device=device)
-            times[compensate].append(time.perf_counter() - t0)
-            sizes[compensate] = out.result.pruned.params
-            print(f"compensate={compensate}: {times[compensate][-1]:.1f} s, params {out.result.params_ratio:.4f}, "
+            times[label].append(time.perf_counter() - t0)
+            cpu[label].append(time.process_time() - c0)
+            sizes[label] = out.result.pruned.params
+            print(f"{label}: {times[label][-1]:.1f} s ({cpu[label][-1]:.1f} s CPU), params {out.result.params_ratio:.4f}, "
                   f"top-1 {out.accuracy:.2f}", flush=True)
-    a, b = statistics.median(times[False]), statistics.median(times[True])
-    print(f"median: plain {a:.1f} s, compensated {b:.1f} s, ratio {b / a:.2f}; same size: {sizes[False] == sizes[True]}")
+    base, base_cpu = statistics.median(times["plain"]), statistics.median(cpu["plain"])
+    for label in variants:
+        a, c = statistics.median(times[label]), statistics.median(cpu[label])
+        print(f"median {label}: {a:.1f} s ({c:.1f} s CPU), ratio to plain {a / base:.2f} ({c / base_cpu:.2f} CPU)")
+    print(f"same size: {len(set(sizes.values())) == 1}")
 
 
 if __name__ == "__main__":
