@@ -1,11 +1,11 @@
 """The prune stage's time with and without compensation (and with the refit), side by side in one process.
 
     python benchmarks/bench_prune_stage.py bench-out/compare-main/dense-A-0.safetensors --preset main --repeats 3
-    python benchmarks/bench_prune_stage.py bench-out/compare-main/dense-A-0.safetensors --preset main --refit
+    python benchmarks/bench_prune_stage.py bench-out/compare-main/dense-A-0.safetensors --preset main --refit 4 16
 
 Runs ``stages.prune_stage`` on the dense model with the preset's recipe (compare.py's presets), alternating
-``prune.compensate=false`` and ``true`` (A B A B ...; with ``--refit`` also ``prune.compensation_refit=1``:
-A B C A B C ...), with ``prune.step_accuracy=false`` in all so that only the stage's own work is timed (the
+``prune.compensate=false`` and ``true`` (A B A B ...; with ``--refit N ...`` also ``prune.compensation_refit=N``
+for each N: A B C A B C ...), with ``prune.step_accuracy=false`` in all so that only the stage's own work is timed (the
 per-step evaluations are a report option).  Prints each run's seconds (wall, and the process's CPU time,
 steadier on a shared machine), the medians and their ratios to the plain stage, and the pruned models'
 sizes (which must match).
@@ -38,7 +38,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--refit", action="store_true", help="add prune.compensation_refit=1 as a third variant")
+    p.add_argument("--refit", type=int, nargs="*", default=[], metavar="BATCHES",
+                   help="add prune.compensation_refit=BATCHES as a variant (each one given)")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     recipe = resolve(default_recipe_for(preset["model"]), overrides={"run.seed": args.seed, "run.quiet": True},
@@ -49,8 +50,8 @@ def main(argv=None):
     dense = convsim_shrink.load(args.dense).to(device)
     x = example_inputs_for(data.info)
     variants = {"plain": {"compensate": False}, "compensated": {"compensate": True}}
-    if args.refit:
-        variants["refitted"] = {"compensate": True, "compensation_refit": 1}
+    for batches in args.refit:
+        variants[f"refit{batches}"] = {"compensate": True, "compensation_refit": batches}
     times: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     sizes = {}

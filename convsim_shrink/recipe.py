@@ -169,10 +169,10 @@ class PruneConfig(_Section):
         1e-3, ge=0, le=1, description="ridge of the compensation's least squares, relative to the kept channels' mean variance",
     )
     compensation_refit: int = Field(
-        0, ge=0, le=8,
-        description="passes that then refit every conv and linear layer of the compensated model to compute, from "
-                    "the pruned model's own inputs, what the dense layer computes (He et al. 2017's reconstruction; "
-                    "one pass over compensation_batches training batches through both models each; 0 = off)",
+        0, ge=0,
+        description="training batches on which every conv and linear layer of the compensated model is then refitted, "
+                    "in the order the model runs them, to compute from the pruned model's own inputs what the dense "
+                    "layer computes (He et al. 2017's reconstruction; 0 = off)",
     )
     compensation_data: Literal["train", "kernels"] = Field(
         "train",

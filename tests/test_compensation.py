@@ -541,3 +541,17 @@ def test_refit_needs_a_batch():
     m = _chain()
     with pytest.raises(ConfigError, match="compensation_refit=0"):
         refit_to_dense(copy.deepcopy(m), m, CompensationReport(), [], batches=2)
+
+
+def test_refit_with_the_dense_inputs_kept_equals_measuring_them_layer_by_layer():
+    m = _chain()
+    x = torch.randn(60, 3, 6, 6)
+    stats = collect_input_statistics(m, _loader(x), batches=10)
+    pruned = copy.deepcopy(m)
+    report = _prune_first_conv(pruned, stats, [1, 4, 7])
+    a, b = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    refit_to_dense(a, m, copy.deepcopy(report), _loader(x), batches=4, max_rows=50)  # every dense input kept
+    refit_to_dense(b, m, copy.deepcopy(report), _loader(x), batches=4, max_rows=50, cache_bytes=0)  # none kept
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(a[4].weight, pruned[4].weight)

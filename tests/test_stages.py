@@ -144,7 +144,7 @@ def test_prune_stage_refits_the_compensated_model_to_the_dense_layers(data, dens
     refit's own training batches (least squares on them, layer by layer)."""
     cfg = PruneConfig(target_params=0.5, criterion="l1", bn_recalibration=0, compensation_batches=2)
     plain = prune_stage(dense, data, cfg, example_inputs=X)
-    refit = prune_stage(dense, data, cfg.model_copy(update={"compensation_refit": 1}), example_inputs=X)
+    refit = prune_stage(dense, data, cfg.model_copy(update={"compensation_refit": 2}), example_inputs=X)
     assert refit.result.params_ratio == plain.result.params_ratio
     assert list(refit.steps) == ["dense", "dropped", "compensated", "refitted", "bn"]
     convs = [n for n, m in refit.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

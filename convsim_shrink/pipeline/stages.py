@@ -280,7 +280,9 @@ def prune_stage(
     conv and linear layer are measured on ``cfg.compensation_batches`` training batches before each step,
     the target search runs as without compensation, and the winner's removed channels are then handed to
     the kept channels of every layer that reads them (:mod:`~convsim_shrink.prune.compensation`); criteria that
-    need statistics (``residual``) score on the same measurements.  Batch-norm statistics are then re-estimated on
+    need statistics (``residual``) score on the same measurements; with ``cfg.compensation_refit`` the layers are then
+    refitted to the dense ones on that many batches (:func:`~convsim_shrink.prune.compensation.refit_to_dense`).
+    Batch-norm statistics are then re-estimated on
     ``cfg.bn_recalibration`` training batches and the test accuracy measured (with ``cfg.step_accuracy``
     also after each step: ``outcome.steps``).  Calibration, statistics and re-estimation
     read the training data in one fixed order (epoch 0's), whatever epoch the loader was left at.  Raises
@@ -389,12 +391,10 @@ def prune_stage(
         if result.uncompensated is not None:
             steps["compensated"] = evaluate(model, step_data, eval_precision(device, ft))["acc"]
     if cfg.compensation_refit and result.compensation is not None:
-        say(f"pruning: refitting the layers to the dense model's, {cfg.compensation_refit} pass(es) over "
-            f"{cfg.compensation_batches} training batches")
-        for _ in range(cfg.compensation_refit):
-            with _fixed_order(data.train) as train:
-                refit_to_dense(model, dense, result.compensation, train, cfg.compensation_batches,
-                               ridge=cfg.compensation_ridge, max_rows=cfg.compensation_rows)
+        say(f"pruning: refitting the layers to the dense model's on {cfg.compensation_refit} training batches")
+        with _fixed_order(data.train) as train:
+            refit_to_dense(model, dense, result.compensation, train, cfg.compensation_refit,
+                           ridge=cfg.compensation_ridge, max_rows=cfg.compensation_rows)
         if cfg.step_accuracy:
             steps["refitted"] = evaluate(model, step_data, eval_precision(device, ft))["acc"]
     result.uncompensated = None  # not kept past the stage: a second model's memory

@@ -578,6 +578,36 @@ def _sample(rows: torch.Tensor, max_rows: int | None, layer_index: int, batch_in
     return rows
 
 
+def _dense_rows(dense: nn.Module, layers: dict[str, nn.Module], xs: list[torch.Tensor], max_rows: int | None,
+                budget: int) -> dict[tuple[str, int], torch.Tensor]:
+    """The dense model's sampled input rows of ``layers`` (name -> layer, in execution order) for every batch,
+    from one forward pass per batch, kept while they fit in ``budget`` bytes (the dense model does not change,
+    so its inputs need no pass per layer; layers past the budget are measured layer by layer instead)."""
+    kept: dict[tuple[str, int], torch.Tensor] = {}
+    seen: set[tuple[str, int]] = set()
+    used = [0]
+    batch = [0]
+    hooks = []
+    for layer_index, (name, layer) in enumerate(layers.items()):
+        def hook(mod, inputs, name=name, layer_index=layer_index):
+            if (name, batch[0]) in seen:
+                return  # a layer run twice: its first input, as the layer-by-layer measurement takes
+            seen.add((name, batch[0]))
+            rows = _sample(_rows(mod, inputs[0].detach()), max_rows, layer_index, batch[0])
+            size = rows.numel() * rows.element_size()
+            if used[0] + size <= budget:
+                kept[(name, batch[0])] = rows.clone()
+                used[0] += size
+        hooks.append(layer.register_forward_pre_hook(hook))
+    try:
+        for batch[0], x in enumerate(xs):
+            dense(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return kept
+
+
 def _execution_order(model: nn.Module, layers: dict, x: torch.Tensor) -> tuple[list[str], dict[str, str]]:
     """The order in which ``model`` runs ``layers`` on ``x``, and the batch norm (by name) that reads each one's
     output, where one does (found by tagging the layer's output tensor)."""
@@ -645,6 +675,7 @@ def refit_to_dense(
     max_rows: int | None = MAX_ROWS,
     max_features: int = MAX_FEATURES,
     prec: Precision | None = None,
+    cache_bytes: int = 1 << 30,
 ) -> list[str]:
     """Refit every conv (``groups=1``) and linear layer of the pruned ``model`` so that, fed what the pruned
     model feeds it, it computes what the dense layer computes on the dense model's input.
@@ -662,9 +693,10 @@ def refit_to_dense(
 
     The layers are refitted one at a time in the order the model runs them, each on its input as the layers
     before it, already refitted, now compute it (refitting them all from one pass, each against an upstream
-    that then changes, made deep layers' errors grow without bound); each layer's measurement stops both
-    forward passes at that layer, so the whole costs about ``layers / 2`` forward passes of both models per
-    batch (the batches are read once and kept).  ``report`` is the compensation's
+    that then changes, made deep layers' errors grow without bound); each layer's measurement stops the pruned
+    model's forward pass at that layer, so the whole costs about ``layers / 2`` forward passes of the pruned
+    model per batch (the batches are read once and kept); the dense model's inputs are measured once, in one
+    pass per batch, and kept up to ``cache_bytes`` (beyond it, layer by layer as the pruned model's).  ``report`` is the compensation's
     (:class:`CompensationReport`): its ``kept_inputs`` / ``kept_outputs`` map the pruned layers' channels to
     the dense ones; layers are matched by name; one whose widths do not match is left alone and listed in
     ``report.left_alone``.  Returns the names of the layers refitted (also added to ``report.refitted``).
@@ -701,15 +733,18 @@ def refit_to_dense(
         if not xs:
             raise ConfigError("the training data gave no batch to refit the pruned model on; add images or set prune.compensation_refit=0")
         order, norm_after = _execution_order(model, layers, xs[0])
+        cached = _dense_rows(dense, {name: layers[name][1] for name in order}, xs, max_rows, cache_bytes)
         refitted = []
         for layer_index, name in enumerate(order):
             module, ref, kin, kout = layers[name]
             joint = _Joint()
             for batch_index, x in enumerate(xs):
-                rows = [_sample(_input_rows(net, layer, x), max_rows, layer_index, batch_index)
-                        for net, layer in ((model, module), (dense, ref))]
-                if rows[0].shape[0] == rows[1].shape[0]:
-                    joint.add(*rows)
+                mine = _sample(_input_rows(model, module, x), max_rows, layer_index, batch_index)
+                theirs = cached.pop((name, batch_index), None)
+                if theirs is None:
+                    theirs = _sample(_input_rows(dense, ref, x), max_rows, layer_index, batch_index)
+                if mine.shape[0] == theirs.shape[0]:
+                    joint.add(mine, theirs)
             if distributed.world_size() > 1:
                 joint.count = distributed.all_reduce_sum([joint.count])[0]
                 for t in (joint.s_pruned, joint.s_dense, joint.pp, joint.pd):
