@@ -155,6 +155,12 @@ def test_prune_stage_refits_the_compensated_model_to_the_dense_layers(data, dens
         err_plain = (plain.model.eval()(x) - want).pow(2).mean().item()
         err_refit = (refit.model.eval()(x) - want).pow(2).mean().item()
     assert err_refit < err_plain
+    # the norms after refitted layers hold the dense statistics the refit gave them: re-estimation leaves them alone
+    with_bn = prune_stage(dense, data, cfg.model_copy(update={"compensation_refit": 2, "bn_recalibration": 2}), example_inputs=X)
+    assert with_bn.compensation.refitted_norms == refit.compensation.refitted_norms != []
+    for name in refit.compensation.refitted_norms:
+        a, b = refit.model.get_submodule(name), with_bn.model.get_submodule(name)
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
 
 
 def test_prune_stage_says_when_a_criterion_does_not_suit_global_pruning(data, dense):

@@ -18,6 +18,7 @@ from convsim_shrink.train import (
     fit,
     load_training_state,
     make_optimizer,
+    recalibrate_bn,
     resolve_precision,
     train_one_epoch,
 )
@@ -348,3 +349,26 @@ def test_backward_step_with_a_scaler_matches_the_plain_step_and_skips_an_overflo
     assert scaled_seen[0] == pytest.approx(plain_seen[0], rel=1e-5) and plain_seen[0] > 0.05  # clipping had work to do
     before, after, _ = one_step(torch.amp.GradScaler("cpu", init_scale=1024.0), loss_factor=float("inf"))
     assert torch.equal(before, after)
+
+
+def test_recalibrate_bn_re_estimates_every_norm_but_those_kept():
+    """Each norm's statistics become the average of its per-batch mean and unbiased variance (momentum None),
+    computed here directly; a norm in ``keep`` keeps its statistics exactly; the model's mode is restored."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3)).eval()
+    with torch.no_grad():
+        for bn in (m[1], m[4]):
+            bn.running_mean.fill_(5.0)
+            bn.running_var.fill_(7.0)
+    xs = [torch.randn(6, 2, 5, 5) for _ in range(3)]
+    loader = [(x, torch.zeros(6, dtype=torch.long)) for x in xs]
+    kept_before = (m[4].running_mean.clone(), m[4].running_var.clone())
+    assert recalibrate_bn(m, loader, batches=3, keep=[m[4]]) == 3
+    with torch.no_grad():
+        outs = [m[0](x) for x in xs]
+    want_mean = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
+    want_var = torch.stack([o.transpose(0, 1).reshape(4, -1).var(1, unbiased=True) for o in outs]).mean(0)
+    torch.testing.assert_close(m[1].running_mean, want_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m[1].running_var, want_var, atol=1e-5, rtol=1e-5)
+    assert torch.equal(m[4].running_mean, kept_before[0]) and torch.equal(m[4].running_var, kept_before[1])
+    assert not m.training and not m[4].training

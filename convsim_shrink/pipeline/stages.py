@@ -402,7 +402,9 @@ def prune_stage(
     if cfg.bn_recalibration:
         say(f"pruning: re-estimating batch-norm statistics on {cfg.bn_recalibration} training batches")
         with _fixed_order(data.train) as train:
-            bn_batches = recalibrate_bn(model, train, cfg.bn_recalibration, resolve_precision(device, ft.precision, ft.channels_last))
+            refitted = result.compensation.refitted_norms if result.compensation is not None else []
+            bn_batches = recalibrate_bn(model, train, cfg.bn_recalibration, resolve_precision(device, ft.precision, ft.channels_last),
+                                        keep=[model.get_submodule(name) for name in refitted])
     accuracy = evaluate(model, data.test, eval_precision(device, ft))["acc"]
     if cfg.step_accuracy:
         steps["bn"] = accuracy if step_data is data.test else evaluate(model, step_data, eval_precision(device, ft))["acc"]

@@ -398,6 +398,7 @@ class CompensationReport:
     kept_inputs: dict[str, list[int]] = field(default_factory=dict)
     kept_outputs: dict[str, list[int]] = field(default_factory=dict)
     refitted: list[str] = field(default_factory=list)  # layers refitted to the dense model's inputs (refit_to_dense)
+    refitted_norms: list[str] = field(default_factory=list)  # batch norms after them, given the dense statistics
 
     def summary(self) -> str:
         parts = [f"{len(self.compensated)} layers compensated"]
@@ -658,6 +659,9 @@ def _refit_layer(module, ref, kout, b, d, norm_name, model, dense, report, name)
             # the layer outputs (dense output − const): the norm subtracts the dense mean lowered by the same
             rm = dense_norm.running_mean.detach()[kout].double().cpu() - const
             norm.running_mean.data.copy_(rm.to(norm.running_mean.dtype))
+            norm.running_var.data.copy_(dense_norm.running_var.detach()[kout].to(norm.running_var.dtype))
+            if norm_name not in report.refitted_norms:
+                report.refitted_norms.append(norm_name)
             return
     if bool(const.abs().max() > 0) and name not in report.constants_dropped:
         report.constants_dropped.append(name)
@@ -687,7 +691,9 @@ def refit_to_dense(
     ``x ≈ Bᵀ x̃ + d`` is fitted (:func:`refit_map`), and the layer becomes the dense layer composed with it:
     ``W ← W_dense[kept outputs] · Bᵀ`` per kernel position (a conv is linear in its input channels), and the
     constant ``W_dense d`` goes to the bias, or to the running mean of the batch norm that reads the layer
-    (the dense norm's, so the norm's output is the dense one's).  This is the reconstruction step of He et
+    (that norm gets the dense norm's statistics, the mean lowered by the constant, so its output is the dense
+    one's; they are listed in ``report.refitted_norms``, and batch-norm re-estimation leaves them alone: it
+    would normalise the fitted outputs to their own, smaller, variance).  This is the reconstruction step of He et
     al., "Channel Pruning for Accelerating Very Deep Neural Networks" (ICCV 2017): the pruned network's
     inputs against the original network's outputs, here through the inputs so that any kernel size works.
 

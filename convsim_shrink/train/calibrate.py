@@ -25,18 +25,22 @@ def first_batches(loader: Iterable, batches: int, prec: Precision) -> Iterator[t
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50, prec: Precision | None = None) -> int:
+def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50, prec: Precision | None = None,
+                   keep: Iterable[nn.Module] = ()) -> int:
     """Re-estimate batch-norm running statistics on ``batches`` training batches (no gradients).
 
     Pruning removes channels that fed later layers, so the running means/variances recorded for the
     dense model no longer describe the pruned model's activations; without this, accuracy right after
     pruning says more about stale statistics than about which channels were kept.  Returns the number
-    of batches used (0 if the model has no batch norm).
+    of batches used (0 if the model has no batch norm).  The norms in ``keep`` keep their statistics (they
+    run in eval mode through the pass): those a refit already set (:func:`~convsim_shrink.prune.compensation.refit_to_dense`).
 
     Under ``torchrun`` every rank reads ``batches`` batches of its shard and the statistics are then
     averaged over the ranks (each rank's batches weigh the same), so every rank holds the same model.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    kept = {id(m) for m in keep}
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and id(m) not in kept]
     if not norms:
         return 0
     device = next(model.parameters()).device
@@ -47,6 +51,9 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50, prec: 
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the calibration batches
     model.train()
+    for m in model.modules():
+        if id(m) in kept:
+            m.eval()
     used = 0
     try:
         for x, _ in first_batches(loader, batches, prec):
