@@ -471,7 +471,7 @@ def test_refit_map_is_the_ridge_to_identity_least_squares_on_the_raw_rows():
     mix = torch.randn(4, 6, generator=g, dtype=torch.float64)
     xd = xp @ mix + 0.1 * torch.randn(500, 6, generator=g, dtype=torch.float64) + 1.0
     kept, ridge = [5, 0, 2, 3], 0.05
-    joint = _Joint()
+    joint = _Joint(4, 6)
     for i in range(0, 500, 100):
         joint.add(xp[i:i + 100], xd[i:i + 100])
     b, d = refit_map(joint, kept, ridge)

@@ -500,24 +500,22 @@ class Compensator:
         self._track_kept(group, graph)
 
 
-@dataclass
 class _Joint:
-    """Running sums of one layer's input in the pruned model (``x̃``, K channels) and the dense model (``x``, C)."""
+    """Running float64 sums of one layer's input in the pruned model (``x̃``, K channels) and the dense model
+    (``x``, C), over rows (images × positions): the count, ``Σ x̃`` (K,), ``Σ x`` (C,), ``Σ x̃ x̃ᵀ`` (K, K) and
+    ``Σ x̃ xᵀ`` (K, C)."""
 
-    count: float = 0.0
-    s_pruned: torch.Tensor | None = None  # (K,)
-    s_dense: torch.Tensor | None = None  # (C,)
-    pp: torch.Tensor | None = None  # (K, K) Σ x̃ x̃ᵀ
-    pd: torch.Tensor | None = None  # (K, C) Σ x̃ xᵀ
+    def __init__(self, k: int, c: int):
+        self.count = 0.0
+        self.s_pruned, self.s_dense = torch.zeros(k, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+        self.pp, self.pd = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, c, dtype=torch.float64)
 
     def add(self, xp: torch.Tensor, xd: torch.Tensor) -> None:
         xp, xd = xp.double(), xd.double()
-        sums = (xp.sum(0).cpu(), xd.sum(0).cpu(), (xp.T @ xp).cpu(), (xp.T @ xd).cpu())
-        if self.s_pruned is None:
-            self.s_pruned, self.s_dense, self.pp, self.pd = sums
-        else:
-            for t, v in zip((self.s_pruned, self.s_dense, self.pp, self.pd), sums):
-                t += v
+        self.s_pruned += xp.sum(0).cpu()
+        self.s_dense += xd.sum(0).cpu()
+        self.pp += (xp.T @ xp).cpu()
+        self.pd += (xp.T @ xd).cpu()
         self.count += xp.shape[0]
 
 
@@ -642,28 +640,31 @@ def _execution_order(model: nn.Module, layers: dict, x: torch.Tensor) -> tuple[l
 
 def _refit_layer(module, ref, kout, b, d, norm_name, model, dense, report, name) -> None:
     """``module`` becomes ``ref`` (its kept output rows) composed with the map ``x ≈ Bᵀ x̃ + d``; the constant
-    goes to the bias, or to the running mean of the batch norm after it (the dense norm's, lowered by it)."""
+    goes to the bias, else to the running mean of the batch norm after it.  That norm gets the dense norm's
+    statistics (its mean lowered by the constant when the layer has no bias): the layer now computes the dense
+    layer's output, so the dense normalisation is the one that fits it."""
     w = ref.weight.detach()[kout].double().cpu()
     if isinstance(module, nn.Linear):
         new, const = w @ b.T, w @ d
     else:
         new, const = torch.einsum("oc...,kc->ok...", w, b), torch.einsum("oc...,c->o", w, d)
     module.weight.data.copy_(new.to(module.weight.dtype))
+    shift = const
     if module.bias is not None:
         base = ref.bias.detach()[kout].double().cpu() if ref.bias is not None else 0.0
         module.bias.data.copy_((base + const).to(module.bias.dtype))
-        return
-    if norm_name is not None:
-        norm, dense_norm = model.get_submodule(norm_name), dense.get_submodule(norm_name)
-        if norm.running_mean.shape[0] == len(kout) and dense_norm.running_mean.shape[0] == ref.weight.shape[0]:
-            # the layer outputs (dense output − const): the norm subtracts the dense mean lowered by the same
-            rm = dense_norm.running_mean.detach()[kout].double().cpu() - const
-            norm.running_mean.data.copy_(rm.to(norm.running_mean.dtype))
-            norm.running_var.data.copy_(dense_norm.running_var.detach()[kout].to(norm.running_var.dtype))
-            if norm_name not in report.refitted_norms:
-                report.refitted_norms.append(norm_name)
-            return
-    if bool(const.abs().max() > 0) and name not in report.constants_dropped:
+        shift = torch.zeros_like(const)
+    norm = model.get_submodule(norm_name) if norm_name is not None else None
+    dense_norm = dense.get_submodule(norm_name) if norm_name is not None else None
+    if (norm is not None and norm.running_mean.shape[0] == len(kout)
+            and dense_norm.running_mean.shape[0] == ref.weight.shape[0]):
+        # the layer outputs (dense output − shift): the norm subtracts the dense mean lowered by the same
+        rm = dense_norm.running_mean.detach()[kout].double().cpu() - shift
+        norm.running_mean.data.copy_(rm.to(norm.running_mean.dtype))
+        norm.running_var.data.copy_(dense_norm.running_var.detach()[kout].to(norm.running_var.dtype))
+        if norm_name not in report.refitted_norms:
+            report.refitted_norms.append(norm_name)
+    elif module.bias is None and bool(const.abs().max() > 0) and name not in report.constants_dropped:
         report.constants_dropped.append(name)
 
 
@@ -743,7 +744,7 @@ def refit_to_dense(
         refitted = []
         for layer_index, name in enumerate(order):
             module, ref, kin, kout = layers[name]
-            joint = _Joint()
+            joint = _Joint(len(kin), ref.weight.shape[1])
             for batch_index, x in enumerate(xs):
                 mine = _sample(_input_rows(model, module, x), max_rows, layer_index, batch_index)
                 theirs = cached.pop((name, batch_index), None)
