@@ -227,7 +227,7 @@ DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data set: fashio
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the data set.")]
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=0, help="Training epochs of the dense model (default: the recipe's train.epochs; a model with trained weights is not trained unless this is given, then this much more).")]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", metavar="<name|file>", help="Trained weights: DEFAULT (the source's recommended pretrained weights: torchvision's or timm's), a torchvision weights name such as IMAGENET1K_V2 (both download once), or a state-dict file (.safetensors, or a torch file read with weights_only).")]
-FtEpochsOpt = Annotated[Optional[int], typer.Option("--finetune-epochs", min=0, help="Fine-tuning epochs after pruning (default: the recipe's finetune.epochs; 0: the pruned model after compensation and BN re-estimation, no training).")]
+FtEpochsOpt = Annotated[Optional[int], typer.Option("--finetune-epochs", min=0, help="Fine-tuning epochs after pruning (default: the recipe's finetune.epochs; 0: the pruned model after compensation, the refit of every layer to the dense one (prune.compensation_refit) and BN re-estimation, no training).")]
 CriterionOpt = Annotated[Optional[str], typer.Option("--criterion", help="Channel ranking: convsim-taylor, convsim, l1, l2, taylor, fpgm, lamp, bn-scale, random (see 'list criteria').")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: the recipe's run.seed).")]

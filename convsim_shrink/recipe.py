@@ -168,11 +168,12 @@ class PruneConfig(_Section):
     compensation_ridge: float = Field(
         1e-3, ge=0, le=1, description="ridge of the compensation's least squares, relative to the kept channels' mean variance",
     )
-    compensation_refit: int = Field(
-        0, ge=0,
+    compensation_refit: int | None = Field(
+        None, ge=0,
         description="training batches on which every conv and linear layer of the compensated model is then refitted, "
                     "in the order the model runs them, to compute from the pruned model's own inputs what the dense "
-                    "layer computes (He et al. 2017's reconstruction; 0 = off)",
+                    "layer computes (He et al. 2017's reconstruction); 0 = off; null (default) = 4 when the run "
+                    "fine-tunes for 0 epochs (the post-training path), else off",
     )
     compensation_data: Literal["train", "kernels"] = Field(
         "train",

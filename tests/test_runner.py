@@ -131,19 +131,24 @@ def test_without_a_run_directory_nothing_is_written_and_export_is_skipped(tmp_pa
 
 def test_post_training_path_reports_top1_through_the_prune_stage(tmp_path, monkeypatch, fashion_dir):
     """finetune.epochs=0 (the post-training path): the report says how top-1 moved at each step of pruning,
-    and the shrunk model is the compensated, BN re-estimated one."""
+    and the shrunk model is the compensated, refitted (prune.compensation_refit left to the run: on with no
+    fine-tuning), BN re-estimated one."""
     monkeypatch.chdir(tmp_path)
     with console.capture() as cap:
         result = Runner(resolve(None, sets=SETS + ["run.quiet=false"])).run()
     said = [line for line in cap.get().splitlines() if line.startswith("pruning: ")]  # what the stage is doing, as it starts
     assert [line.split()[1] for line in said[:4]] == ["finding", "task-loss", "the", "searching"], said
-    assert "searching for" in said[3] and "then compensating" in said[3] and "re-estimating batch-norm" in said[4]
+    assert "searching for" in said[3] and "then compensating" in said[3]
+    assert "refitting the layers" in said[4] and "on 4 training batches" in said[4] and "re-estimating batch-norm" in said[5]
     assert any("(the search pruned " in line and "candidates)" in line for line in cap.get().splitlines())
     steps = result.report["prune_steps"]
-    assert list(steps) == ["split", "dense", "dropped", "compensated", "bn"] and steps["split"] == "test"
+    assert list(steps) == ["split", "dense", "dropped", "compensated", "refitted", "bn"] and steps["split"] == "test"
     assert steps["bn"] == result.report["shrunk"]["accuracy_before_finetune"] == result.report["shrunk"]["accuracy"]
     assert steps["dense"] == result.report["dense"]["accuracy"]
     assert result.report["compensate"] is True and "layers compensated" in result.report["compensation"]
+    assert "refitted to the dense model's layer inputs" in result.report["compensation"]
+    fine_tuned = Runner(resolve(None, sets=[s for s in SETS if s != "finetune.epochs=0"] + ["finetune.epochs=1"])).run()
+    assert "refitted" not in fine_tuned.report["prune_steps"]  # with fine-tuning the refit stays off unless asked for
     off = Runner(resolve(None, sets=SETS + ["prune.compensate=false"])).run()
     assert list(off.report["prune_steps"]) == ["split", "dense", "dropped", "bn"] and off.report["compensation"] is None
     # the same channels either way: compensation changes weights, not the size

@@ -20,6 +20,7 @@ from convsim_shrink.pipeline.stages import (
     premin_stage,
     prepare_data,
     prune_stage,
+    refit_batches,
     train_stage,
 )
 from convsim_shrink.prune.pruning import measure
@@ -161,6 +162,14 @@ def test_prune_stage_refits_the_compensated_model_to_the_dense_layers(data, dens
     for name in refit.compensation.refitted_norms:
         a, b = refit.model.get_submodule(name), with_bn.model.get_submodule(name)
         assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+
+
+@pytest.mark.parametrize("sets, epochs, want", [
+    ({}, 0, 4), ({}, 1, 0), ({"compensation_refit": 0}, 0, 0), ({"compensation_refit": 7}, 3, 7),
+    ({"compensate": False}, 0, 0), ({"compensation_data": "kernels"}, 0, 0), ({"iterative_steps": 3}, 0, 0),
+])
+def test_the_refit_left_to_the_run_is_on_only_for_the_post_training_path(sets, epochs, want):
+    assert refit_batches(PruneConfig(**sets), FinetuneConfig(epochs=epochs)) == want
 
 
 def test_prune_stage_says_when_a_criterion_does_not_suit_global_pruning(data, dense):

@@ -255,6 +255,21 @@ def criterion_hint(criterion: Criterion, global_pruning: bool) -> str | None:
     return None
 
 
+#: batches the refit measures when ``prune.compensation_refit`` is left to the run (null) and it fine-tunes 0 epochs
+AUTO_REFIT_BATCHES = 4
+
+
+def refit_batches(cfg: PruneConfig, finetune: FinetuneConfig) -> int:
+    """How many training batches the prune stage's refit measures (0: no refit): ``cfg.compensation_refit``
+    when set; when null, :data:`AUTO_REFIT_BATCHES` for a run that fine-tunes 0 epochs (the refit measured
+    ahead of compensation alone with no fine-tuning, docs/BENCHMARKS.md) and compensates in one step on
+    training data, else 0."""
+    if cfg.compensation_refit is not None:
+        return cfg.compensation_refit
+    usable = cfg.compensate and cfg.compensation_data == "train" and cfg.iterative_steps == 1
+    return AUTO_REFIT_BATCHES if usable and finetune.epochs == 0 else 0
+
+
 def prune_stage(
     dense: nn.Module,
     data: DataBundle,
@@ -390,10 +405,11 @@ def prune_stage(
         steps["dropped"] = evaluate(plain.to(device), step_data, eval_precision(device, ft))["acc"]
         if result.uncompensated is not None:
             steps["compensated"] = evaluate(model, step_data, eval_precision(device, ft))["acc"]
-    if cfg.compensation_refit and result.compensation is not None:
-        say(f"pruning: refitting the layers to the dense model's on {cfg.compensation_refit} training batches")
+    refit = refit_batches(cfg, ft)
+    if refit and result.compensation is not None:
+        say(f"pruning: refitting the layers to the dense model's on {refit} training batches")
         with _fixed_order(data.train) as train:
-            refit_to_dense(model, dense, result.compensation, train, cfg.compensation_refit,
+            refit_to_dense(model, dense, result.compensation, train, refit,
                            ridge=cfg.compensation_ridge, max_rows=cfg.compensation_rows)
         if cfg.step_accuracy:
             steps["refitted"] = evaluate(model, step_data, eval_precision(device, ft))["acc"]
