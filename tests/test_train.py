@@ -372,3 +372,41 @@ def test_recalibrate_bn_re_estimates_every_norm_but_those_kept():
     torch.testing.assert_close(m[1].running_var, want_var, atol=1e-5, rtol=1e-5)
     assert torch.equal(m[4].running_mean, kept_before[0]) and torch.equal(m[4].running_var, kept_before[1])
     assert not m.training and not m[4].training
+
+
+def test_channels_last_hazard_names_a_narrow_strided_1x1_conv_only():
+    from convsim_shrink.train.device import channels_last_hazard
+
+    assert "1x1 conv, stride 2, 4 input channels" in channels_last_hazard(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 8, 1, stride=2)))
+    wide = channels_last_hazard(nn.Sequential(nn.Conv2d(12, 24, 1, stride=2)))  # under AVX-512's block of 16 only
+    assert (wide is not None) == ("AVX512" in torch.backends.cpu.get_cpu_capability())
+    for ok in (nn.Conv2d(16, 32, 1, stride=2), nn.Conv2d(1, 4, 1, stride=2), nn.Conv2d(4, 8, 1), nn.Conv2d(4, 8, 3, stride=2)):
+        assert channels_last_hazard(nn.Sequential(ok)) is None
+
+
+_HAZARD_SCRIPT = """
+import torch
+from torch import nn
+from convsim_shrink.recipe import TrainConfig
+from convsim_shrink.train import fit
+torch.manual_seed(0)
+# 3 input channels: the first conv's kernel is then really channels_last, and so is every activation after it
+model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 8, 1, stride=2),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+data = [(torch.randn(128, 3, 28, 28), torch.randint(0, 10, (128,))) for _ in range(40)]
+fit(model, data, TrainConfig(epochs=1, precision="fp32"), device=torch.device("cpu"), quiet=True)
+print("trained")
+"""
+
+
+def test_a_model_channels_last_would_crash_on_trains_contiguous():
+    """PyTorch's CPU convolutions corrupt the heap training a 1x1 stride-2 conv on 2-7 channels in
+    channels_last (the process aborts): ``fit`` with channels_last left to the run trains such a model
+    contiguous.  In a subprocess, so that a crash is an exit status, not the end of the test run."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _HAZARD_SCRIPT], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "trained" in run.stdout  # (the same script with the check patched out aborted: "free(): invalid next size")

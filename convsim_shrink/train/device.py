@@ -80,6 +80,27 @@ def resolve_precision(device: torch.device, precision: str = "auto", channels_la
     return Precision(device, dtype, scaler=dtype == torch.float16, channels_last=cl)
 
 
+def channels_last_hazard(model: torch.nn.Module) -> str | None:
+    """The first layer of ``model`` that PyTorch's CPU convolutions (oneDNN) cannot train in channels_last,
+    or None.
+
+    A 1×1 conv with stride > 1 whose input has fewer channels than oneDNN's channel block (8 with AVX2, 16
+    with AVX-512) writes past its scratch space in the weight gradient when the input is channels_last
+    (oneDNN issue 6035, open, "1x1 convolution backward_weights writes past the rtus workspace"): the heap is
+    corrupted and the process aborts some steps later ("corrupted size vs. prev_size", "double free").  Such
+    a conv is a ResNet shortcut of a model narrower than 1/8 of its width, or of one pruned without
+    ``round_to``.  Seen here on torch 2.14.1 (AVX2, 2 to 7 channels; a 4-channel shortcut aborted within 30
+    steps, and tests/test_train.py trains one in a subprocess, where a crash is an exit status); the forward
+    pass, other kernels and strides, and the contiguous format are not affected.
+    """
+    block = 16 if "AVX512" in torch.backends.cpu.get_cpu_capability() else 8
+    for name, m in model.named_modules():
+        if (isinstance(m, torch.nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and max(m.stride) > 1
+                and 1 < m.in_channels // m.groups < block):
+            return f"{name or type(m).__name__} (1x1 conv, stride {max(m.stride)}, {m.in_channels} input channels)"
+    return None
+
+
 def set_memory_format(model: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
     """``model`` in place with its 4-d parameters and buffers (2-d conv kernels) in channels_last (or back
     in the contiguous format). ``model.to(memory_format=...)`` also converts 5-d tensors and raises for

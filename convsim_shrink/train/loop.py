@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,13 +30,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from rich.markup import escape
 from torch import nn
 
+from ..console import console
 from ..errors import CheckpointError, ConfigError, TrainingDivergedError
 from ..io import atomic_torch_save
 from ..models.adapt import diverged_loss_limit, divergence, logits_of, nonfinite_tensors
 from . import distributed
-from .device import Precision, resolve_precision, set_memory_format, to_device
+from .device import Precision, channels_last_hazard, resolve_precision, set_memory_format, to_device
 from .distributed import is_main_process, unwrap, world_size
 from .losses import LossTerm, cs_regularizer
 from .optim import Schedule, make_optimizer, make_schedule
@@ -283,6 +286,12 @@ def fit(
     device = device or next(model.parameters()).device
     prec = resolve_precision(device, cfg.precision, cfg.channels_last)
     model.to(device)
+    hazard = channels_last_hazard(model) if prec.channels_last and device.type == "cpu" else None
+    if hazard is not None:  # train contiguous rather than crash; say so where it was asked for
+        if cfg.channels_last and not quiet:
+            console.print(f"note: training {stage} contiguous, not channels_last: PyTorch's CPU convolutions crash "
+                          f"in channels_last on {escape(hazard)}")
+        prec = dataclasses.replace(prec, channels_last=False)
     if prec.channels_last:
         set_memory_format(model, True)  # 2-d kernels only: a Conv3d stays as it is
     if hasattr(train_loader, "to") and device.type != "cpu":
