@@ -140,6 +140,7 @@ def test_post_training_path_reports_top1_through_the_prune_stage(tmp_path, monke
     assert [line.split()[1] for line in said[:4]] == ["finding", "task-loss", "the", "searching"], said
     assert "searching for" in said[3] and "then compensating" in said[3]
     assert "refitting the layers" in said[4] and "on 4 training batches" in said[4] and "re-estimating batch-norm" in said[5]
+    assert "after refitted layers keep the dense statistics" in said[5]
     assert any("(the search pruned " in line and "candidates)" in line for line in cap.get().splitlines())
     steps = result.report["prune_steps"]
     assert list(steps) == ["split", "dense", "dropped", "compensated", "refitted", "bn"] and steps["split"] == "test"

@@ -416,9 +416,10 @@ def prune_stage(
     result.uncompensated = None  # not kept past the stage: a second model's memory
     bn_batches = 0
     if cfg.bn_recalibration:
-        say(f"pruning: re-estimating batch-norm statistics on {cfg.bn_recalibration} training batches")
+        refitted = result.compensation.refitted_norms if result.compensation is not None else []
+        say(f"pruning: re-estimating batch-norm statistics on {cfg.bn_recalibration} training batches"
+            + (f" (the {len(refitted)} after refitted layers keep the dense statistics)" if refitted else ""))
         with _fixed_order(data.train) as train:
-            refitted = result.compensation.refitted_norms if result.compensation is not None else []
             bn_batches = recalibrate_bn(model, train, cfg.bn_recalibration, resolve_precision(device, ft.precision, ft.channels_last),
                                         keep=[model.get_submodule(name) for name in refitted])
     accuracy = evaluate(model, data.test, eval_precision(device, ft))["acc"]
