@@ -91,7 +91,8 @@ def channels_last_hazard(model: torch.nn.Module) -> str | None:
     a conv is a ResNet shortcut of a model narrower than 1/8 of its width, or of one pruned without
     ``round_to``.  Seen here on torch 2.14.1 (AVX2, 2 to 7 channels; a 4-channel shortcut aborted within 30
     steps, and tests/test_train.py trains one in a subprocess, where a crash is an exit status); the forward
-    pass, other kernels and strides, and the contiguous format are not affected.
+    pass, other kernels and strides, the contiguous format and bf16 autocast (the same conv, 30 steps, twice) are
+    not affected; :func:`~convsim_shrink.train.loop.fit` checks fp32 training only.
     """
     block = 16 if "AVX512" in torch.backends.cpu.get_cpu_capability() else 8
     for name, m in model.named_modules():

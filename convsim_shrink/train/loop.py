@@ -286,7 +286,8 @@ def fit(
     device = device or next(model.parameters()).device
     prec = resolve_precision(device, cfg.precision, cfg.channels_last)
     model.to(device)
-    hazard = channels_last_hazard(model) if prec.channels_last and device.type == "cpu" else None
+    # the oneDNN fault is in the fp32 kernel (bf16 autocast trained the same conv without it)
+    hazard = channels_last_hazard(model) if prec.channels_last and device.type == "cpu" and prec.dtype is None else None
     if hazard is not None:  # train contiguous rather than crash; say so where it was asked for
         if cfg.channels_last and not quiet:
             console.print(f"note: training {stage} contiguous, not channels_last: PyTorch's CPU convolutions crash "
