@@ -424,7 +424,12 @@ def prune_stage(
                                         keep=[model.get_submodule(name) for name in refitted])
     accuracy = evaluate(model, data.test, eval_precision(device, ft))["acc"]
     if cfg.step_accuracy:
-        steps["bn"] = accuracy if step_data is data.test else evaluate(model, step_data, eval_precision(device, ft))["acc"]
+        if step_data is data.test:
+            steps["bn"] = accuracy
+        elif bn_batches == 0 and "refitted" in steps:  # nothing re-estimated: the model measured one step ago
+            steps["bn"] = steps["refitted"]
+        else:
+            steps["bn"] = evaluate(model, step_data, eval_precision(device, ft))["acc"]
     return PruneOutcome(model, result, accuracy, bn_batches, criterion_hint(criterion, cfg.global_pruning), result.plan,
                         steps, result.compensation, "val" if step_data is data.val else "test")
 
